@@ -1,0 +1,5 @@
+"""Allow ``python -m llmrun``."""
+
+from llmrun.cli.app import main
+
+main()
