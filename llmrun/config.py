@@ -1,0 +1,129 @@
+"""Model hyper-parameters, read from a Hugging Face ``config.json``.
+
+``ModelArgs`` keeps the Hugging Face field names so that a checkpoint's config maps onto it
+directly; unknown keys are ignored (as in mlx-lm's ``ModelArgs.from_dict``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from llmrun.errors import LlmrunError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+_REQUIRED_INT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
+
+@dataclass
+class ModelArgs:
+    """Shapes and constants of a Llama-family decoder.
+
+    Sizes are element counts; ``rope_theta`` is the RoPE base; ``max_position_embeddings`` is the
+    context window in tokens.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    model_type: str = "llama"
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise LlmrunError(
+                    f"config.json: hidden_size {self.hidden_size} is not divisible by "
+                    f"num_attention_heads {self.num_attention_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in (*_REQUIRED_INT_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise LlmrunError(f"config.json: {name} must be a positive integer, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise LlmrunError(
+                f"config.json: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.hidden_act not in ("silu", "swish"):
+            raise LlmrunError(f"config.json: hidden_act {self.hidden_act!r} is not supported (only silu)")
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head (1 for multi-head attention)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> ModelArgs:
+        """Build from a config dict, checking the architecture and the types of required keys."""
+        if not isinstance(raw, dict):
+            raise LlmrunError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        model_type = raw.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            arch = ", ".join(raw.get("architectures") or []) or model_type
+            raise LlmrunError(
+                f"{source}: architecture {arch!r} (model_type {model_type!r}) is not supported; "
+                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        for key in _REQUIRED_INT_KEYS:
+            if key not in raw:
+                raise LlmrunError(f"{source}: required key {key!r} is missing")
+            if not isinstance(raw[key], int) or isinstance(raw[key], bool):
+                raise LlmrunError(f"{source}: {key!r} must be an integer, got {raw[key]!r}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in raw.items() if k in known and v is not None}
+        if model_type == "qwen2":
+            kwargs.setdefault("attention_bias", True)
+        _check_types(kwargs, source)
+        return cls(**kwargs, extra={k: v for k, v in raw.items() if k not in known})
+
+    @classmethod
+    def from_json(cls, path: Path) -> ModelArgs:
+        """Read ``config.json``; a missing, empty or invalid file is a user error."""
+        if not path.is_file():
+            raise LlmrunError(f"{path} is missing: a model directory needs a config.json")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LlmrunError(f"{path} is not valid JSON ({exc}); re-download or fix the file") from None
+        return cls.from_dict(raw, source=str(path))
+
+
+def _check_types(kwargs: dict[str, Any], source: str) -> None:
+    """Reject values whose JSON type cannot be what the field means."""
+    numeric = {"rms_norm_eps": (int, float), "rope_theta": (int, float)}
+    integers = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+    for key, types in numeric.items():
+        if key in kwargs and (not isinstance(kwargs[key], types) or isinstance(kwargs[key], bool)):
+            raise LlmrunError(f"{source}: {key!r} must be a number, got {kwargs[key]!r}")
+    for key in integers:
+        if key in kwargs and (not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool)):
+            raise LlmrunError(f"{source}: {key!r} must be an integer, got {kwargs[key]!r}")
+    if "rope_scaling" in kwargs and not isinstance(kwargs["rope_scaling"], dict):
+        raise LlmrunError(f"{source}: 'rope_scaling' must be an object, got {kwargs['rope_scaling']!r}")

@@ -1,0 +1,72 @@
+"""The layer-by-layer executor: one explicit loop over the blocks, with probe hook points.
+
+``prefill`` runs every prompt token through each layer in one pass and fills the KV cache;
+``decode_step`` runs one new token per sequence. Both return float32 logits; neither samples
+nor prints. A ``Probe`` (``llmrun.probe``) sees every named op; the default one records nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmrun.kvcache import KVCache
+from llmrun.model import Transformer
+from llmrun.probe import NULL_PROBE, Probe
+
+
+@torch.inference_mode()
+def forward(
+    model: Transformer,
+    tokens: torch.Tensor,
+    start: int = 0,
+    cache: KVCache | None = None,
+    probe: Probe = NULL_PROBE,
+    *,
+    last_only: bool = False,
+) -> torch.Tensor:
+    """tokens (B, T) int64 at positions start..start+T-1 -> logits (B, T, V) float32.
+
+    With ``last_only`` the lm_head runs on the last position alone and the result is (B, 1, V).
+    Without a cache, attention sees only these T tokens (``start`` must be 0).
+    """
+    decoder = model.model
+    with probe.region("embed"):
+        x = decoder.embed_tokens(tokens)  # (B, T, d)
+    rope = model.rotary.angles(start, tokens.shape[1], x.device, x.dtype)
+    for i, block in enumerate(decoder.layers):
+        x = block(x, rope, start, cache.layers[i] if cache is not None else None, probe)
+    if last_only:
+        x = x[:, -1:]
+    with probe.region("final_norm"):
+        x = decoder.norm(x)
+    with probe.region("lm_head"):
+        return model.lm_head(x).float()
+
+
+def prefill(
+    model: Transformer, tokens: torch.Tensor, cache: KVCache, probe: Probe = NULL_PROBE, *, start: int = 0
+) -> torch.Tensor:
+    """Run prompt tokens (B, T) from position ``start`` through all layers; logits of the last (B, V)."""
+    return forward(model, tokens, start, cache, probe, last_only=True)[:, -1]
+
+
+def decode_step(
+    model: Transformer, token: torch.Tensor, pos: int, cache: KVCache, probe: Probe = NULL_PROBE
+) -> torch.Tensor:
+    """One new token per sequence, token (B,) or (B, 1) at position ``pos``; logits (B, V)."""
+    return forward(model, token.view(-1, 1), pos, cache, probe)[:, -1]
+
+
+def make_cache(model: Transformer, batch: int, max_seq_len: int) -> KVCache:
+    """A KV cache for ``batch`` sequences of up to ``max_seq_len`` tokens, in the model's dtype/device."""
+    args = model.args
+    weight = model.model.embed_tokens.weight
+    return KVCache(
+        args.num_hidden_layers,
+        batch,
+        args.num_key_value_heads,
+        max_seq_len,
+        args.head_dim,
+        dtype=weight.dtype,
+        device=weight.device,
+    )

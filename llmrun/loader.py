@@ -1,0 +1,88 @@
+"""Build a ``Transformer`` from a Hugging Face-layout directory without a second copy of the weights.
+
+The model is built on the ``meta`` device (no memory), every checkpoint tensor is validated
+against the shapes the config implies before anything is allocated, then each tensor is viewed
+from a memory map of its file and moved/cast to the target device and dtype. On the CPU in the
+checkpoint's own dtype that is zero-copy: the parameters are the mapped pages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from llmrun.config import ModelArgs
+from llmrun.errors import LlmrunError
+from llmrun.model import Transformer
+from llmrun.weights import MappedFiles, TensorEntry, checkpoint_files, read_index
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, *, progress: bool = True) -> Transformer:
+    """Load config and safetensors weights of ``model_dir`` onto ``device`` in ``dtype``."""
+    args = ModelArgs.from_json(model_dir / "config.json")
+    entries = read_index(checkpoint_files(model_dir))
+    with torch.device("meta"):
+        model = Transformer(args)
+    entries = _validated(model, entries)
+    mapped = MappedFiles()
+    total = sum(e.end - e.begin for e in entries.values())
+    with _progress_bar(progress and total > 64 * 2**20) as bar:
+        task = bar.add_task(f"loading {model_dir.name}", total=total)
+        for name, tensor in mapped.iter_tensors(entries):
+            _assign(model, name, tensor.to(device=device, dtype=dtype))
+            bar.advance(task, tensor.nbytes)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _validated(model: Transformer, entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+    """Drop tensors the model ignores; refuse missing, unexpected, misshapen or non-float ones."""
+    expected = model.expected_tensors()
+    entries = {n: e for n, e in entries.items() if not n.endswith(IGNORED_SUFFIXES)}
+    if model.args.tie_word_embeddings:
+        entries.pop("lm_head.weight", None)
+    missing = sorted(expected.keys() - entries.keys())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise LlmrunError(f"checkpoint is missing tensor {missing[0]!r}{more}; the weights do not match config.json")
+    extra = sorted(entries.keys() - expected.keys())
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise LlmrunError(
+            f"checkpoint has unexpected tensor {extra[0]!r}{more} ({entries[extra[0]].file.name}); "
+            "the weights do not match config.json"
+        )
+    for name, entry in entries.items():
+        if tuple(expected[name]) != entry.shape:
+            raise LlmrunError(
+                f"tensor {name!r} in {entry.file.name} has shape {list(entry.shape)} but config.json implies "
+                f"{list(expected[name])}"
+            )
+        if entry.dtype not in FLOAT_DTYPES:
+            raise LlmrunError(f"tensor {name!r} in {entry.file.name} has dtype {entry.dtype}; weights must be float")
+    return entries
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_path, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(module_path), leaf, nn.Parameter(tensor, requires_grad=False))
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not enabled,
+    )

@@ -1,0 +1,222 @@
+"""The Llama-family decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Follows Meta's llama3 ``model.py`` and Hugging Face's ``modeling_llama.py`` (the reference the
+tests compare against), with module attributes named like the checkpoint keys
+(``model.layers.0.self_attn.q_proj``) so that loading is a direct mapping. Qwen2 (bias on q/k/v)
+and Mistral are the same graph with other constants.
+
+The layer loop lives in ``llmrun.executor``; a ``Block`` computes one layer and marks each named
+op on the probe it is given (see ``llmrun.probe``). Nothing here times anything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmrun.config import ModelArgs
+from llmrun.errors import LlmrunError
+from llmrun.kvcache import LayerCache
+from llmrun.probe import Probe
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and cast back (as Hugging Face does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) float32, with ``rope_scaling`` applied (llama3, linear)."""
+    dim = args.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise LlmrunError(f"config.json: rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent RoPE scaling (Meta's ``apply_scaling``)."""
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class Rotary:
+    """Rotate-half RoPE. ``inv_freq`` stays float32 on the CPU whatever the model's dtype."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        self.inv_freq = rope_inv_freq(args)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def angles(self, start: int, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (T, head_dim) for positions start..start+T-1, in ``dtype``."""
+        inv_freq = self._on_device.get(device)
+        if inv_freq is None:
+            inv_freq = self._on_device.setdefault(device, self.inv_freq.to(device))
+        positions = torch.arange(start, start + t, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B, H, T, D) and k (B, Hkv, T, D) by angles cos/sin (T, D)."""
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention projections (q, k, v, o)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        d, hd = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, hd
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=args.attention_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.attention_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.attention_bias)
+        o_bias = args.attention_bias and args.model_type == "llama"
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        d, f = args.hidden_size, args.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=args.mlp_bias)
+
+
+class Block(nn.Module):
+    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual."""
+
+    def __init__(self, args: ModelArgs, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        start: int,
+        cache: LayerCache | None,
+        probe: Probe,
+    ) -> torch.Tensor:
+        """x (B, T, d) at positions start..start+T-1 -> (B, T, d); writes K/V into ``cache``.
+
+        ``rope`` is the (cos, sin) pair from ``Rotary.angles`` for those positions.
+        """
+        i, attn, mlp = self.index, self.self_attn, self.mlp
+        b, t, _ = x.shape
+        with probe.region("attn_norm", i):
+            h = self.input_layernorm(x)
+        with probe.region("qkv_proj", i):
+            q = attn.q_proj(h).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, D)
+            k = attn.k_proj(h).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+            v = attn.v_proj(h).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        with probe.region("rope", i):
+            q, k = apply_rope(q, k, *rope)
+        with probe.region("attention", i):
+            o = attend(q, k, v, start, cache)  # (B, H, T, D)
+        with probe.region("o_proj", i):
+            o = attn.o_proj(o.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
+        with probe.region("attn_residual", i):
+            x = x + o
+        with probe.region("mlp_norm", i):
+            h = self.post_attention_layernorm(x)
+        with probe.region("gate_up_proj", i):
+            gate, up = mlp.gate_proj(h), mlp.up_proj(h)  # (B, T, f)
+        with probe.region("act", i):
+            h = F.silu(gate) * up
+        with probe.region("down_proj", i):
+            h = mlp.down_proj(h)
+        with probe.region("mlp_residual", i):
+            return x + h
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, cache: LayerCache | None) -> torch.Tensor:
+    """Causal attention of q (B, H, T, D) over the cache's positions 0..start+T-1 (or k, v alone).
+
+    The new k, v (B, Hkv, T, D) are written into the cache first. Query i attends to keys
+    0..start+i; with a single query (decode) that is every cached key, so no mask is needed.
+    """
+    t = q.shape[2]
+    if cache is not None:
+        k, v = cache.update(start, k, v)
+    elif start:
+        raise ValueError("attention without a cache must start at position 0")
+    gqa = q.shape[1] != k.shape[1]
+    if t == 1 or start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+    keys = torch.arange(start + t, device=q.device)
+    queries = torch.arange(start, start + t, device=q.device)
+    mask = keys[None, :] <= queries[:, None]  # (T, start+T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class Decoder(nn.Module):
+    """Embedding, blocks and final norm: the checkpoint's ``model.*`` tensors."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Decoder plus lm_head; ``lm_head.weight`` is the embedding when embeddings are tied."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rotary = Rotary(args)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def expected_tensors(self) -> dict[str, torch.Size]:
+        """Checkpoint names and shapes this model needs (a tied lm_head is not stored)."""
+        shapes = {name: p.shape for name, p in self.named_parameters(remove_duplicate=False)}
+        if self.args.tie_word_embeddings:
+            shapes.pop("lm_head.weight")
+        return shapes

@@ -1,0 +1,37 @@
+"""Hook points of the executor: a probe marks each named op so that a profiler can time it.
+
+The base ``Probe`` does nothing and costs one method call and a shared null context per op,
+which is what the executor uses when profiling is off. ``llmrun.profiler.timers`` subclasses it.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+_NOTHING = nullcontext()
+
+LAYER_OPS = (
+    "attn_norm",
+    "qkv_proj",
+    "rope",
+    "attention",
+    "o_proj",
+    "attn_residual",
+    "mlp_norm",
+    "gate_up_proj",
+    "act",
+    "down_proj",
+    "mlp_residual",
+)
+MODEL_OPS = ("embed", "final_norm", "lm_head", "sample")
+
+
+class Probe:
+    """Marks named ops; this base class records nothing."""
+
+    def region(self, op: str, layer: int | None = None) -> AbstractContextManager[None]:
+        """Context manager around one op; ``layer`` is the block index or None outside the blocks."""
+        return _NOTHING
+
+
+NULL_PROBE = Probe()

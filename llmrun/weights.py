@@ -1,0 +1,188 @@
+"""Read safetensors checkpoints: validated, memory-mapped, never unpickled.
+
+The safetensors format is an 8-byte little-endian header length N, N bytes of JSON mapping
+tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the
+end of the header), then the raw data. Every header is checked (dtype known, offsets inside the
+file, no overlap, byte count = numel x element size) before any tensor is created, and tensors
+are zero-copy views of a private memory map of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmrun.errors import LlmrunError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file, dtype, shape and byte range in that file."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse and validate one safetensors header; returns name -> entry (absolute file offsets)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise LlmrunError(f"{path} is truncated ({size} bytes): re-download the weights")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise LlmrunError(
+                    f"{path} is corrupt: its header claims {header_len} bytes but the file has {size}; "
+                    "re-download the weights"
+                )
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise LlmrunError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LlmrunError(f"{path} is corrupt: its header is not JSON; re-download the weights") from None
+    if not isinstance(header, dict):
+        raise LlmrunError(f"{path} is corrupt: its header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    entries = {name: _entry(path, name, spec, data_start, size) for name, spec in header.items()}
+    _check_no_overlap(path, entries)
+    return entries
+
+
+def _entry(path: Path, name: str, spec: object, data_start: int, size: int) -> TensorEntry:
+    if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= spec.keys():
+        raise LlmrunError(f"{path} is corrupt: tensor {name!r} lacks dtype/shape/data_offsets")
+    dtype = SAFETENSORS_DTYPES.get(spec["dtype"])
+    if dtype is None:
+        raise LlmrunError(
+            f"{path}: tensor {name!r} has unsupported dtype {spec['dtype']!r} "
+            f"(supported: {', '.join(SAFETENSORS_DTYPES)})"
+        )
+    shape, offsets = spec["shape"], spec["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise LlmrunError(f"{path} is corrupt: tensor {name!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise LlmrunError(f"{path} is corrupt: tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = data_start + offsets[0], data_start + offsets[1]
+    expected = math.prod(shape) * dtype.itemsize
+    if not (data_start <= begin <= end <= size) or end - begin != expected:
+        raise LlmrunError(
+            f"{path} is corrupt or truncated: tensor {name!r} needs bytes {offsets[0]}..{offsets[1]} "
+            f"({expected} expected) but the data section has {size - data_start}; re-download the weights"
+        )
+    return TensorEntry(path, dtype, tuple(shape), begin, end)
+
+
+def _check_no_overlap(path: Path, entries: dict[str, TensorEntry]) -> None:
+    spans = sorted((e.begin, e.end, name) for name, e in entries.items() if e.end > e.begin)
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:], strict=False):
+        if begin_b < end_a:
+            raise LlmrunError(f"{path} is corrupt: tensors {name_a!r} and {name_b!r} overlap")
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory: those named by the shard index, or all of them.
+
+    Pickle-based weights (``*.bin``, ``*.pt``) are refused: they can run code when loaded.
+    """
+    index = model_dir / INDEX_NAME
+    if index.exists():
+        return _files_from_index(model_dir, index)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    if any(p.suffix in PICKLE_SUFFIXES for p in model_dir.iterdir()):
+        raise LlmrunError(
+            f"{model_dir} has only pickle weights (.bin/.pt), which llmrun never loads because they can "
+            "run code; convert them to safetensors or download the safetensors version"
+        )
+    raise LlmrunError(f"{model_dir} has no *.safetensors weights")
+
+
+def _files_from_index(model_dir: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise LlmrunError(f"{index} is corrupt: expected JSON with a 'weight_map' object") from None
+    root = model_dir.resolve()
+    files = []
+    for name in names:
+        if not isinstance(name, str):
+            raise LlmrunError(f"{index} is corrupt: shard name {name!r} is not a string")
+        shard = (model_dir / name).resolve()
+        if not shard.is_relative_to(root):
+            raise LlmrunError(f"{index} names {name!r}, a path outside the model directory; refusing it")
+        if not shard.is_file():
+            raise LlmrunError(f"{index} names shard {name!r}, which is missing; re-download the model")
+        files.append(shard)
+    return files
+
+
+def read_index(files: list[Path]) -> dict[str, TensorEntry]:
+    """Headers of all files merged into one name -> entry map (a duplicated name is an error)."""
+    entries: dict[str, TensorEntry] = {}
+    for path in files:
+        for name, entry in read_header(path).items():
+            if name in entries:
+                raise LlmrunError(f"tensor {name!r} appears in both {entries[name].file} and {path}")
+            entries[name] = entry
+    return entries
+
+
+class MappedFiles:
+    """Private (copy-on-write) memory maps of checkpoint files, opened on demand."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def tensor(self, entry: TensorEntry) -> torch.Tensor:
+        """A CPU tensor viewing the mapped bytes of ``entry`` (no copy unless misaligned)."""
+        mm = self._maps.get(entry.file)
+        if mm is None:
+            with entry.file.open("rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[entry.file] = mm
+        count = math.prod(entry.shape)
+        if count == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        if entry.begin % entry.dtype.itemsize:
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=entry.end - entry.begin, offset=entry.begin)
+            return raw.clone().view(entry.dtype).reshape(entry.shape)
+        flat = torch.frombuffer(mm, dtype=entry.dtype, count=count, offset=entry.begin)
+        return flat.reshape(entry.shape)
+
+    def iter_tensors(self, entries: dict[str, TensorEntry]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) in file order, so reads sweep each file once."""
+        for name, entry in sorted(entries.items(), key=lambda kv: (str(kv[1].file), kv[1].begin)):
+            yield name, self.tensor(entry)
