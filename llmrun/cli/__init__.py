@@ -1,0 +1,1 @@
+"""The ``llmrun`` command line: one module per command, wired together in ``app``."""

@@ -1,0 +1,76 @@
+"""The root ``llmrun`` app: wires the commands and turns errors into one line and an exit code.
+
+Exit codes: 0 ok; 1 internal error; 2 bad input (one line on stderr, ``LLMRUN_DEBUG=1`` for the
+traceback); 3 a ``--fail-under`` threshold was missed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from llmrun.cli import chat, generate, import_gguf, perplexity
+from llmrun.errors import LlmrunError, ThresholdMissed
+
+app = typer.Typer(
+    name="llmrun",
+    help="Run Llama-family models from the terminal and profile them against the roofline.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("generate")(generate.generate)
+app.command("chat")(chat.chat)
+app.command("perplexity")(perplexity.perplexity)
+app.command("import-gguf")(import_gguf.import_gguf)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"llmrun: {message}", file=sys.stderr)
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit code instead of exiting."""
+    debug = bool(os.environ.get("LLMRUN_DEBUG"))
+    try:
+        result = app(args=argv, prog_name="llmrun", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return _fail("interrupted", 130)
+    except click.UsageError as exc:
+        if debug:
+            raise
+        hint = f" (see 'llmrun {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
+        return _fail(f"error: {exc.format_message()}{hint}", 2)
+    except click.ClickException as exc:
+        return _fail(f"error: {exc.format_message()}", 2)
+    except LlmrunError as exc:
+        if debug:
+            raise
+        return _fail(f"error: {exc}", 2)
+    except ThresholdMissed as exc:
+        return _fail(f"threshold missed: {exc}", 3)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except Exception as exc:
+        if debug:
+            raise
+        return _fail(f"internal error: {type(exc).__name__}: {exc} (set LLMRUN_DEBUG=1 for the traceback)", 1)
+    return result if isinstance(result, int) else 0
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away, point stdout at /dev/null so the exit flush is quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())

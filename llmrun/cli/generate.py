@@ -1,0 +1,116 @@
+"""``llmrun generate``: complete a prompt (or answer it, for chat models) and stream the text.
+
+Examples:
+
+    llmrun generate "The capital of France is" --no-chat --temperature 0
+    echo "Write a haiku about GPUs" | llmrun generate - --max-new-tokens 64
+    llmrun generate "Hi" --json --seed 1 | jq .decode_tok_s
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RevisionOption
+from llmrun.cli.prompts import PromptSettings, build_prompt, read_prompt, sampling_from_flags
+from llmrun.errors import LlmrunError
+
+
+def generate(
+    prompt: Annotated[
+        str | None, typer.Argument(help="The prompt; '-' or nothing reads it from stdin.", show_default=False)
+    ] = None,
+    model: ModelOption = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 means greedy (argmax).")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 turns it off.")] = 40,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set with this mass.")] = 0.95,
+    min_p: Annotated[float, typer.Option(help="Drop tokens less likely than min-p x the top token.")] = 0.05,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalty for tokens already seen; 1 is off.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed: the same seed gives the same output.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")] = None,
+    chat: Annotated[
+        bool | None,
+        typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template. Default: when the model has one."),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System message (chat mode).")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going to --max-new-tokens.")] = False,
+    truncate: Annotated[
+        bool, typer.Option("--truncate", help="Keep the end of a prompt longer than the context.")
+    ] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    revision: RevisionOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Generate text from a prompt, streaming it to stdout; statistics go to stderr."""
+    from llmrun.generate import GenerationStats, generate_tokens, stream_text
+    from llmrun.sampling import Sampler
+    from llmrun.session import open_session
+
+    if max_new_tokens <= 0:
+        raise LlmrunError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    params = sampling_from_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    text = read_prompt(prompt)
+    session = open_session(model, device, dtype, revision=revision)
+    settings = PromptSettings(chat=chat, system=system, truncate=truncate)
+    ids = build_prompt(session, text, settings, max_new_tokens)
+    stats = GenerationStats()
+    tokens = generate_tokens(
+        session.model,
+        ids,
+        Sampler(params, session.device),
+        max_new_tokens=max_new_tokens,
+        stop_ids=() if ignore_eos else session.tokenizer.eos_ids,
+        stats=stats,
+    )
+    generated: list[int] = []
+    recorded = (generated.append(t) or t for t in tokens)
+    chunks = stream_text(recorded, session.tokenizer.stream_decoder(), stop or (), stats)
+    if as_json:
+        output = "".join(chunks)
+        print(json.dumps(_json_result(session, output, generated, stats), ensure_ascii=False))
+        return
+    try:
+        for chunk in chunks:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        _print_stats(stats)
+        raise
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _print_stats(stats)
+
+
+def _json_result(session, text: str, generated: list[int], stats) -> dict:
+    return {
+        "text": text,
+        "tokens": generated,
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "finish_reason": stats.finish_reason,
+        "ttft_s": stats.ttft_s,
+        "prefill_s": stats.prefill_s,
+        "decode_s": stats.decode_s,
+        "prefill_tok_s": stats.prefill_tok_s,
+        "decode_tok_s": stats.decode_tok_s,
+        "model": session.name,
+        "model_dir": str(session.model_dir),
+        "device": str(session.device),
+        "dtype": session.dtype_name,
+    }
+
+
+def _print_stats(stats) -> None:
+    print(
+        f"prompt {stats.prompt_tokens} tok | ttft {stats.ttft_s:.3f} s | prefill {stats.prefill_tok_s:.1f} tok/s | "
+        f"decode {stats.decode_tok_s:.1f} tok/s | {stats.generated_tokens} tok ({stats.finish_reason})",
+        file=sys.stderr,
+    )

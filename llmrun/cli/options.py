@@ -1,0 +1,23 @@
+"""Option types shared by the commands that load a model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model directory, .gguf file, hub id ORG/NAME, or preset:NAME. Default: SmolLM2-135M-Instruct.",
+        show_default=False,
+    ),
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")]
+RevisionOption = Annotated[
+    str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).", show_default=False)
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]

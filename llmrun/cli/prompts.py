@@ -1,0 +1,74 @@
+"""Prompt handling shared by ``generate`` and ``chat``: reading stdin, chat templates, fitting the context."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from llmrun.errors import LlmrunError
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """``chat`` None means: use the chat template when the model has one."""
+
+    chat: bool | None = None
+    system: str | None = None
+    truncate: bool = False
+
+
+def read_prompt(prompt: str | None) -> str:
+    """The prompt argument, or stdin for ``-``/no argument; non-UTF-8 input and empty prompts are refused."""
+    if prompt is not None and prompt != "-":
+        text = prompt
+    elif prompt is None and sys.stdin.isatty():
+        raise LlmrunError("no prompt given; pass it as an argument, or '-' to read stdin")
+    else:
+        raw = sys.stdin.buffer.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LlmrunError(f"stdin is not valid UTF-8 (byte {exc.start}); convert the prompt to UTF-8") from None
+    if not text.strip():
+        raise LlmrunError("the prompt is empty; give some text to continue")
+    return text
+
+
+def sampling_from_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed):
+    """``SamplingParams`` from CLI flags, validated (a bad value names its flag)."""
+    from llmrun.sampling import SamplingParams
+
+    params = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    params.validate()
+    return params
+
+
+def chat_messages(text: str, system: str | None) -> list[dict[str, str]]:
+    """One user turn, after the system message when there is one."""
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": text}]
+
+
+def build_prompt(session, text: str, settings: PromptSettings, max_new_tokens: int) -> list[int]:
+    """Token ids for ``text``: chat-templated or raw, cut to fit the context when asked."""
+    tokenizer = session.tokenizer
+    use_chat = tokenizer.has_chat_template if settings.chat is None else settings.chat
+    if use_chat and not tokenizer.has_chat_template:
+        raise LlmrunError(f"{session.name} has no chat template; use --no-chat")
+    if use_chat:
+        ids = tokenizer.encode_chat(chat_messages(text, settings.system))
+    else:
+        if settings.system:
+            raise LlmrunError("--system needs chat mode; drop it or use --chat")
+        ids = tokenizer.encode(text)
+    limit = session.model.args.max_position_embeddings
+    if settings.truncate and len(ids) >= limit:
+        ids = ids[-(limit - 1) :]
+    return ids

