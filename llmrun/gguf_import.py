@@ -179,7 +179,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         return
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         return
-    raise LlmrunError(f"{out_dir} already exists and is not empty; pass overwrite to replace it.")
+    raise LlmrunError(f"{out_dir} already exists and is not empty; use --overwrite (overwrite=True) to replace it.")
 
 
 def _open_reader(path: Path) -> GGUFReader:
