@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from llmrun.cli import chat, generate, import_gguf, perplexity
@@ -38,17 +37,8 @@ def run(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("LLMRUN_DEBUG"))
     try:
         result = app(args=argv, prog_name="llmrun", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (KeyboardInterrupt, typer.Abort):
         return _fail("interrupted", 130)
-    except click.UsageError as exc:
-        if debug:
-            raise
-        hint = f" (see 'llmrun {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
-        return _fail(f"error: {exc.format_message()}{hint}", 2)
-    except click.ClickException as exc:
-        return _fail(f"error: {exc.format_message()}", 2)
     except LlmrunError as exc:
         if debug:
             raise
@@ -59,10 +49,29 @@ def run(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 0
     except Exception as exc:
+        if _is_click_exit(exc):
+            return exc.exit_code
+        if _is_usage_error(exc) and not debug:
+            message = exc.format_message()
+            return _fail(f"error: {message}{_help_hint(exc)}", 2) if message else 2
         if debug:
             raise
         return _fail(f"internal error: {type(exc).__name__}: {exc} (set LLMRUN_DEBUG=1 for the traceback)", 1)
     return result if isinstance(result, int) else 0
+
+
+# Typer ships its own copy of click, so its exceptions are recognised by shape, not by class.
+def _is_click_exit(exc: Exception) -> bool:
+    return type(exc).__name__ == "Exit" and isinstance(getattr(exc, "exit_code", None), int)
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    return hasattr(exc, "format_message") and getattr(exc, "exit_code", None) in (1, 2)
+
+
+def _help_hint(exc: Exception) -> str:
+    ctx = getattr(exc, "ctx", None)
+    return f" (see 'llmrun {ctx.info_name} --help')" if ctx is not None and ctx.parent is not None else ""
 
 
 def _silence_stdout() -> None:
