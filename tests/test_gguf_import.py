@@ -42,7 +42,7 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gguf_import_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real GGUF imported once per session (float32)."""
     return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model", progress=False)
 
@@ -428,14 +428,14 @@ def _reference_bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_smollm2_tokenizer_matches_reference_bpe(smollm2_gguf, smollm2_dir):
+def test_smollm2_tokenizer_matches_reference_bpe(smollm2_gguf, gguf_import_dir):
     fields = GGUFReader(smollm2_gguf).fields
     assert fields["tokenizer.ggml.pre"].contents() == "smollm"
     vocab = {t: i for i, t in enumerate(fields["tokenizer.ggml.tokens"].contents())}
     ranks = {tuple(m.split(" ")): r for r, m in enumerate(fields["tokenizer.ggml.merges"].contents())}
     want = [vocab[s] for word in _reference_pretokenize(MULTILINGUAL) for s in _reference_bpe(word, ranks)]
 
-    tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(gguf_import_dir / "tokenizer.json"))
     got = tok.encode(MULTILINGUAL).ids
     assert got == want
     assert tok.decode(got) == MULTILINGUAL
@@ -445,14 +445,14 @@ def test_smollm2_tokenizer_matches_reference_bpe(smollm2_gguf, smollm2_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_answers_paris_in_transformers(smollm2_dir):
+def test_smollm2_answers_paris_in_transformers(gguf_import_dir):
     transformers = pytest.importorskip("transformers")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_import_dir)
     assert (
         tokenizer(MULTILINGUAL).input_ids
-        == Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")).encode(MULTILINGUAL).ids
+        == Tokenizer.from_file(str(gguf_import_dir / "tokenizer.json")).encode(MULTILINGUAL).ids
     )
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_import_dir, torch_dtype=torch.float32)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
@@ -463,8 +463,8 @@ def test_smollm2_answers_paris_in_transformers(smollm2_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_shapes_and_dtype(smollm2_dir):
-    weights = load_torch(str(smollm2_dir / "model.safetensors"))
+def test_smollm2_shapes_and_dtype(gguf_import_dir):
+    weights = load_torch(str(gguf_import_dir / "model.safetensors"))
     assert len(weights) == 2 + 30 * 9
     assert weights["model.embed_tokens.weight"].shape == (49152, 576)
     assert weights["model.layers.0.self_attn.q_proj.weight"].shape == (576, 576)

@@ -1,0 +1,56 @@
+"""Peak resident memory of loading a model (and running one forward pass), relative to its weights.
+
+Usage: python scripts/load_memory.py [MODEL_DIR] [--dtype fp32]
+
+Prints one JSON object: weight bytes in the file, peak RSS growth (bytes) over the process's
+state just before loading, and their ratio. Run in a fresh process: ru_maxrss is a process-wide peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+
+import torch
+
+from llmrun.devices import DTYPES
+from llmrun.executor import forward
+from llmrun.loader import load_model
+from llmrun.sources import resolve_model
+from llmrun.weights import checkpoint_files, read_index
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=None, help="model directory (default: the default model)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    args = parser.parse_args()
+    model_dir = resolve_model(args.model, progress=False)
+    weight_bytes = sum(e.end - e.begin for e in read_index(checkpoint_files(model_dir)).values())
+    torch.zeros(1).add_(1)  # let torch set up its allocator before the baseline
+    before = peak_rss_bytes()
+    model = load_model(model_dir, torch.device("cpu"), DTYPES[args.dtype], progress=False)
+    after_load = peak_rss_bytes()
+    forward(model, torch.tensor([[1, 2, 3, 4]]))
+    after_forward = peak_rss_bytes()
+    result = {
+        "model_dir": str(model_dir),
+        "dtype": args.dtype,
+        "weight_bytes": weight_bytes,
+        "peak_growth_load_bytes": after_load - before,
+        "peak_growth_load_and_forward_bytes": after_forward - before,
+        "ratio": (after_forward - before) / weight_bytes,
+    }
+    json.dump(result, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
