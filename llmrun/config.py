@@ -14,6 +14,15 @@ from typing import Any
 from llmrun.errors import LlmrunError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The causal-LM classes of those model types; a config naming another head (e.g. a classifier) is refused.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# rope_scaling types and the keys each needs (transformers' ``modeling_rope_utils``).
+ROPE_TYPES: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 _REQUIRED_INT_KEYS = (
     "vocab_size",
@@ -73,6 +82,42 @@ class ModelArgs:
             )
         if self.hidden_act not in ("silu", "swish"):
             raise LlmrunError(f"config.json: hidden_act {self.hidden_act!r} is not supported (only silu)")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
+
+    @property
+    def rope_type(self) -> str:
+        """``default``, ``linear``, ``dynamic`` or ``llama3``."""
+        scaling = self.rope_scaling or {}
+        return scaling.get("rope_type", scaling.get("type", "default"))
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence (tokens) llmrun runs: ``max_position_embeddings``, times the factor of
+        dynamic-NTK RoPE, which exists to stretch the context past what the model was trained on."""
+        if self.rope_type == "dynamic":
+            return int(self.max_position_embeddings * float(self.rope_scaling["factor"]))
+        return self.max_position_embeddings
+
+    def attention_windows(self) -> list[int | None]:
+        """Per layer, the sliding attention window in tokens (query i sees keys i-w+1..i), or None for full.
+
+        Mistral applies ``sliding_window`` to every layer; Qwen2 only when ``use_sliding_window`` is set,
+        to the layers ``layer_types`` marks ``sliding_attention`` (by default those from
+        ``max_window_layers`` on), as transformers' ``Qwen2Config`` does. Llama has no window.
+        """
+        n = self.num_hidden_layers
+        if self.sliding_window is None or self.model_type == "llama":
+            return [None] * n
+        if self.model_type == "mistral":
+            return [self.sliding_window] * n
+        if not self.extra.get("use_sliding_window", False):
+            return [None] * n
+        first = self.extra.get("max_window_layers", 28)
+        kinds = self.extra.get("layer_types") or ["sliding_attention" if i >= first else "full" for i in range(n)]
+        if len(kinds) != n:
+            raise LlmrunError(f"config.json: layer_types has {len(kinds)} entries for {n} layers")
+        return [self.sliding_window if kind == "sliding_attention" else None for kind in kinds]
 
     @property
     def kv_groups(self) -> int:
@@ -96,8 +141,15 @@ class ModelArgs:
                 raise LlmrunError(f"{source}: required key {key!r} is missing")
             if not isinstance(raw[key], int) or isinstance(raw[key], bool):
                 raise LlmrunError(f"{source}: {key!r} must be an integer, got {raw[key]!r}")
+        archs = raw.get("architectures") or []
+        if archs and not set(archs) & set(SUPPORTED_ARCHITECTURES):
+            raise LlmrunError(
+                f"{source}: architecture {', '.join(map(str, archs))!r} is not supported; "
+                f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in raw.items() if k in known and v is not None}
+        kwargs.update(_from_rope_parameters(raw.get("rope_parameters"), kwargs))
         if model_type == "qwen2":
             kwargs.setdefault("attention_bias", True)
         _check_types(kwargs, source)
@@ -113,6 +165,33 @@ class ModelArgs:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise LlmrunError(f"{path} is not valid JSON ({exc}); re-download or fix the file") from None
         return cls.from_dict(raw, source=str(path))
+
+
+def _from_rope_parameters(rope: object, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``rope_theta``/``rope_scaling`` from transformers 5's ``rope_parameters`` (which replaces both).
+
+    Keys already given at the top level of config.json win.
+    """
+    if not isinstance(rope, dict):
+        return {}
+    out: dict[str, Any] = {}
+    if "rope_theta" in rope and "rope_theta" not in kwargs:
+        out["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", rope.get("type", "default")) != "default" and "rope_scaling" not in kwargs:
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out
+
+
+def _check_rope_scaling(scaling: dict[str, Any]) -> None:
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise LlmrunError(
+            f"config.json: rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
+        )
+    for key in ROPE_TYPES[kind]:
+        value = scaling.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise LlmrunError(f"config.json: rope_scaling {kind!r} needs a positive number {key!r}, got {value!r}")
 
 
 def _check_types(kwargs: dict[str, Any], source: str) -> None:

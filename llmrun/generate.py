@@ -64,8 +64,8 @@ class Conversation:
 
 
 def context_limit(model: Transformer) -> int:
-    """The model's context window in tokens."""
-    return model.args.max_position_embeddings
+    """The model's context window in tokens (``ModelArgs.context_length``)."""
+    return model.args.context_length
 
 
 def check_prompt_fits(prompt_len: int, model: Transformer) -> None:

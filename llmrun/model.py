@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmrun.config import ModelArgs
+from llmrun.config import ROPE_TYPES, ModelArgs
 from llmrun.errors import LlmrunError
 from llmrun.kvcache import LayerCache
 from llmrun.probe import Probe
@@ -37,20 +37,29 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,) float32, with ``rope_scaling`` applied (llama3, linear)."""
+def rope_inv_freq(args: ModelArgs, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) float32, with ``rope_scaling`` applied (llama3, linear, dynamic).
+
+    Dynamic NTK scaling depends on ``seq_len``, the length of the sequence so far (positions
+    0..seq_len-1): past ``max_position_embeddings`` the base grows as in transformers'
+    ``_compute_dynamic_ntk_parameters``; up to it (or with ``seq_len`` None) it is plain RoPE.
+    """
     dim = args.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
-    inv_freq = 1.0 / (args.rope_theta**exponents)
     scaling = args.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
+    kind = args.rope_type
+    base = args.rope_theta
+    if kind == "dynamic" and seq_len is not None and seq_len > args.max_position_embeddings:
+        factor = float(scaling["factor"])
+        base = base * (factor * seq_len / args.max_position_embeddings - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base**exponents)
+    if kind in ("default", "dynamic"):
         return inv_freq
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
-    raise LlmrunError(f"config.json: rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+    raise LlmrunError(f"config.json: rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -70,14 +79,22 @@ class Rotary:
     """Rotate-half RoPE. ``inv_freq`` stays float32 on the CPU whatever the model's dtype."""
 
     def __init__(self, args: ModelArgs) -> None:
+        self.args = args
         self.inv_freq = rope_inv_freq(args)
         self._on_device: dict[torch.device, torch.Tensor] = {}
 
     def angles(self, start: int, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (T, head_dim) for positions start..start+T-1, in ``dtype``."""
-        inv_freq = self._on_device.get(device)
-        if inv_freq is None:
-            inv_freq = self._on_device.setdefault(device, self.inv_freq.to(device))
+        """cos and sin (T, head_dim) for positions start..start+T-1, in ``dtype``.
+
+        With dynamic RoPE past ``max_position_embeddings`` the frequencies follow the sequence length
+        start+T, as transformers recomputes them each forward (keys already cached keep their angles).
+        """
+        if self.args.rope_type == "dynamic" and start + t > self.args.max_position_embeddings:
+            inv_freq = rope_inv_freq(self.args, start + t).to(device)
+        else:
+            inv_freq = self._on_device.get(device)
+            if inv_freq is None:
+                inv_freq = self._on_device.setdefault(device, self.inv_freq.to(device))
         positions = torch.arange(start, start + t, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -108,6 +125,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.attention_bias)
         o_bias = args.attention_bias and args.model_type == "llama"
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
+        self.window: int | None = None  # sliding attention window in tokens (set by Block), None for full
 
 
 class MLP(nn.Module):
@@ -128,6 +146,7 @@ class Block(nn.Module):
         super().__init__()
         self.index = index
         self.self_attn = Attention(args)
+        self.self_attn.window = args.attention_windows()[index]
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -155,7 +174,7 @@ class Block(nn.Module):
         with probe.region("rope", i):
             q, k = apply_rope(q, k, *rope)
         with probe.region("attention", i):
-            o = attend(q, k, v, start, cache)  # (B, H, T, D)
+            o = attend(q, k, v, start, cache, window=attn.window)  # (B, H, T, D)
         with probe.region("o_proj", i):
             o = attn.o_proj(o.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
         with probe.region("attn_residual", i):
@@ -172,11 +191,21 @@ class Block(nn.Module):
             return x + h
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, cache: LayerCache | None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    cache: LayerCache | None,
+    *,
+    window: int | None = None,
+) -> torch.Tensor:
     """Causal attention of q (B, H, T, D) over the cache's positions 0..start+T-1 (or k, v alone).
 
     The new k, v (B, Hkv, T, D) are written into the cache first. Query i attends to keys
     0..start+i; with a single query (decode) that is every cached key, so no mask is needed.
+    With a sliding ``window`` w (Mistral), query i attends to keys i-w+1..i only, as in transformers'
+    ``sliding_window_overlay``; the mask matters only once the sequence is longer than w.
     """
     t = q.shape[2]
     if cache is not None:
@@ -184,11 +213,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, cache:
     elif start:
         raise ValueError("attention without a cache must start at position 0")
     gqa = q.shape[1] != k.shape[1]
-    if t == 1 or start == 0:
+    if window is not None and start + t <= window:
+        window = None
+    if window is None and (t == 1 or start == 0):
         return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
     keys = torch.arange(start + t, device=q.device)
     queries = torch.arange(start, start + t, device=q.device)
     mask = keys[None, :] <= queries[:, None]  # (T, start+T)
+    if window is not None:
+        mask &= keys[None, :] > queries[:, None] - window
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 

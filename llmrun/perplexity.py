@@ -45,8 +45,8 @@ def perplexity(
     """Score ``ids`` in windows of ``context`` tokens; ``on_window`` is called after each (for progress)."""
     if context < 2:
         raise LlmrunError(f"--context must be at least 2 tokens, got {context}")
-    if context > model.args.max_position_embeddings:
-        raise LlmrunError(f"--context {context} exceeds the model's context of {model.args.max_position_embeddings}")
+    if context > model.args.context_length:
+        raise LlmrunError(f"--context {context} exceeds the model's context of {model.args.context_length}")
     chunks = windows(ids, context)
     if not chunks:
         raise LlmrunError("the text has fewer than 2 tokens; nothing to score")

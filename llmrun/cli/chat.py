@@ -48,7 +48,7 @@ def chat(
     if not tokenizer.has_chat_template:
         raise LlmrunError(f"{session.name} has no chat template; use 'llmrun generate --no-chat' instead")
     sampler = Sampler(params, session.device)
-    conversation = Conversation(session.model, session.model.args.max_position_embeddings)
+    conversation = Conversation(session.model, session.model.args.context_length)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     print("llmrun chat: /reset starts over, /exit or Ctrl-D quits", file=sys.stderr)

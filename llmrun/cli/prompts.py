@@ -68,7 +68,7 @@ def build_prompt(session, text: str, settings: PromptSettings, max_new_tokens: i
         if settings.system:
             raise LlmrunError("--system needs chat mode; drop it or use --chat")
         ids = tokenizer.encode(text)
-    limit = session.model.args.max_position_embeddings
+    limit = session.model.args.context_length
     if settings.truncate and len(ids) >= limit:
         ids = ids[-(limit - 1) :]
     return ids
