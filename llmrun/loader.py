@@ -77,12 +77,14 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def _progress_bar(enabled: bool) -> Progress:
+    """A transient bar on stderr; off when stderr is not a terminal, where rich would leave a blank line."""
+    console = Console(stderr=True)
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=console,
         transient=True,
-        disable=not enabled,
+        disable=not (enabled and console.is_terminal),
     )
