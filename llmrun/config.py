@@ -65,7 +65,7 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
+        if self.head_dim is None and self.num_attention_heads > 0:  # <= 0 is refused just below
             if self.hidden_size % self.num_attention_heads:
                 raise LlmrunError(
                     f"config.json: hidden_size {self.hidden_size} is not divisible by "
