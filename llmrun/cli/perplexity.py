@@ -44,7 +44,8 @@ def perplexity(
         raise LlmrunError(f"{file} is not a UTF-8 text file ({type(exc).__name__})") from None
     session = open_session(model, device, dtype, revision=revision)
     ids = session.tokenizer.encode(text)
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    console = Console(stderr=True)  # no bar unless a terminal: rich leaves a blank line in pipes and logs
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("scoring", total=len(windows(ids, max(context, 2))))
         result = score(session.model, ids, context, on_window=lambda: bar.advance(task))
     if as_json:
