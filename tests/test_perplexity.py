@@ -45,7 +45,8 @@ def test_perplexity_cli_matches_transformers(smollm2_dir, smollm2_hf, tmp_path, 
     expected = _hf_perplexity(smollm2_hf, ids, 64)
     assert result["tokens"] == sum(len(w) - 1 for w in windows(ids, 64))
     assert result["perplexity"] == pytest.approx(expected, rel=1e-3)
-    assert 1.0 < result["perplexity"] < 100.0  # a real model on plain English, not noise (vocab 49152)
+    # A trained model on plain English: far below the uniform perplexity of its 49152-token vocabulary.
+    assert 1.0 < result["perplexity"] < 1000.0
 
 
 def test_windows_cover_every_token_once():
