@@ -1,0 +1,163 @@
+"""The bad-input corpus (``tests/badinputs.py``) through the real CLI.
+
+Every case must exit with its exact code and print one ``llmrun: error: ...`` line on stderr naming the
+problem: no traceback, nothing on stdout, no partial output left behind. Most cases run in-process
+through ``llmrun.cli.app.run``; a few run as ``python -m llmrun`` to show that a real process prints
+no traceback either.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from badinputs import CASES, Case, build_model, check_one_line, gen
+
+from llmrun.cli.app import run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def valid_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny valid model every case starts from (never modified: cases work on copies)."""
+    return build_model(tmp_path_factory.mktemp("valid") / "tiny")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, valid_model: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A fresh copy of the valid model and a scratch directory; llmrun's cache is under the scratch dir."""
+    model = shutil.copytree(valid_model, tmp_path / "model")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("LLMRUN_HOME", str(scratch / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("LLMRUN_DEBUG", raising=False)
+    return model, scratch
+
+
+def _run(argv: list[str], stdin: bytes | None, monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[int, str, str]:
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    code = run(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_corpus_is_large_and_named_uniquely():
+    ids = [c.id for c in CASES]
+    assert len(ids) >= 30
+    assert len(set(ids)) == len(ids)
+
+
+def test_valid_model_runs(workdir, monkeypatch, capsys):
+    """The corpus's starting point is valid: every failure below comes from the one thing a case breaks."""
+    model, _ = workdir
+    code, out, err = _run([*gen(model), "--json", "--temperature", "0"], None, monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(out)["generated_tokens"] >= 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input(case: Case, workdir, monkeypatch, capsys):
+    model, scratch = workdir
+    argv = case.setup(model, scratch)
+    code, out, err = _run(argv, case.stdin, monkeypatch, capsys)
+    assert code == case.code, err
+    line = check_one_line(err, case.message)
+    assert line.startswith("llmrun: error: ")
+    assert out == ""
+    for output in case.outputs:
+        assert not (scratch / output).exists(), output
+    leftovers = [p.name for p in scratch.rglob("*") if p.name.endswith((".importing", ".old"))]
+    assert leftovers == []
+
+
+def test_prompt_longer_than_context_runs_with_truncate(workdir, monkeypatch, capsys):
+    model, _ = workdir
+    code, out, err = _run([*gen(model, prompt="x y " * 100), "--truncate", "--json"], None, monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt_tokens"] == 127 and result["finish_reason"] == "context"
+
+
+def test_debug_shows_the_traceback(workdir, monkeypatch):
+    model, _ = workdir
+    (model / "config.json").unlink()
+    monkeypatch.setenv("LLMRUN_DEBUG", "1")
+    from llmrun.errors import LlmrunError
+
+    with pytest.raises(LlmrunError, match="config.json is missing"):
+        run(gen(model))
+
+
+def test_internal_error_is_exit_1_with_a_pointer_to_debug(workdir, monkeypatch, capsys):
+    model, _ = workdir
+    import llmrun.generate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr(llmrun.generate, "prefill", broken)
+    code, out, err = _run(gen(model), None, monkeypatch, capsys)
+    assert code == 1
+    line = check_one_line(err, r"internal error: RuntimeError: something inside broke")
+    assert "LLMRUN_DEBUG=1" in line
+
+
+def _subprocess(argv: list[str], tmp: Path, stdin: bytes = b"", **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "LLMRUN_DEBUG"}
+    environ.update({"LLMRUN_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), **env})
+    return subprocess.run(
+        [sys.executable, "-m", "llmrun", *argv], input=stdin, capture_output=True, env=environ, timeout=300
+    )
+
+
+SUBPROCESS_CASES = ("config-invalid-json", "tensor-wrong-shape", "stdin-not-utf8", "top-k-negative", "gguf-truncated")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in SUBPROCESS_CASES], ids=lambda c: c.id)
+def test_real_process_prints_one_line_and_exits_2(case: Case, workdir):
+    model, scratch = workdir
+    proc = _subprocess(case.setup(model, scratch), scratch, case.stdin or b"")
+    assert proc.returncode == case.code, proc.stderr.decode()
+    check_one_line(proc.stderr.decode(), case.message)
+    assert proc.stdout == b""
+    for output in case.outputs:
+        assert not (scratch / output).exists(), output
+
+
+def test_real_process_with_debug_prints_the_traceback(workdir):
+    model, scratch = workdir
+    (model / "tokenizer.json").unlink()
+    proc = _subprocess(gen(model), scratch, LLMRUN_DEBUG="1")
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr.decode() and "tokenizer.json is missing" in proc.stderr.decode()
+
+
+def test_unreachable_hub_in_offline_mode(workdir):
+    _, scratch = workdir
+    proc = _subprocess(gen(Path("nobody-xyz/no-such-model")), scratch, HF_HOME=str(scratch / "hf"))
+    assert proc.returncode == 2
+    check_one_line(proc.stderr.decode(), r"not in the local Hugging Face cache and the hub cannot be reached")
+
+
+def test_unreachable_hub_without_offline_flag(workdir):
+    _, scratch = workdir
+    proc = _subprocess(
+        gen(Path("nobody-xyz/no-such-model")),
+        scratch,
+        HF_HOME=str(scratch / "hf"),
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HUB_ETAG_TIMEOUT="2",
+        HF_HUB_DOWNLOAD_TIMEOUT="2",
+    )
+    assert proc.returncode == 2, proc.stderr.decode()
+    check_one_line(proc.stderr.decode(), r"nobody-xyz/no-such-model")
