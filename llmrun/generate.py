@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmrun.devices import synchronize
+from llmrun.devices import oom_guard, synchronize
 from llmrun.errors import LlmrunError
 from llmrun.executor import decode_step, make_cache, prefill
 from llmrun.kvcache import KVCache
@@ -94,8 +94,21 @@ def generate_tokens(
 
     The stop id itself is not yielded. ``stats`` is filled as the loop runs (``finish_reason`` is
     ``stop``, ``length`` or ``context``). With a ``conversation``, the cached prefix is reused and the
-    cache holds prompt + output afterwards.
+    cache holds prompt + output afterwards. Running out of memory is an ``LlmrunError`` with the numbers.
     """
+    with oom_guard(model.lm_head.weight.device, "generating"):
+        yield from _generate_tokens(model, prompt, sampler, max_new_tokens, stop_ids, stats, conversation)
+
+
+def _generate_tokens(
+    model: Transformer,
+    prompt: Sequence[int],
+    sampler: Sampler,
+    max_new_tokens: int,
+    stop_ids: Iterable[int],
+    stats: GenerationStats | None,
+    conversation: Conversation | None,
+) -> Iterator[int]:
     stats = stats if stats is not None else GenerationStats()
     check_prompt_fits(len(prompt), model)
     limit = context_limit(model)

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from torch import nn
 
 from llmrun.config import ModelArgs
+from llmrun.devices import oom_guard
 from llmrun.errors import LlmrunError
 from llmrun.model import Transformer
 from llmrun.weights import MappedFiles, TensorEntry, checkpoint_files, read_index
@@ -25,7 +26,15 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, *, progress: bool = True) -> Transformer:
-    """Load config and safetensors weights of ``model_dir`` onto ``device`` in ``dtype``."""
+    """Load config and safetensors weights of ``model_dir`` onto ``device`` in ``dtype``.
+
+    Running out of memory is an ``LlmrunError`` that gives the bytes needed and free.
+    """
+    with oom_guard(device, "loading the weights"):
+        return _load(model_dir, device, dtype, progress)
+
+
+def _load(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool) -> Transformer:
     args = ModelArgs.from_json(model_dir / "config.json")
     entries = read_index(checkpoint_files(model_dir))
     with torch.device("meta"):

@@ -54,6 +54,10 @@ def run(argv: list[str] | None = None) -> int:
         if _is_usage_error(exc) and not debug:
             message = exc.format_message()
             return _fail(f"error: {message}{_help_hint(exc)}", 2) if message else 2
+        if _is_out_of_memory(exc) and not debug:
+            from llmrun.devices import out_of_memory_error
+
+            return _fail(f"error: {out_of_memory_error(exc, None, 'running the model')}", 2)
         if debug:
             raise
         return _fail(f"internal error: {type(exc).__name__}: {exc} (set LLMRUN_DEBUG=1 for the traceback)", 1)
@@ -67,6 +71,12 @@ def _is_click_exit(exc: Exception) -> bool:
 
 def _is_usage_error(exc: Exception) -> bool:
     return hasattr(exc, "format_message") and getattr(exc, "exit_code", None) in (1, 2)
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    """A CUDA out-of-memory error that no ``oom_guard`` translated (torch is only imported by commands)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
 
 
 def _help_hint(exc: Exception) -> str:
