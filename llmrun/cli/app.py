@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from llmrun.cli import chat, generate, import_gguf, perplexity
+from llmrun.cli import chat, generate, import_gguf, info, perplexity, pull
 from llmrun.errors import LlmrunError, ThresholdMissed
 
 app = typer.Typer(
@@ -25,6 +25,8 @@ app.command("generate")(generate.generate)
 app.command("chat")(chat.chat)
 app.command("perplexity")(perplexity.perplexity)
 app.command("import-gguf")(import_gguf.import_gguf)
+app.command("info")(info.info)
+app.command("pull")(pull.pull)
 
 
 def _fail(message: str, code: int) -> int:

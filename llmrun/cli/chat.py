@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from llmrun.cli.options import DeviceOption, DtypeOption, ModelOption, RevisionOption
+from llmrun.cli.options import DeviceOption, DtypeOption, ModelOption, RandomWeightsOption, RevisionOption
 from llmrun.cli.prompts import sampling_from_flags
 from llmrun.errors import LlmrunError
 
@@ -34,6 +34,7 @@ def chat(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     revision: RevisionOption = None,
+    random_weights: RandomWeightsOption = False,
 ) -> None:
     """Chat with the model in the terminal."""
     from llmrun.generate import Conversation, GenerationStats, generate_tokens, stream_text
@@ -43,7 +44,7 @@ def chat(
     if max_new_tokens <= 0:
         raise LlmrunError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     params = sampling_from_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    session = open_session(model, device, dtype, revision=revision)
+    session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
     tokenizer = session.tokenizer
     if not tokenizer.has_chat_template:
         raise LlmrunError(f"{session.name} has no chat template; use 'llmrun generate --no-chat' instead")

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RevisionOption
+from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RandomWeightsOption, RevisionOption
 from llmrun.cli.prompts import PromptSettings, build_prompt, read_prompt, sampling_from_flags
 from llmrun.errors import LlmrunError
 
@@ -45,6 +45,7 @@ def generate(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     revision: RevisionOption = None,
+    random_weights: RandomWeightsOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; statistics go to stderr."""
@@ -56,7 +57,7 @@ def generate(
         raise LlmrunError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     params = sampling_from_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     text = read_prompt(prompt)
-    session = open_session(model, device, dtype, revision=revision)
+    session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
     settings = PromptSettings(chat=chat, system=system, truncate=truncate)
     ids = build_prompt(session, text, settings, max_new_tokens)
     stats = GenerationStats()

@@ -21,3 +21,10 @@ RevisionOption = Annotated[
     str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).", show_default=False)
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+RandomWeightsOption = Annotated[
+    bool,
+    typer.Option(
+        "--random-weights",
+        help="Random weights (built on the device) instead of the checkpoint's; required for preset:NAME.",
+    ),
+]

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RevisionOption
+from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RandomWeightsOption, RevisionOption
 from llmrun.errors import LlmrunError
 
 
@@ -26,6 +26,7 @@ def perplexity(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     revision: RevisionOption = None,
+    random_weights: RandomWeightsOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Token-level perplexity (exp of the mean negative log-likelihood) of FILE."""
@@ -42,7 +43,7 @@ def perplexity(
         raise LlmrunError(f"{file} does not exist") from None
     except (UnicodeDecodeError, IsADirectoryError) as exc:
         raise LlmrunError(f"{file} is not a UTF-8 text file ({type(exc).__name__})") from None
-    session = open_session(model, device, dtype, revision=revision)
+    session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
     ids = session.tokenizer.encode(text)
     console = Console(stderr=True)  # no bar unless a terminal: rich leaves a blank line in pipes and logs
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:

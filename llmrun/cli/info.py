@@ -1,0 +1,144 @@
+"""``llmrun info``: a model's shapes, parameter count, weight and KV-cache bytes, and its speed of light.
+
+Only config.json is read (a hub repo is fetched without its weights), so a 70B model's numbers
+come back in a second. Speed of light is the roofline's lower bound on time on the chosen device:
+decode at batch 1 reads every weight once per token (weight bytes ÷ bandwidth), prefill is
+FLOPs ÷ peak; see ``llmrun.modelinfo``.
+
+Examples:
+
+    llmrun info --model preset:llama-3.1-8b --dtype bf16
+    llmrun info --model meta-llama/Llama-3.2-1B --device cuda --json | jq .speed_of_light
+    llmrun info --model ./my-model --prompt-len 2048
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RevisionOption
+from llmrun.errors import LlmrunError
+
+
+def info(
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    revision: RevisionOption = None,
+    prompt_len: Annotated[
+        int | None,
+        typer.Option(
+            "--prompt-len", help="Prompt length (tokens) for the prefill speed of light. Default: 512 or the context."
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a model's architecture, sizes and speed-of-light decode/prefill on the current device."""
+    from llmrun.config import ModelArgs
+    from llmrun.devices import resolve_device, resolve_dtype
+    from llmrun.modelinfo import device_roofs, model_info
+    from llmrun.presets import is_preset, load_preset
+    from llmrun.sources import DEFAULT_MODEL, resolve_model
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if prompt_len is not None and prompt_len < 1:
+        raise LlmrunError(f"--prompt-len must be at least 1, got {prompt_len}")
+    if is_preset(model):
+        preset = load_preset(model)
+        args, source = preset.args, preset.source
+    else:
+        model_dir = resolve_model(model, revision=revision, weights=False)
+        args, source = ModelArgs.from_json(model_dir / "config.json"), str(model_dir)
+    if prompt_len is None:
+        prompt_len = min(512, args.context_length)
+    elif prompt_len > args.context_length:
+        raise LlmrunError(f"--prompt-len {prompt_len} exceeds the model's context of {args.context_length}")
+    result = model_info(args, torch_dtype, device_roofs(torch_device, torch_dtype), prompt_len=prompt_len)
+    fields = {"model": model or DEFAULT_MODEL, "source": source, **result.to_json()}
+    if as_json:
+        print(json.dumps(fields))
+    else:
+        _print_table(fields)
+
+
+def _print_table(fields: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    p, kv, roofs, sol = fields["parameters"], fields["kv_cache"], fields["roofs"], fields["speed_of_light"]
+    window = fields["sliding_window"]
+    rope = fields["rope"]["scaling"]
+    rope_text = f"theta {fields['rope']['theta']:g}" + (
+        f", {rope.get('rope_type', rope.get('type'))} scaling" if rope else ""
+    )
+    table = Table(title=f"{fields['model']} ({fields['source']})", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("architecture", f"{fields['architecture'] or fields['model_type']} ({fields['model_type']})"),
+        (
+            "shape",
+            f"{fields['layers']} layers, hidden {fields['hidden_size']}, mlp {fields['intermediate_size']}, "
+            f"heads {fields['attention_heads']}/{fields['kv_heads']} (q/kv) x {fields['head_dim']}, "
+            f"vocab {fields['vocab_size']}" + (", tied embeddings" if fields["tie_word_embeddings"] else ""),
+        ),
+        (
+            "context",
+            f"{fields['context_length']} tokens, RoPE {rope_text}"
+            + (f", sliding window {', '.join(map(str, window))}" if window else ""),
+        ),
+        ("parameters", f"{_count(p['total'])} total, {_count(p['non_embedding'])} non-embedding"),
+        (
+            f"weights ({fields['dtype']})",
+            f"{_bytes(fields['weight_bytes'])}; read per decoded token {_bytes(fields['decode_bytes_per_token'])}",
+        ),
+        (
+            "KV cache",
+            f"{_bytes(kv['bytes_per_token'])} per token, {_bytes(kv['bytes_full_context'])} at "
+            f"{fields['context_length']} tokens",
+        ),
+        (
+            "device roofs",
+            f"{fields['device']['name']}: {roofs['peak_flops'] / 1e12:.3g} TFLOP/s, "
+            f"{roofs['peak_bytes_per_s'] / 1e9:.4g} GB/s ({roofs['source']})",
+        ),
+        (
+            "speed of light: decode",
+            f"{sol['decode_tok_s']:.4g} tok/s (batch 1), {sol['decode_tok_s_full_context']:.4g} tok/s at full context",
+        ),
+        (
+            f"speed of light: prefill {sol['prompt_len']}",
+            f"{_seconds(sol['prefill_s'])} ({sol['prefill_flops'] / 1e12:.4g} TFLOP, {sol['prefill_tok_s']:.4g} tok/s)",
+        ),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+
+
+def _seconds(s: float) -> str:
+    """0.0123 -> '12.3 ms'."""
+    for scale, unit in ((1, "s"), (1e-3, "ms")):
+        if s >= scale:
+            return f"{s / scale:.4g} {unit}"
+    return f"{s * 1e6:.4g} µs"
+
+
+def _count(n: int) -> str:
+    """1234567890 -> '1.23 B (1,234,567,890)'."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit} ({n:,})"
+    return f"{n:,}"
+
+
+def _bytes(n: float) -> str:
+    """Decimal and binary units side by side: '16.06 GB (14.96 GiB)'."""
+    for power, (dec, binary) in ((4, ("TB", "TiB")), (3, ("GB", "GiB")), (2, ("MB", "MiB")), (1, ("KB", "KiB"))):
+        if n >= 1000**power:
+            return f"{n / 1000**power:.4g} {dec} ({n / 1024**power:.4g} {binary})"
+    return f"{int(n)} B"

@@ -1,0 +1,177 @@
+"""Presets: the real shapes of widely used models, built with random weights for profiling.
+
+``configs/models/NAME.json`` is a Hugging Face ``config.json`` (the fields llmrun reads) plus an
+``_llmrun_preset`` object citing where the numbers come from. ``--model preset:NAME
+--random-weights`` builds that architecture directly on the device, in the chosen dtype, with
+weights drawn from N(0, 0.02^2) (norm scales 1): never all-zero, because zeros make some kernels
+faster than real weights would, and never a CPU copy first. On the CPU, where drawing 10^9 normal
+samples takes ~10 s on two cores, a large tensor repeats a block of ``CPU_BLOCK`` fresh samples
+(a prime count, so rows of any power-of-two width never repeat exactly); the bytes read per token,
+and so the speed, are those of fully random weights.
+
+There is no tokenizer for a preset: ``ByteTokenizer`` maps UTF-8 bytes to ids 0..255 and shows
+any other id as ``<N>``. Random weights give random tokens; what matters is their count and speed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmrun.config import ModelArgs
+from llmrun.errors import LlmrunError
+from llmrun.model import Transformer
+
+PRESET_PREFIX = "preset:"
+WEIGHT_STD = 0.02  # transformers' default initializer_range for Llama-family configs
+CPU_BLOCK = 1_000_003  # samples drawn per CPU tensor; larger tensors repeat them
+_META_KEY = "_llmrun_preset"
+
+
+def presets_dir() -> Path:
+    """``$LLMRUN_PRESETS_DIR``, else ``configs/models`` of the source tree llmrun runs from."""
+    env = os.environ.get("LLMRUN_PRESETS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def preset_names() -> list[str]:
+    """Names of the available presets (file names without ``.json``), sorted."""
+    return sorted(p.stem for p in presets_dir().glob("*.json"))
+
+
+def is_preset(spec: str | None) -> bool:
+    """Whether a ``--model`` value names a preset (``preset:NAME``)."""
+    return spec is not None and spec.startswith(PRESET_PREFIX)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A preset's shapes, where they come from (``source``, a URL), and its file."""
+
+    name: str
+    args: ModelArgs
+    hub_id: str
+    source: str
+    notes: str
+    path: Path
+
+
+def load_preset(spec: str) -> Preset:
+    """The preset named by ``preset:NAME`` (or bare ``NAME``); an unknown name lists the known ones."""
+    name = spec.removeprefix(PRESET_PREFIX)
+    path = presets_dir() / f"{name}.json"
+    if not name or "/" in name or not path.is_file():
+        known = ", ".join(preset_names()) or f"none: {presets_dir()} has no presets"
+        raise LlmrunError(f"unknown preset {name!r}; available presets: {known}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LlmrunError(f"{path} is not valid JSON ({exc})") from None
+    meta = raw.get(_META_KEY) or {}
+    if not meta.get("source"):
+        raise LlmrunError(f"{path} does not cite its source ({_META_KEY}.source)")
+    args = ModelArgs.from_dict(raw, source=str(path))
+    return Preset(name, args, meta.get("hub_id", ""), meta["source"], meta.get("notes", ""), path)
+
+
+def random_model(
+    args: ModelArgs, device: torch.device, dtype: torch.dtype, *, seed: int = 0, std: float = WEIGHT_STD
+) -> Transformer:
+    """``Transformer(args)`` with random weights allocated directly on ``device`` in ``dtype``.
+
+    Built on the meta device, then each parameter is created with ``torch.empty`` on the target
+    and filled in place: N(0, std^2) for matrices and biases, 1 for norm scales. Peak memory is
+    the model itself; nothing passes through the CPU on a GPU run. ``seed`` makes it repeatable.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in list(model.named_parameters()):
+        tensor = torch.empty(param.shape, device=device, dtype=dtype)
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        else:
+            _fill_normal(tensor, std, generator)
+        module_path, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module_path), leaf, nn.Parameter(tensor, requires_grad=False))
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _fill_normal(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    """Fill ``tensor`` in place with N(0, std^2) samples (tiled from a fresh block on the CPU)."""
+    flat = tensor.view(-1)
+    n = flat.numel()
+    if tensor.device.type != "cpu" or n <= CPU_BLOCK:
+        flat.normal_(0.0, std, generator=generator)
+        return
+    block = torch.empty(CPU_BLOCK, dtype=tensor.dtype).normal_(0.0, std, generator=generator)
+    whole = n // CPU_BLOCK * CPU_BLOCK
+    flat[:whole].view(-1, CPU_BLOCK).copy_(block.expand(n // CPU_BLOCK, CPU_BLOCK))
+    flat[whole:].copy_(block[: n - whole])
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255, for models without a tokenizer (random-weight presets).
+
+    Same interface as ``llmrun.tokenizer.Tokenizer``; there is no chat template, BOS or EOS, so
+    generation always runs to ``--max-new-tokens``. Ids of 256 and above have no text and decode
+    as ``<N>``.
+    """
+
+    has_chat_template = False
+    bos_id: int | None = None
+    eos_ids: frozenset[int] = frozenset()
+
+    def __init__(self, vocab_size: int) -> None:
+        if vocab_size < 256:
+            raise LlmrunError(f"a byte tokenizer needs a vocabulary of at least 256 ids, the model has {vocab_size}")
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """The UTF-8 bytes of ``text``."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """Bytes as UTF-8 (invalid sequences become U+FFFD), other ids as ``<N>``."""
+        decoder = self.stream_decoder()
+        return "".join(decoder.push(i) for i in ids) + decoder.flush()
+
+    def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """Always refused: there is no chat template."""
+        raise LlmrunError("this model has no tokenizer or chat template (random weights): use --no-chat")
+
+    def encode_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+        """Always refused: there is no chat template."""
+        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+
+    def stream_decoder(self, *, skip_special_tokens: bool = True) -> ByteStreamDecoder:
+        """A fresh incremental decoder (holds back incomplete UTF-8 characters)."""
+        return ByteStreamDecoder()
+
+
+class ByteStreamDecoder:
+    """``push(id) -> str`` and ``flush() -> str`` for ``ByteTokenizer`` ids, UTF-8 safe."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Text now complete after ``token_id`` (often "" inside a multi-byte character)."""
+        if 0 <= token_id < 256:
+            return self._utf8.decode(bytes([token_id]))
+        return self.flush() + f"<{token_id}>"
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete character becomes U+FFFD), and reset."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
