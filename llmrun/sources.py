@@ -97,8 +97,18 @@ def download(repo_id: str, *, revision: str | None = None, offline: bool | None 
         path = _snapshot(repo_id, revision, [*HUB_METADATA_PATTERNS, "model.safetensors"], offline)
         if not (path / "model.safetensors").is_file():
             path = _snapshot(repo_id, revision, [*HUB_METADATA_PATTERNS, "*.safetensors"], offline)
-    if offline and not _has_weights(path):
-        raise LlmrunError(f"{repo_id}: the weights are not in the local Hugging Face cache")
+    if not _has_weights(path):
+        from huggingface_hub import constants
+
+        if offline or constants.HF_HUB_OFFLINE:
+            raise LlmrunError(
+                f"{repo_id}: its safetensors weights are not in the local Hugging Face cache and the hub "
+                "cannot be reached (offline, or HF_HUB_OFFLINE=1); download them with 'llmrun pull' online"
+            )
+        raise LlmrunError(
+            f"hub repo {repo_id!r} has no safetensors weights (llmrun never loads pickle .bin/.pt files); "
+            "pick a repo that ships *.safetensors"
+        )
     return path
 
 

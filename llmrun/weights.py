@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,12 +136,14 @@ def _files_from_index(model_dir: Path, index: Path) -> list[Path]:
         names = sorted(set(weight_map.values()))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         raise LlmrunError(f"{index} is corrupt: expected JSON with a 'weight_map' object") from None
-    root = model_dir.resolve()
+    root = Path(os.path.abspath(model_dir))
     files = []
     for name in names:
         if not isinstance(name, str):
             raise LlmrunError(f"{index} is corrupt: shard name {name!r} is not a string")
-        shard = (model_dir / name).resolve()
+        # A lexical check, not a resolved one: in the Hugging Face cache every snapshot file is a
+        # symlink into ../../blobs by design; what the index itself may not do is name a path outside.
+        shard = Path(os.path.normpath(root / name))
         if not shard.is_relative_to(root):
             raise LlmrunError(f"{index} names {name!r}, a path outside the model directory; refusing it")
         if not shard.is_file():
