@@ -16,6 +16,7 @@ from llmrun.errors import LlmrunError
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # The causal-LM classes of those model types; a config naming another head (e.g. a classifier) is refused.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_SUPPORTED = ", ".join(f"{a} ({t})" for a, t in zip(SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES, strict=True))
 # rope_scaling types and the keys each needs (transformers' ``modeling_rope_utils``).
 ROPE_TYPES: dict[str, tuple[str, ...]] = {
     "default": (),
@@ -133,8 +134,7 @@ class ModelArgs:
         if model_type not in SUPPORTED_MODEL_TYPES:
             arch = ", ".join(raw.get("architectures") or []) or model_type
             raise LlmrunError(
-                f"{source}: architecture {arch!r} (model_type {model_type!r}) is not supported; "
-                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"{source}: architecture {arch!r} (model_type {model_type!r}) is not supported; supported: {_SUPPORTED}"
             )
         for key in _REQUIRED_INT_KEYS:
             if key not in raw:
@@ -144,8 +144,7 @@ class ModelArgs:
         archs = raw.get("architectures") or []
         if archs and not set(archs) & set(SUPPORTED_ARCHITECTURES):
             raise LlmrunError(
-                f"{source}: architecture {', '.join(map(str, archs))!r} is not supported; "
-                f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"{source}: architecture {', '.join(map(str, archs))!r} is not supported; supported: {_SUPPORTED}"
             )
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in raw.items() if k in known and v is not None}

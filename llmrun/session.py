@@ -68,6 +68,7 @@ def open_session(
         tokenizer = Tokenizer.from_dir(model_dir) if has_tokenizer else ByteTokenizer(model.args.vocab_size)
         return Session(model, tokenizer, model_dir, spec or DEFAULT_MODEL, torch_device, torch_dtype)
     model_dir = resolve_model(spec, revision=revision)
+    ModelArgs.from_json(model_dir / "config.json")  # an unsupported architecture is the first thing to say
     tokenizer = Tokenizer.from_dir(model_dir)
     model = load_model(model_dir, torch_device, torch_dtype)
     return Session(model, tokenizer, model_dir, spec or DEFAULT_MODEL, torch_device, torch_dtype)
