@@ -9,7 +9,7 @@ import torch
 
 from llmrun.cli.app import run
 from llmrun.modelinfo import parameter_counts
-from llmrun.presets import ByteTokenizer, load_preset, preset_names, presets_dir, random_model
+from llmrun.presets import CPU_BLOCK, ByteTokenizer, load_preset, preset_names, presets_dir, random_model
 
 # Published parameter counts (model cards; Mistral and SmolLM2 from their safetensors sizes).
 PUBLISHED = {
@@ -52,7 +52,10 @@ def test_preset_details_that_change_the_graph():
 
 
 def test_random_model_is_random_in_dtype_and_never_zero():
-    args = load_preset("smollm2-135m").args
+    from llmrun.config import ModelArgs
+
+    shape = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2)
+    args = ModelArgs(**shape, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
     model = random_model(args, torch.device("cpu"), torch.bfloat16, seed=1)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied like the real model
     for name, param in model.named_parameters():
@@ -62,10 +65,11 @@ def test_random_model_is_random_in_dtype_and_never_zero():
         else:
             assert param.count_nonzero() > 0.99 * param.numel(), name
             assert param.float().std().item() == pytest.approx(0.02, rel=0.05), name
-    big = model.model.layers[0].mlp.gate_proj.weight  # 1536 x 576 > one CPU block: rows must still differ
-    assert not torch.equal(big[0], big[1])
+    big = model.model.layers[0].mlp.gate_proj.weight  # 2048 x 1024 > one CPU block: rows must still differ
+    assert big.numel() > 2 * CPU_BLOCK
+    assert not torch.equal(big[0], big[1]) and not torch.equal(big[:1024], big[1024:])
     again = random_model(args, torch.device("cpu"), torch.bfloat16, seed=1)
-    assert torch.equal(again.model.layers[3].self_attn.k_proj.weight, model.model.layers[3].self_attn.k_proj.weight)
+    assert torch.equal(again.model.layers[1].self_attn.k_proj.weight, model.model.layers[1].self_attn.k_proj.weight)
 
 
 def test_preset_generates_four_tokens_on_cpu(capsys):
