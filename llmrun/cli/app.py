@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from llmrun.cli import chat, generate, import_gguf, info, perplexity, pull
+from llmrun.cli import chat, compare, generate, import_gguf, info, peaks, perplexity, profile, pull
 from llmrun.errors import LlmrunError, ThresholdMissed
 
 app = typer.Typer(
@@ -27,6 +27,9 @@ app.command("perplexity")(perplexity.perplexity)
 app.command("import-gguf")(import_gguf.import_gguf)
 app.command("info")(info.info)
 app.command("pull")(pull.pull)
+app.command("profile")(profile.profile)
+app.command("peaks")(peaks.peaks)
+app.command("compare")(compare.compare)
 
 
 def _fail(message: str, code: int) -> int:

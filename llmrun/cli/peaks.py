@@ -1,0 +1,89 @@
+"""``llmrun peaks``: measure this device's roofs (GEMM FLOP/s per dtype, memory bandwidth) and cache them.
+
+``llmrun profile`` divides by these measured roofs unless told otherwise; the spec-sheet and NVML
+figures are shown beside them, each labelled with where it comes from.
+
+Examples:
+
+    llmrun peaks                      # cached figures, measured the first time
+    llmrun peaks --refresh            # measure again (do it on a quiet machine)
+    llmrun peaks --device cuda --json
+    llmrun peaks --device cpu --dtype fp16
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from llmrun.cli.options import DeviceOption, JsonOption
+from llmrun.errors import LlmrunError
+
+
+def peaks(
+    device: DeviceOption = "auto",
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="Also measure these dtypes, e.g. fp16 (default: fp32,bf16 on CPU; all on GPU)."),
+    ] = None,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Measure again instead of using the cache.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Measured, spec-sheet and NVML roofs of a device."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmrun.devices import resolve_device
+    from llmrun.profiler import hardware
+    from llmrun.profiler import peaks as P
+
+    torch_device = resolve_device(device)
+    wanted = tuple(d.strip().lower() for d in (dtype or "").split(",") if d.strip())
+    allowed = P.CUDA_DTYPES if torch_device.type == "cuda" else ("fp32", "bf16", "fp16")
+    for name in wanted:
+        if name not in allowed:
+            raise LlmrunError(f"--dtype {name!r}: on {torch_device.type} use one of {', '.join(allowed)}")
+    if refresh or P.load_cached(torch_device) is None:
+        Console(stderr=True).print(f"measuring {P.device_name(torch_device)}…", highlight=False)
+    measured, _ = P.get(torch_device, wanted, refresh=refresh)
+    nvml = hardware.nvml_roof(torch_device)
+    name = str(nvml.detail.get("name", measured.device))
+    specs = {d: hardware.spec_roof(name, d) for d in measured.flops} if torch_device.type == "cuda" else {}
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "device": hardware.device_info(torch_device),
+                    "cache": str(P.cache_path(torch_device)),
+                    "measured": measured.to_json(),
+                    "spec": {d: r.to_json() for d, r in specs.items()},
+                    "nvml": {**nvml.to_json(), "detail": nvml.detail},
+                },
+                indent=2,
+            )
+        )
+        return
+    table = Table(title=f"roofs of {measured.device}", title_justify="left")
+    for column in ("dtype", "measured GFLOP/s (median)", "spec GFLOP/s"):
+        table.add_column(column, justify="left" if column == "dtype" else "right")
+    for name_, flops in measured.flops.items():
+        spec = specs.get(name_)
+        spec_text = "—" if spec is None or spec.peak_flops is None else f"{spec.peak_flops / 1e9:.6g}"
+        table.add_row(name_, f"{flops / 1e9:.6g} ({measured.median_flops.get(name_, 0) / 1e9:.6g})", spec_text)
+    console = Console()
+    console.print(table)
+    detail = measured.detail
+    console.print(
+        f"memory bandwidth, measured: {measured.bytes_per_s / 1e9:.4g} GB/s (copy "
+        f"{detail.get('copy_bytes_per_s', 0) / 1e9:.4g}, read {detail.get('read_bytes_per_s', 0) / 1e9:.4g})",
+        highlight=False,
+    )
+    any_spec = next(iter(specs.values()), None)
+    if any_spec is not None:
+        bw = "—" if any_spec.peak_bytes_per_s is None else f"{any_spec.peak_bytes_per_s / 1e9:.4g} GB/s"
+        console.print(f"memory bandwidth, spec: {bw} ({any_spec.note})", highlight=False)
+    nvml_bw = "—" if nvml.peak_bytes_per_s is None else f"{nvml.peak_bytes_per_s / 1e9:.4g} GB/s"
+    console.print(f"memory bandwidth, NVML: {nvml_bw} ({nvml.note})", highlight=False)
+    console.print(f"cached in {P.cache_path(torch_device)} (measured {detail.get('measured_at')})", highlight=False)

@@ -1,0 +1,237 @@
+"""``llmrun profile``: time every named op of prefill and decode and place each on the roofline.
+
+Examples:
+
+    llmrun profile --prompt-len 512 --decode-tokens 32
+    llmrun profile --model preset:llama-3.1-8b --random-weights --prompt-len 2048 --batch 1,16 \\
+        --decode-tokens 128 --format json --output h200.json --plot h200.png
+    llmrun profile --batch 1,4,16,64 --plot sweep.svg          # the path toward the ridge
+    llmrun profile --format json --output ci.json --fail-under mbu=0.7,mfu=0.5   # exit 3 when short
+
+--fail-under gates MBU on decode and MFU on prefill; write decode.mfu=X or prefill.mbu=X to gate
+the other way round.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmrun.cli.options import DeviceOption, DtypeOption, ModelOption, RandomWeightsOption, RevisionOption
+from llmrun.errors import LlmrunError, ThresholdMissed
+
+
+class Format(str, Enum):
+    """Output formats of ``llmrun profile``."""
+
+    table = "table"
+    json = "json"
+    csv = "csv"
+    md = "md"
+
+
+class RoofSource(str, Enum):
+    """Which source's roofs the percentages divide by."""
+
+    measured = "measured"
+    spec = "spec"
+    nvml = "nvml"
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16], each at least 1; LlmrunError naming ``flag`` otherwise."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise LlmrunError(f"{flag} {text!r}: expected integers separated by commas, e.g. 128,512") from None
+    if not values or min(values) < 1:
+        raise LlmrunError(f"{flag} {text!r}: give one or more integers of at least 1")
+    return list(dict.fromkeys(values))
+
+
+def profile(
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    revision: RevisionOption = None,
+    random_weights: RandomWeightsOption = False,
+    prompt_len: Annotated[str, typer.Option("--prompt-len", help="Prompt length(s) in tokens, e.g. 128,512.")] = "512",
+    batch: Annotated[str, typer.Option("--batch", help="Batch size(s), e.g. 1,16.")] = "1",
+    decode_tokens: Annotated[
+        int, typer.Option("--decode-tokens", help="Decode steps per repeat after the prefill (0: prefill only).")
+    ] = 32,
+    repeats: Annotated[int, typer.Option("--repeats", help="Measured repeats (median and spread reported).")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Unmeasured repeats before the measured ones.")] = 1,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="One row per op per layer, not the mean.")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.table,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the report here instead of stdout.")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw the roofline chart (.png or .svg).")] = None,
+    fail_under: Annotated[
+        str | None,
+        typer.Option("--fail-under", help="Exit 3 when short, e.g. mbu=0.7,mfu=0.5 (MBU gates decode, MFU prefill)."),
+    ] = None,
+    roofs: Annotated[RoofSource, typer.Option("--roofs", help="Roofs for the percentages.")] = RoofSource.measured,
+    peak_flops: Annotated[
+        float | None, typer.Option("--peak-flops", help="Override the compute roof (FLOP/s, e.g. 989e12).")
+    ] = None,
+    peak_bandwidth: Annotated[
+        float | None, typer.Option("--peak-bandwidth", help="Override the memory roof (bytes/s, e.g. 4.8e12).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
+) -> None:
+    """Profile prefill and decode op by op: time, FLOPs, bytes, and % of the roofline."""
+    from rich.console import Console
+
+    from llmrun.profiler import report as R
+
+    prompt_lens = parse_int_list(prompt_len, "--prompt-len")
+    batches = parse_int_list(batch, "--batch")
+    if repeats < 1 or warmup < 0 or decode_tokens < 0:
+        raise LlmrunError("--repeats must be at least 1, --warmup and --decode-tokens at least 0")
+    for flag, value in (("--peak-flops", peak_flops), ("--peak-bandwidth", peak_bandwidth)):
+        if value is not None and not value > 0:
+            raise LlmrunError(f"{flag} must be a positive number, got {value}")
+    try:
+        gates = R.parse_fail_under(fail_under) if fail_under else []
+    except ValueError as exc:
+        raise LlmrunError(str(exc)) from None
+    if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
+        raise LlmrunError(f"--plot {plot}: the chart is written as .png or .svg")
+    report = run_profile(
+        model,
+        device,
+        dtype,
+        revision=revision,
+        random_weights=random_weights,
+        prompt_lens=prompt_lens,
+        batches=batches,
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        warmup=warmup,
+        per_layer=per_layer,
+        roofs=roofs.value,
+        peak_flops=peak_flops,
+        peak_bandwidth=peak_bandwidth,
+        seed=seed,
+    )
+    _write(report, fmt, output)
+    if plot is not None:
+        from llmrun.profiler.plot import plot_roofline
+
+        plot_roofline(report, plot)
+        Console(stderr=True).print(f"roofline chart written to {plot}", highlight=False)
+    missed = R.missed_thresholds(report, gates)
+    if missed:
+        raise ThresholdMissed("; ".join(missed))
+
+
+def run_profile(
+    model: str | None,
+    device: str,
+    dtype: str,
+    *,
+    revision: str | None,
+    random_weights: bool,
+    prompt_lens: list[int],
+    batches: list[int],
+    decode_tokens: int,
+    repeats: int,
+    warmup: int,
+    per_layer: bool,
+    roofs: str,
+    peak_flops: float | None,
+    peak_bandwidth: float | None,
+    seed: int,
+) -> dict:
+    """Load the model, choose the roofs, measure every run, and return the report dict."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from llmrun.profiler import costs as C
+    from llmrun.profiler import hardware, measure, peaks, roofline
+    from llmrun.profiler import report as R
+    from llmrun.session import open_session
+
+    session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
+    args = session.model.args
+    for length in prompt_lens:
+        if length + decode_tokens > args.context_length:
+            raise LlmrunError(
+                f"--prompt-len {length} plus --decode-tokens {decode_tokens} exceeds the model's context of "
+                f"{args.context_length}"
+            )
+    stderr = Console(stderr=True)
+    if roofs == "measured" and (peak_flops is None or peak_bandwidth is None):
+        cached = peaks.load_cached(session.device)
+        if cached is None or session.dtype_name not in cached.flops:
+            stderr.print(f"measuring the roofs of {peaks.device_name(session.device)} (llmrun peaks)…", highlight=False)
+    chosen = hardware.select_roofs(
+        session.device, session.dtype_name, prefer=roofs, peak_flops=peak_flops, peak_bandwidth=peak_bandwidth
+    )
+    steps = len(batches) * len(prompt_lens) * (warmup + repeats) * (decode_tokens + 1)
+    columns = (TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task("profile", total=steps)
+        timings = measure.measure(
+            session.model,
+            batches,
+            prompt_lens,
+            decode_tokens,
+            repeats=repeats,
+            warmup=warmup,
+            seed=seed,
+            on_step=lambda: bar.advance(task),
+        )
+    widths = C.Widths.uniform(session.dtype.itemsize)
+    runs = [roofline.build_run(args, t, widths, chosen, per_layer=per_layer) for t in timings]
+    settings = {
+        "prompt_lens": prompt_lens,
+        "batches": batches,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "warmup": warmup,
+        "per_layer": per_layer,
+        "seed": seed,
+        "random_weights": random_weights,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    return R.build_report(
+        runs,
+        model=session.name,
+        dtype=session.dtype_name,
+        device=hardware.device_info(session.device),
+        roofs=chosen,
+        settings=settings,
+    )
+
+
+def _write(report: dict, fmt: Format, output: Path | None) -> None:
+    from rich.console import Console
+
+    from llmrun.profiler import report as R
+
+    if fmt is Format.table and output is None:
+        R.render_tables(report, Console())
+        return
+    if fmt is Format.table:
+        buffer = Console(file=io.StringIO(), width=160)
+        R.render_tables(report, buffer)
+        text = buffer.file.getvalue()
+    else:
+        text = {Format.json: R.to_json, Format.csv: R.to_csv, Format.md: R.to_markdown}[fmt](report)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise LlmrunError(f"--output {output}: cannot write ({exc.strerror})") from None

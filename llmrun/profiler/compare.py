@@ -1,0 +1,145 @@
+"""Compare two profile reports: per-op and total time deltas, and a regression gate for CI.
+
+Runs are matched by (phase, batch, prompt_len) and ops by (layer, op). A delta is B relative
+to A: +10% means B took 10% longer. A regression is a run whose total time grew by more than the
+allowed percentage (with ``per_op``, also an op that is at least ``min_share`` of A's run).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmrun.errors import LlmrunError
+
+RunKey = tuple[str, int, int]
+
+
+@dataclass
+class Delta:
+    """Seconds in A and B of one op (or a run's total) and the relative change."""
+
+    name: str
+    a_s: float
+    b_s: float
+    share_a: float = 1.0
+
+    @property
+    def change(self) -> float:
+        """(B - A) / A; 0 when A is 0."""
+        return (self.b_s - self.a_s) / self.a_s if self.a_s else 0.0
+
+
+@dataclass
+class RunDelta:
+    """One matched run: its total and its ops."""
+
+    key: RunKey
+    total: Delta
+    ops: list[Delta]
+    only_in_a: list[str] = field(default_factory=list)
+    only_in_b: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    """Matched runs, and the runs found in one report only."""
+
+    runs: list[RunDelta]
+    only_in_a: list[RunKey]
+    only_in_b: list[RunKey]
+
+
+def load_report(path: Path) -> dict:
+    """Read a ``llmrun profile --format json`` file, or say clearly why it is not one."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LlmrunError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LlmrunError(f"{path} is not a JSON profile report ({type(exc).__name__}: {exc})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("runs"), list):
+        raise LlmrunError(
+            f"{path} is not a profile report: no 'runs' list (write one with llmrun profile --format json)"
+        )
+    for run in report["runs"]:
+        if not {"phase", "batch", "prompt_len", "ops", "totals"} <= set(run):
+            raise LlmrunError(f"{path}: a run lacks phase, batch, prompt_len, ops or totals")
+    return report
+
+
+def _run_key(run: dict) -> RunKey:
+    return run["phase"], run["batch"], run["prompt_len"]
+
+
+def _op_name(row: dict) -> str:
+    return row["op"] if row["layer"] is None else f"{row['layer']}.{row['op']}"
+
+
+def compare(a: dict, b: dict) -> Comparison:
+    """Deltas of every run present in both reports."""
+    runs_a = {_run_key(r): r for r in a["runs"]}
+    runs_b = {_run_key(r): r for r in b["runs"]}
+    matched = []
+    for key, run_a in runs_a.items():
+        run_b = runs_b.get(key)
+        if run_b is None:
+            continue
+        ops_a = {_op_name(r): r for r in run_a["ops"]}
+        ops_b = {_op_name(r): r for r in run_b["ops"]}
+        total_a = run_a["totals"]["time_s"]
+        ops = [
+            Delta(name, row["time_s"] * row["layers"], ops_b[name]["time_s"] * ops_b[name]["layers"], row["share"])
+            for name, row in ops_a.items()
+            if name in ops_b
+        ]
+        ops.append(Delta("unattributed", run_a["totals"]["unattributed_s"], run_b["totals"]["unattributed_s"]))
+        matched.append(
+            RunDelta(
+                key,
+                Delta("total", total_a, run_b["totals"]["time_s"]),
+                ops,
+                [n for n in ops_a if n not in ops_b],
+                [n for n in ops_b if n not in ops_a],
+            )
+        )
+    return Comparison(matched, [k for k in runs_a if k not in runs_b], [k for k in runs_b if k not in runs_a])
+
+
+def regressions(comparison: Comparison, max_pct: float, *, per_op: bool = False, min_share: float = 0.01) -> list[str]:
+    """Reasons, one per run total (or op, with ``per_op``) slower in B by more than ``max_pct`` percent."""
+    reasons = []
+    for run in comparison.runs:
+        label = f"{run.key[0]} batch {run.key[1]} prompt {run.key[2]}"
+        checked = [run.total]
+        if per_op:
+            checked += [d for d in run.ops if d.name != "unattributed" and d.share_a >= min_share]
+        for delta in checked:
+            if delta.change * 100 > max_pct:
+                reasons.append(f"{label} {delta.name}: {delta.change:+.1%} (> {max_pct:g}%)")
+    return reasons
+
+
+def render(comparison: Comparison, console, *, show_ops: bool = True) -> None:
+    """Rich tables: per run, each op's A and B time (total over its layers) and the change."""
+    from rich.table import Table
+
+    for run in comparison.runs:
+        phase, batch, prompt_len = run.key
+        table = Table(title=f"{phase} · batch {batch} · prompt {prompt_len}", title_justify="left")
+        for name in ("op", "A ms", "B ms", "change"):
+            table.add_column(name, justify="left" if name == "op" else "right")
+        rows = run.ops if show_ops else []
+        for delta in [*rows, run.total]:
+            style = "bold" if delta is run.total else None
+            table.add_row(
+                delta.name, f"{delta.a_s * 1e3:.3f}", f"{delta.b_s * 1e3:.3f}", f"{delta.change:+.1%}", style=style
+            )
+        console.print(table)
+        for side, names in (("A", run.only_in_a), ("B", run.only_in_b)):
+            if names:
+                console.print(f"only in {side}: {', '.join(names)}", highlight=False)
+    for side, keys in (("A", comparison.only_in_a), ("B", comparison.only_in_b)):
+        for phase, batch, prompt_len in keys:
+            console.print(f"run only in {side}: {phase} batch {batch} prompt {prompt_len}", highlight=False)

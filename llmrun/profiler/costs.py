@@ -1,0 +1,192 @@
+"""Analytical FLOPs and main-memory bytes of every named op, per phase.
+
+The formulas follow ROOFLINE.md's cost model of one Llama layer (and nanoGPT's / PaLM's habit of
+counting a multiply-add as 2 FLOPs). Notation, as there: d = hidden_size, h = query heads,
+k = key/value heads, hd = head_dim, f = intermediate_size, V = vocab_size, B = batch,
+T = new tokens per sequence in this step, ``start`` = positions already in the KV cache,
+S = start + T = context seen by attention after this step.
+
+Conventions, stated once (the report repeats them):
+
+* Linear layers: 2·M·N·K FLOPs for an (M, K) @ (K, N) product; a bias add is not counted.
+  This is exactly what ``torch.utils.flop_counter.FlopCounterMode`` counts for ``aten.mm``.
+* Attention (QKᵀ and PV) counts the **causal** work: query i of the T new tokens attends to
+  start + i + 1 keys, so FLOPs = 4·B·h·hd·(T·start + T(T+1)/2). In decode (T = 1) that is every
+  cached key, 4·B·h·hd·S; in a prefill from position 0 it is about half of the full T×S square
+  that a non-causal count (and ``FlopCounterMode``) reports. Softmax and scaling are not counted.
+* Bytes are a lower bound on main-memory traffic: each op reads its inputs and weights once and
+  writes its outputs once (what a fused kernel would move). Weights are read once per step
+  whatever the batch; the embedding reads only the looked-up rows; a tied lm_head reads the whole
+  matrix. The KV cache (GQA: k heads, not h) is read over all S positions and written for the T new
+  ones. The executor's lm_head writes float32 logits.
+* Element-wise ops count a few FLOPs per element: RMSNorm 4 (square, sum, scale, weight),
+  RoPE 3 (two multiplies, one add), SiLU·mul 5, residual add 1, argmax 1 per compare.
+* In prefill only the last position goes through final_norm, lm_head and sample (``last_only``).
+
+Fused op names (``gate_up_proj+act``) cost the sum of their parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmrun.config import ModelArgs
+from llmrun.probe import LAYER_OPS, MODEL_OPS
+
+LINEAR_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+"""The ops that are matrix multiplications with weights (what ``FlopCounterMode`` sees as aten.mm)."""
+
+LOGITS_BYTES = 4  # the executor returns float32 logits
+TOKEN_BYTES = 8  # int64 token ids
+
+ATTENTION_CONVENTION = (
+    "attention FLOPs count causal work only: query i attends to start+i+1 keys "
+    "(4*B*h*hd*(T*start + T*(T+1)/2); decode: 4*B*h*hd*S); softmax not counted"
+)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs and main-memory bytes of one op instance (one layer, one step)."""
+
+    flops: float
+    bytes: float
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Bytes per element: weights ``w``, activations ``a``, KV cache ``c``."""
+
+    w: int
+    a: int
+    c: int
+
+    @classmethod
+    def uniform(cls, nbytes: int) -> Widths:
+        """Weights, activations and cache all in one dtype of ``nbytes`` bytes per element."""
+        return cls(nbytes, nbytes, nbytes)
+
+
+def attention_cost(
+    args: ModelArgs, batch: int, tokens: int, start: int, widths: Widths, window: int | None = None
+) -> Cost:
+    """Causal attention of ``tokens`` new queries after ``start`` cached positions (see the module docstring).
+
+    With a sliding ``window`` w, query i sees min(start+i+1, w) keys and the cache is read over the
+    last min(S, T+w-1) positions only (a lower bound: the executor's masked kernel reads them all).
+    """
+    h, k, hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+    a, c = widths.a, widths.c
+    bt = batch * tokens
+    s = start + tokens
+    pairs = _sum_min(start + 1, s, window)  # (query, key) pairs of causal attention
+    keys_read = s if window is None else min(s, tokens + window - 1)
+    return Cost(
+        4 * batch * h * hd * pairs,
+        a * bt * 2 * h * hd  # q in, output out
+        + a * bt * 2 * k * hd  # new k, v in
+        + c * bt * 2 * k * hd  # new k, v written to the cache
+        + c * batch * keys_read * 2 * k * hd,  # k, v of the attended positions read
+    )
+
+
+def _sum_min(first: int, last: int, cap: int | None) -> int:
+    """sum(min(p, cap) for p in first..last), in closed form; no cap means sum(p)."""
+    if cap is None or last <= cap:
+        return (first + last) * (last - first + 1) // 2
+    if first > cap:
+        return cap * (last - first + 1)
+    return (first + cap) * (cap - first + 1) // 2 + cap * (last - cap)
+
+
+def layer_costs(
+    args: ModelArgs, batch: int, tokens: int, start: int, widths: Widths, window: int | None = None
+) -> dict[str, Cost]:
+    """Cost of each per-layer op for ``batch`` sequences of ``tokens`` new tokens after ``start`` cached ones."""
+    d, f, hd = args.hidden_size, args.intermediate_size, args.head_dim
+    h, k = args.num_attention_heads, args.num_key_value_heads
+    w, a = widths.w, widths.a
+    bt = batch * tokens
+    qkv = (h + 2 * k) * hd
+    norm = Cost(4 * bt * d, 2 * a * bt * d + w * d)
+    residual = Cost(bt * d, 3 * a * bt * d)
+    qkv_bias = w * qkv if args.attention_bias else 0
+    o_bias = w * d if args.attention_bias and args.model_type == "llama" else 0
+    mlp_bias = args.mlp_bias
+    return {
+        "attn_norm": norm,
+        "qkv_proj": Cost(2 * bt * d * qkv, w * d * qkv + qkv_bias + a * bt * (d + qkv)),
+        "rope": Cost(3 * bt * (h + k) * hd, 2 * a * bt * (h + k) * hd + 2 * a * tokens * hd),
+        "attention": attention_cost(args, batch, tokens, start, widths, window),
+        "o_proj": Cost(2 * bt * h * hd * d, w * h * hd * d + o_bias + a * bt * (h * hd + d)),
+        "attn_residual": residual,
+        "mlp_norm": norm,
+        "gate_up_proj": Cost(4 * bt * d * f, 2 * w * d * f + (2 * w * f if mlp_bias else 0) + a * bt * (d + 2 * f)),
+        "act": Cost(5 * bt * f, 3 * a * bt * f),
+        "down_proj": Cost(2 * bt * f * d, w * f * d + (w * d if mlp_bias else 0) + a * bt * (f + d)),
+        "mlp_residual": residual,
+    }
+
+
+def model_costs(args: ModelArgs, batch: int, tokens: int, widths: Widths) -> dict[str, Cost]:
+    """Cost of the ops outside the layers; only the last position reaches final_norm, lm_head, sample."""
+    d, v = args.hidden_size, args.vocab_size
+    w, a = widths.w, widths.a
+    bt = batch * tokens
+    return {
+        "embed": Cost(0, TOKEN_BYTES * bt + w * bt * d + a * bt * d),
+        "final_norm": Cost(4 * batch * d, 2 * a * batch * d + w * d),
+        "lm_head": Cost(2 * batch * d * v, w * d * v + a * batch * d + LOGITS_BYTES * batch * v),
+        "sample": Cost(batch * v, LOGITS_BYTES * batch * v + TOKEN_BYTES * batch),
+    }
+
+
+def step_costs(
+    args: ModelArgs, batch: int, tokens: int, start: int, widths: Widths
+) -> dict[tuple[str, int | None], Cost]:
+    """Cost of every (op, layer) of one step; layer is None for the ops outside the blocks."""
+    by_window = {w: layer_costs(args, batch, tokens, start, widths, w) for w in set(args.attention_windows())}
+    costs: dict[tuple[str, int | None], Cost] = {
+        (op, i): by_window[w][op] for i, w in enumerate(args.attention_windows()) for op in LAYER_OPS
+    }
+    costs.update({(op, None): cost for op, cost in model_costs(args, batch, tokens, widths).items()})
+    return costs
+
+
+def op_cost(costs: dict[tuple[str, int | None], Cost], op: str, layer: int | None) -> Cost:
+    """The cost of ``op`` at ``layer``; a fused name such as ``gate_up_proj+act`` sums its parts."""
+    total = Cost(0, 0)
+    for part in op.split("+"):
+        if (part, layer) not in costs:
+            known = ", ".join((*LAYER_OPS, *MODEL_OPS))
+            raise KeyError(f"no cost model for op {part!r} (layer {layer}); known ops: {known}")
+        total = total + costs[(part, layer)]
+    return total
+
+
+def prefill_costs(args: ModelArgs, batch: int, prompt_len: int, widths: Widths) -> dict[tuple[str, int | None], Cost]:
+    """One prefill of ``prompt_len`` tokens per sequence from an empty cache."""
+    return step_costs(args, batch, prompt_len, 0, widths)
+
+
+def decode_costs(
+    args: ModelArgs, batch: int, prompt_len: int, steps: int, widths: Widths
+) -> dict[tuple[str, int | None], Cost]:
+    """One decode step, averaged over ``steps`` steps after a ``prompt_len``-token prefill.
+
+    Step j (0-based) runs one token at position prompt_len + j, so its attention sees
+    prompt_len + j + 1 keys; only attention depends on j, and its mean is taken exactly.
+    """
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    costs = step_costs(args, batch, 1, prompt_len, widths)
+    windows = args.attention_windows()
+    mean = {}
+    for w in set(windows):
+        parts = [attention_cost(args, batch, 1, prompt_len + j, widths, w) for j in range(steps)]
+        mean[w] = Cost(sum(p.flops for p in parts) / steps, sum(p.bytes for p in parts) / steps)
+    costs.update({("attention", i): mean[w] for i, w in enumerate(windows)})
+    return costs

@@ -1,0 +1,108 @@
+"""Run prefill and decode under an ``OpTimer``: warm-up, then repeats, per (batch, prompt length).
+
+Each repeat is one prefill of ``prompt_len`` random tokens per sequence (plus sampling the first
+new token) followed by ``decode_tokens`` decode steps, each one new token per sequence plus its
+sampling (greedy argmax, the ``sample`` op). The prefill is one measured step; every decode step
+is one measured step. Warm-up repeats run the same code and are discarded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llmrun.errors import LlmrunError
+from llmrun.executor import decode_step, make_cache, prefill
+from llmrun.model import Transformer
+from llmrun.profiler.timers import OpTimer, StepTiming
+
+
+@dataclass
+class PhaseTiming:
+    """The measured steps of one phase at one batch and prompt length.
+
+    ``decode_tokens`` is the number of decode steps per repeat (0 for prefill); the decode steps
+    run at positions prompt_len .. prompt_len + decode_tokens - 1.
+    """
+
+    phase: str
+    batch: int
+    prompt_len: int
+    decode_tokens: int
+    steps: list[StepTiming]
+
+
+def _sample(logits: torch.Tensor, timer: OpTimer) -> torch.Tensor:
+    """Greedy next token (B,) from logits (B, V), timed as the ``sample`` op."""
+    with timer.region("sample"):
+        return logits.argmax(-1)
+
+
+def measure_config(
+    model: Transformer,
+    batch: int,
+    prompt_len: int,
+    decode_tokens: int,
+    *,
+    repeats: int,
+    warmup: int = 1,
+    seed: int = 0,
+    on_step: Callable[[], None] | None = None,
+) -> list[PhaseTiming]:
+    """Prefill and decode timings of ``model`` at one (batch, prompt_len); decode omitted when 0 tokens."""
+    args = model.args
+    limit = args.context_length
+    if prompt_len < 1 or batch < 1 or decode_tokens < 0 or repeats < 1:
+        raise LlmrunError("--prompt-len, --batch and --repeats must be at least 1, --decode-tokens at least 0")
+    if prompt_len + decode_tokens > limit:
+        raise LlmrunError(
+            f"--prompt-len {prompt_len} plus --decode-tokens {decode_tokens} exceeds the model's context of {limit}"
+        )
+    device = model.model.embed_tokens.weight.device
+    cache = make_cache(model, batch, prompt_len + decode_tokens)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, args.vocab_size, (batch, prompt_len), generator=gen).to(device)
+    timer = OpTimer(device)
+    prefill_steps: list[StepTiming] = []
+    decode_steps: list[StepTiming] = []
+    for repeat in range(warmup + repeats):
+        timer.reset()
+        with timer.step():
+            token = _sample(prefill(model, tokens, cache, timer), timer)
+        for j in range(decode_tokens):
+            with timer.step():
+                token = _sample(decode_step(model, token, prompt_len + j, cache, timer), timer)
+            if on_step:
+                on_step()
+        if repeat >= warmup:
+            prefill_steps.append(timer.steps[0])
+            decode_steps.extend(timer.steps[1:])
+        if on_step:
+            on_step()
+    runs = [PhaseTiming("prefill", batch, prompt_len, 0, prefill_steps)]
+    if decode_tokens:
+        runs.append(PhaseTiming("decode", batch, prompt_len, decode_tokens, decode_steps))
+    return runs
+
+
+def measure(
+    model: Transformer,
+    batches: list[int],
+    prompt_lens: list[int],
+    decode_tokens: int,
+    *,
+    repeats: int,
+    warmup: int = 1,
+    seed: int = 0,
+    on_step: Callable[[], None] | None = None,
+) -> list[PhaseTiming]:
+    """``measure_config`` over every batch × prompt length, prefill runs first, then decode runs."""
+    runs = []
+    for batch in batches:
+        for prompt_len in prompt_lens:
+            runs += measure_config(
+                model, batch, prompt_len, decode_tokens, repeats=repeats, warmup=warmup, seed=seed, on_step=on_step
+            )
+    return sorted(runs, key=lambda r: r.phase != "prefill")

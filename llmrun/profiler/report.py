@@ -1,0 +1,252 @@
+"""The profile report: one JSON-able dict, rendered as rich tables, JSON, CSV or markdown.
+
+Every format is rendered from the same dict (``build_report``), so they carry the same numbers:
+JSON and CSV at full precision, markdown to 4 significant digits. Units are those of the JSON
+fields (seconds, FLOPs, bytes, per second); the rich table uses ms, GFLOP, MB, GFLOP/s and GB/s.
+Field meanings are in DESIGN.md ("CLI contract") and the schema (``llmrun.profiler.schema``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict
+
+from llmrun.profiler import costs as C
+from llmrun.profiler.hardware import Roofs
+from llmrun.profiler.roofline import Run
+
+SCHEMA_VERSION = 1
+
+CONVENTIONS = {
+    "flops": "a multiply-add is 2 FLOPs; linear layers 2*M*N*K (bias adds not counted, as FlopCounterMode)",
+    "attention": C.ATTENTION_CONVENTION,
+    "bytes": "lower bound on main-memory traffic: each op reads its inputs and weights once and writes its outputs "
+    "once; KV cache read over the attended positions (GQA: key/value heads), written for the new tokens",
+    "decode_row": "one decode step (one new token per sequence): FLOPs and bytes averaged over the measured steps, "
+    "time the median over them",
+    "layer_rows": "layer null with layers > 1: the mean over that many layers (share counts them all)",
+    "unattributed": "per step, wall time minus the sum of its op times (glue code, RoPE tables, timers); "
+    "attributed_s and unattributed_s are medians over the steps",
+    "roofline_fraction": "max(flops/peak_flops, bytes/peak_bytes_per_s) / time_s (speed-of-light time over time)",
+    "bound": "compute if intensity >= ridge (peak_flops / peak_bytes_per_s), else memory",
+}
+
+OP_FIELDS = (
+    "layer",
+    "op",
+    "layers",
+    "time_s",
+    "time_s_iqr",
+    "share",
+    "flops",
+    "bytes",
+    "intensity",
+    "achieved_flops_per_s",
+    "achieved_bytes_per_s",
+    "attainable_flops_per_s",
+    "roofline_fraction",
+    "bound",
+)
+TOTAL_FIELDS = (
+    "time_s",
+    "time_s_iqr",
+    "time_s_min",
+    "time_s_max",
+    "samples",
+    "flops",
+    "bytes",
+    "mfu",
+    "mbu",
+    "tokens_per_s",
+    "attributed_s",
+    "unattributed_s",
+)
+RUN_FIELDS = ("phase", "batch", "prompt_len", "context_len", "mean_context_len", "decode_tokens")
+
+
+def build_report(
+    runs: list[Run],
+    *,
+    model: str,
+    dtype: str,
+    device: dict[str, str],
+    roofs: Roofs,
+    settings: dict[str, object],
+) -> dict:
+    """The report as plain JSON types (see ``llmrun.profiler.schema.SCHEMA``)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": model,
+        "dtype": dtype,
+        "device": device,
+        "roofs": roofs.to_json(),
+        "settings": settings,
+        "conventions": CONVENTIONS,
+        "runs": [_run_json(run) for run in runs],
+    }
+
+
+def _run_json(run: Run) -> dict:
+    data = asdict(run)
+    return {
+        **{k: data[k] for k in RUN_FIELDS},
+        "ops": [{k: row[k] for k in OP_FIELDS} for row in data["ops"]],
+        "totals": {k: data["totals"][k] for k in TOTAL_FIELDS},
+    }
+
+
+def to_json(report: dict) -> str:
+    """Indented JSON text."""
+    return json.dumps(report, indent=2) + "\n"
+
+
+CSV_COLUMNS = ("row", *RUN_FIELDS, *OP_FIELDS, "mfu", "mbu", "tokens_per_s", "unattributed_s")
+
+
+def to_csv(report: dict) -> str:
+    """One line per op per run (``row`` = op) and one per run's totals (``row`` = total), full precision."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for run in report["runs"]:
+        head = {k: run[k] for k in RUN_FIELDS}
+        for row in run["ops"]:
+            writer.writerow({"row": "op", **head, **row, "layer": "" if row["layer"] is None else row["layer"]})
+        totals = run["totals"]
+        writer.writerow({"row": "total", **head, "op": "total", **totals, "share": 1.0})
+    return out.getvalue()
+
+
+def _g(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def run_title(run: dict) -> str:
+    """'prefill · batch 1 · prompt 512 · context 512'."""
+    return f"{run['phase']} · batch {run['batch']} · prompt {run['prompt_len']} · context {run['context_len']}"
+
+
+def summary_line(run: dict) -> str:
+    """tokens/s, MFU, MBU and the unattributed time of one run, in words."""
+    t = run["totals"]
+    unit = "step" if run["phase"] == "decode" else "pass"
+    return (
+        f"{t['tokens_per_s']:.1f} tokens/s · {t['time_s'] * 1e3:.2f} ms per {unit} "
+        f"(IQR {t['time_s_iqr'] * 1e3:.2f} ms, n={t['samples']}) · MFU {t['mfu']:.1%} · MBU {t['mbu']:.1%} · "
+        f"unattributed "
+        f"{t['unattributed_s'] * 1e3:.2f} ms ({t['unattributed_s'] / t['time_s']:.1%})"
+    )
+
+
+def roofs_lines(report: dict) -> list[str]:
+    """The roofs used, and every source with its note."""
+    roofs = report["roofs"]
+    lines = [
+        f"device: {report['device']['name']} ({report['device']['kind']}), dtype {report['dtype']}, "
+        f"model {report['model']}",
+        f"roofs used ({roofs['source']}): {roofs['peak_flops'] / 1e9:.4g} GFLOP/s, "
+        f"{roofs['peak_bytes_per_s'] / 1e9:.4g} GB/s, ridge {roofs['ridge']:.3g} FLOP/byte",
+    ]
+    for src in roofs["sources"]:
+        flops = "—" if src["peak_flops"] is None else f"{src['peak_flops'] / 1e9:.4g} GFLOP/s"
+        bw = "—" if src["peak_bytes_per_s"] is None else f"{src['peak_bytes_per_s'] / 1e9:.4g} GB/s"
+        lines.append(f"  {src['source']}: {flops}, {bw} ({src['note']})")
+    return lines
+
+
+def to_markdown(report: dict) -> str:
+    """Markdown: roofs and conventions, then per run a summary line and a table (JSON units, 4 digits)."""
+    lines = ["# llmrun profile", ""]
+    lines += [f"- {line.strip()}" for line in roofs_lines(report)]
+    lines += ["", "Conventions:", ""]
+    lines += [f"- {k}: {v}" for k, v in report["conventions"].items()]
+    for run in report["runs"]:
+        lines += ["", f"## {run_title(run)}", "", summary_line(run), ""]
+        lines.append("| " + " | ".join(OP_FIELDS) + " |")
+        lines.append("|" + "---|" * len(OP_FIELDS))
+        for row in run["ops"]:
+            lines.append("| " + " | ".join(_g(row[k]) for k in OP_FIELDS) + " |")
+        totals = run["totals"]
+        lines += ["", "| " + " | ".join(TOTAL_FIELDS) + " |", "|" + "---|" * len(TOTAL_FIELDS)]
+        lines.append("| " + " | ".join(_g(totals[k]) for k in TOTAL_FIELDS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_tables(report: dict, console) -> None:
+    """Rich tables, one per run, with a summary line under each."""
+    from rich.table import Table
+
+    for line in roofs_lines(report):
+        console.print(line, highlight=False, markup=False)
+    for run in report["runs"]:
+        table = Table(title=run_title(run), title_justify="left", caption_justify="left")
+        table.caption = summary_line(run)
+        for name in ("layer", "op", "time ms", "share", "GFLOP", "MB", "FLOP/B", "GFLOP/s", "GB/s", "attainable"):
+            table.add_column(name, justify="left" if name in ("layer", "op") else "right")
+        table.add_column("% roof", justify="right")
+        table.add_column("bound")
+        for row in run["ops"]:
+            layer = "" if row["layers"] == 1 else f"mean of {row['layers']}"
+            layer = str(row["layer"]) if row["layer"] is not None else layer
+            table.add_row(
+                layer,
+                row["op"],
+                f"{row['time_s'] * 1e3:.3f}",
+                f"{row['share']:.1%}",
+                f"{row['flops'] / 1e9:.4g}",
+                f"{row['bytes'] / 1e6:.4g}",
+                f"{row['intensity']:.3g}",
+                f"{row['achieved_flops_per_s'] / 1e9:.4g}",
+                f"{row['achieved_bytes_per_s'] / 1e9:.4g}",
+                f"{row['attainable_flops_per_s'] / 1e9:.4g}",
+                f"{row['roofline_fraction']:.1%}",
+                row["bound"],
+            )
+        console.print(table)
+
+
+FAIL_METRICS = ("mfu", "mbu")
+DEFAULT_GATE_PHASE = {"mfu": "prefill", "mbu": "decode"}
+"""A bare metric gates the phase it measures: MFU for compute-bound prefill, MBU for memory-bound decode."""
+
+
+def parse_fail_under(spec: str) -> list[tuple[str, str, float]]:
+    """'mbu=0.7,mfu=0.5' -> [('decode', 'mbu', 0.7), ('prefill', 'mfu', 0.5)]; ValueError with the reason.
+
+    ``PHASE.METRIC=X`` (``decode.mfu=0.01``) names the phase; a bare metric uses ``DEFAULT_GATE_PHASE``.
+    """
+    gates = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        phase, dot, metric = key.strip().lower().rpartition(".")
+        if not sep or metric not in FAIL_METRICS or (dot and phase not in ("prefill", "decode")):
+            raise ValueError(
+                f"--fail-under {part!r}: expected [prefill.|decode.]METRIC=FRACTION with METRIC mfu or mbu"
+            )
+        try:
+            floor = float(value)
+        except ValueError:
+            raise ValueError(f"--fail-under {part!r}: {value!r} is not a number") from None
+        if not 0 <= floor <= 1:
+            raise ValueError(f"--fail-under {part!r}: give a fraction between 0 and 1 (0.7 for 70%)")
+        gates.append((phase or DEFAULT_GATE_PHASE[metric], metric, floor))
+    return gates
+
+
+def missed_thresholds(report: dict, gates: list[tuple[str, str, float]]) -> list[str]:
+    """One reason per (run, gate) whose metric is below its floor, for the runs of the gate's phase."""
+    reasons = []
+    for phase, metric, floor in gates:
+        for run in report["runs"]:
+            value = run["totals"][metric]
+            if run["phase"] == phase and value < floor:
+                reasons.append(
+                    f"{phase} batch {run['batch']} prompt {run['prompt_len']}: {metric} {value:.3f} < {floor:g}"
+                )
+    return reasons

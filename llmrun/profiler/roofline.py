@@ -1,0 +1,178 @@
+"""Roofline rows: measured times next to analytical FLOPs and bytes, against the chosen roofs.
+
+For an op with F FLOPs moving B bytes in t seconds (DESIGN.md, "The roofline"):
+intensity I = F/B; attainable = min(peak_flops, I × peak_bw); bound = compute if I ≥ ridge
+(= peak_flops / peak_bw) else memory; roofline_fraction = max(F/peak_flops, B/peak_bw) / t,
+the op's speed-of-light time over its measured time (equal to achieved/attainable FLOP/s, and
+defined for ops without FLOPs too). MFU = F/t / peak_flops and MBU = B/t / peak_bw of the phase.
+
+A row's time is the median over the measured steps (prefill: one per repeat; decode: every step
+of every repeat), so a decode row is one decode step. Without ``per_layer`` each per-layer op is
+one row whose time, FLOPs and bytes are the mean over the ``layers`` layers it stands for.
+
+Per step, wall time = (sum of its op times) + (time in no op). ``attributed_s`` and
+``unattributed_s`` are the medians of those two over the steps, so they add up to the median
+wall time only approximately; sum(row.time_s × row.layers) ≈ attributed_s likewise.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from llmrun.config import ModelArgs
+from llmrun.profiler import costs as C
+from llmrun.profiler.hardware import Roofs
+from llmrun.profiler.measure import PhaseTiming
+
+
+@dataclass
+class OpRow:
+    """One op (one layer, or the mean over ``layers`` layers when ``layer`` is None) of one phase."""
+
+    layer: int | None
+    op: str
+    layers: int
+    time_s: float
+    time_s_iqr: float
+    share: float
+    flops: float
+    bytes: float
+    intensity: float
+    achieved_flops_per_s: float
+    achieved_bytes_per_s: float
+    attainable_flops_per_s: float
+    roofline_fraction: float
+    bound: str
+
+
+@dataclass
+class Totals:
+    """The whole phase: measured wall time (per step for decode) and its FLOPs and bytes."""
+
+    time_s: float
+    time_s_iqr: float
+    time_s_min: float
+    time_s_max: float
+    samples: int
+    flops: float
+    bytes: float
+    mfu: float
+    mbu: float
+    tokens_per_s: float
+    attributed_s: float
+    unattributed_s: float
+
+
+@dataclass
+class Run:
+    """One phase at one batch and prompt length: its op rows and totals."""
+
+    phase: str
+    batch: int
+    prompt_len: int
+    context_len: int
+    mean_context_len: float
+    decode_tokens: int
+    ops: list[OpRow]
+    totals: Totals
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def _grouped(steps, per_layer: bool) -> tuple[list[tuple[str, int | None, tuple[int, ...]]], list[dict]]:
+    """Row keys (op, layer, layers covered) in execution order, and per step the time of each row key."""
+    first = steps[0].ops
+    if per_layer:
+        keys = [(op, layer, (layer,) if layer is not None else ()) for op, layer in first]
+        return keys, [s.ops for s in steps]
+    covered: dict[str, list[int]] = {}
+    for op, layer in first:
+        covered.setdefault(op, [])
+        if layer is not None:
+            covered[op].append(layer)
+    keys = [(op, None, tuple(layers)) for op, layers in covered.items()]
+    per_step = []
+    for s in steps:
+        sums: dict[str, float] = {}
+        for (op, _layer), t in s.ops.items():
+            sums[op] = sums.get(op, 0.0) + t
+        per_step.append({(op, None): sums.get(op, 0.0) / max(len(layers), 1) for op, _, layers in keys})
+    return keys, per_step
+
+
+def _costs(args: ModelArgs, timing: PhaseTiming, widths: C.Widths) -> dict:
+    if timing.phase == "prefill":
+        return C.prefill_costs(args, timing.batch, timing.prompt_len, widths)
+    return C.decode_costs(args, timing.batch, timing.prompt_len, timing.decode_tokens, widths)
+
+
+def build_run(args: ModelArgs, timing: PhaseTiming, widths: C.Widths, roofs: Roofs, *, per_layer: bool) -> Run:
+    """Rows and totals of one measured phase."""
+    if not timing.steps:
+        raise ValueError(f"no measured steps for {timing.phase}")
+    costs = _costs(args, timing, widths)
+    walls = [s.wall_s for s in timing.steps]
+    wall = statistics.median(walls)
+    keys, per_step = _grouped(timing.steps, per_layer)
+    rows = []
+    for op, layer, covered in keys:
+        times = [step.get((op, layer), 0.0) for step in per_step]
+        if covered:
+            parts = [C.op_cost(costs, op, i) for i in covered]
+            cost = C.Cost(sum(p.flops for p in parts) / len(parts), sum(p.bytes for p in parts) / len(parts))
+        else:
+            cost = C.op_cost(costs, op, None)
+        n = max(len(covered), 1)
+        rows.append(_row(op, layer, n, statistics.median(times), _iqr(times), cost, wall, roofs))
+    flops = sum(c.flops for c in costs.values())
+    nbytes = sum(c.bytes for c in costs.values())
+    attributed = statistics.median(s.attributed_s for s in timing.steps)
+    tokens = timing.batch * (timing.prompt_len if timing.phase == "prefill" else 1)
+    totals = Totals(
+        time_s=wall,
+        time_s_iqr=_iqr(walls),
+        time_s_min=min(walls),
+        time_s_max=max(walls),
+        samples=len(walls),
+        flops=flops,
+        bytes=nbytes,
+        mfu=flops / wall / roofs.peak_flops,
+        mbu=nbytes / wall / roofs.peak_bytes_per_s,
+        tokens_per_s=tokens / wall,
+        attributed_s=attributed,
+        unattributed_s=statistics.median(s.unattributed_s for s in timing.steps),
+    )
+    if timing.phase == "prefill":
+        context, mean_context = timing.prompt_len, float(timing.prompt_len)
+    else:
+        context = timing.prompt_len + timing.decode_tokens
+        mean_context = timing.prompt_len + (timing.decode_tokens + 1) / 2
+    return Run(timing.phase, timing.batch, timing.prompt_len, context, mean_context, timing.decode_tokens, rows, totals)
+
+
+def _row(op: str, layer: int | None, n: int, t: float, iqr: float, cost: C.Cost, wall: float, roofs: Roofs) -> OpRow:
+    f, b = cost.flops, cost.bytes
+    intensity = f / b if b else 0.0
+    light = max(f / roofs.peak_flops, b / roofs.peak_bytes_per_s)  # speed-of-light seconds
+    return OpRow(
+        layer=layer,
+        op=op,
+        layers=n,
+        time_s=t,
+        time_s_iqr=iqr,
+        share=t * n / wall if wall else 0.0,
+        flops=f,
+        bytes=b,
+        intensity=intensity,
+        achieved_flops_per_s=f / t if t else 0.0,
+        achieved_bytes_per_s=b / t if t else 0.0,
+        attainable_flops_per_s=min(roofs.peak_flops, intensity * roofs.peak_bytes_per_s),
+        roofline_fraction=light / t if t else 0.0,
+        bound="compute" if intensity >= roofs.ridge else "memory",
+    )

@@ -1,0 +1,136 @@
+"""Timers for the executor's named ops: a ``Probe`` that records how long each region takes.
+
+On the CPU each region is bracketed by ``time.perf_counter``. On CUDA each region records a pair
+of CUDA events on the current stream and nothing waits for them: the only synchronization is
+at the end of a step (``OpTimer.step``), so the GPU runs the step exactly as it would unprofiled
+and the events are read afterwards. All times are in seconds.
+
+Usage::
+
+    timer = OpTimer(device)
+    with timer.step():
+        logits = prefill(model, tokens, cache, timer)
+        with timer.region("sample"):
+            token = logits.argmax(-1)
+    timer.steps[-1].ops[("qkv_proj", 0)]  # seconds
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from time import perf_counter
+
+import torch
+
+from llmrun.probe import Probe
+
+OpKey = tuple[str, int | None]
+"""(op name, layer index or None for the ops outside the blocks)."""
+
+
+@dataclass
+class StepTiming:
+    """One measured step: its wall time and the time of every op in it (seconds)."""
+
+    wall_s: float
+    ops: dict[OpKey, float] = field(default_factory=dict)
+
+    @property
+    def attributed_s(self) -> float:
+        """Sum of the op times."""
+        return sum(self.ops.values())
+
+    @property
+    def unattributed_s(self) -> float:
+        """Wall time not covered by any op (Python glue, RoPE angle tables, timer overhead)."""
+        return self.wall_s - self.attributed_s
+
+
+class _CpuRegion:
+    __slots__ = ("records", "key", "t0")
+
+    def __init__(self, records: list, key: OpKey) -> None:
+        self.records, self.key = records, key
+
+    def __enter__(self) -> None:
+        self.t0 = perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.records.append((self.key, perf_counter() - self.t0))
+
+
+class _CudaRegion:
+    __slots__ = ("timer", "key", "start")
+
+    def __init__(self, timer: OpTimer, key: OpKey) -> None:
+        self.timer, self.key = timer, key
+
+    def __enter__(self) -> None:
+        self.start = self.timer._event()
+        self.start.record()
+
+    def __exit__(self, *exc: object) -> None:
+        end = self.timer._event()
+        end.record()
+        self.timer._records.append((self.key, self.start, end))
+
+
+class OpTimer(Probe):
+    """Times every region the executor marks; ``step()`` groups them into ``StepTiming``s.
+
+    Only regions inside a ``step()`` count. Events on CUDA come from a pool that is reused
+    step after step, so recording allocates no events once warm.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.steps: list[StepTiming] = []
+        self._records: list = []
+        self._pool: list[torch.cuda.Event] = []
+        self._used = 0
+
+    def region(self, op: str, layer: int | None = None) -> _CpuRegion | _CudaRegion:
+        """Time the enclosed op (see ``Probe.region``)."""
+        if self.cuda:
+            return _CudaRegion(self, (op, layer))
+        return _CpuRegion(self._records, (op, layer))
+
+    def _event(self) -> torch.cuda.Event:
+        if self._used == len(self._pool):
+            self._pool.append(torch.cuda.Event(enable_timing=True))
+        event = self._pool[self._used]
+        self._used += 1
+        return event
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Measure one step: wall time from a quiet device to the end of its work, plus its ops.
+
+        On CUDA the device is synchronized before the step starts and once after it ends;
+        nothing inside the step waits.
+        """
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._records.clear()
+        self._used = 0
+        t0 = perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        wall = perf_counter() - t0
+        ops: dict[OpKey, float] = {}
+        if self.cuda:
+            for key, start, end in self._records:
+                ops[key] = ops.get(key, 0.0) + start.elapsed_time(end) / 1e3  # elapsed_time is in ms
+        else:
+            for key, seconds in self._records:
+                ops[key] = ops.get(key, 0.0) + seconds
+        self._records.clear()
+        self.steps.append(StepTiming(wall, ops))
+
+    def reset(self) -> None:
+        """Forget the recorded steps (after warm-up)."""
+        self.steps.clear()
