@@ -53,6 +53,11 @@ def run(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return 0
+    except SystemExit as exc:
+        if not isinstance(exc.__context__, BrokenPipeError):
+            raise
+        _silence_stdout()  # Typer exits 1 when stdout's reader went away (`| head`); for llmrun that is a normal end
+        return 0
     except Exception as exc:
         if _is_click_exit(exc):
             return exc.exit_code
@@ -66,6 +71,8 @@ def run(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail(f"internal error: {type(exc).__name__}: {exc} (set LLMRUN_DEBUG=1 for the traceback)", 1)
+    if result == 130:  # Typer turns Ctrl-C inside a command into Exit(130)
+        return _fail("interrupted", 130)
     return result if isinstance(result, int) else 0
 
 
