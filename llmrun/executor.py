@@ -3,12 +3,19 @@
 ``prefill`` runs every prompt token through each layer in one pass and fills the KV cache;
 ``decode_step`` runs one new token per sequence. Both return float32 logits; neither samples
 nor prints. A ``Probe`` (``llmrun.probe``) sees every named op; the default one records nothing.
+
+Decode has a fast path (``llmrun.fastpath.StaticDecoder``: preallocated buffers, fused kernels,
+CUDA graphs on a GPU) that computes the same logits. ``decode_step`` takes it whenever no probe
+is given; a probe always gets the eager ops it can time. ``LLMRUN_FAST=0`` turns it off.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from llmrun.fastpath import StaticDecoder, supported
 from llmrun.kvcache import KVCache
 from llmrun.model import Transformer
 from llmrun.probe import NULL_PROBE, Probe
@@ -51,10 +58,53 @@ def prefill(
 
 
 def decode_step(
-    model: Transformer, token: torch.Tensor, pos: int, cache: KVCache, probe: Probe = NULL_PROBE
+    model: Transformer,
+    token: torch.Tensor,
+    pos: int,
+    cache: KVCache,
+    probe: Probe = NULL_PROBE,
+    *,
+    fast: bool | None = None,
+    copy: bool = True,
 ) -> torch.Tensor:
-    """One new token per sequence, token (B,) or (B, 1) at position ``pos``; logits (B, V)."""
+    """One new token per sequence, token (B,) or (B, 1) at position ``pos``; logits (B, V) float32.
+
+    ``fast`` None takes the fast path when no probe is given (and ``LLMRUN_FAST`` is not 0); True
+    asks for it, False forces the eager ops. With ``copy=False`` the fast path returns its own
+    logits buffer, valid until the next step on this cache, so that a step allocates nothing.
+    """
+    if probe is NULL_PROBE and fast is not False and (fast or fast_enabled()):
+        decoder = static_decoder(model, cache)
+        if decoder is not None:
+            logits = decoder.step(token, pos)
+            return logits.clone() if copy else logits
     return forward(model, token.view(-1, 1), pos, cache, probe)[:, -1]
+
+
+def fast_enabled() -> bool:
+    """Whether ``decode_step`` takes the fast path by default: unless ``LLMRUN_FAST=0``."""
+    return os.environ.get("LLMRUN_FAST", "1") != "0"
+
+
+def static_decoder(model: Transformer, cache: KVCache) -> StaticDecoder | None:
+    """The fast decoder bound to ``cache`` (built on first use), or None where it does not apply."""
+    decoder = cache.decoder
+    if decoder is None or decoder.model is not model:
+        if not supported(model, cache):
+            return None
+        decoder = cache.decoder = StaticDecoder(model, cache)
+    return decoder
+
+
+def prepare_decode(model: Transformer, cache: KVCache) -> float:
+    """Build the fast decoder for ``cache`` now (capturing its CUDA graph); seconds spent, 0 if done before.
+
+    Callers time this apart from the first token, so compile/capture time is reported, never hidden.
+    """
+    if not fast_enabled() or (cache.decoder is not None and cache.decoder.model is model):
+        return 0.0
+    decoder = static_decoder(model, cache)
+    return decoder.prepare_s if decoder is not None else 0.0
 
 
 def make_cache(model: Transformer, batch: int, max_seq_len: int) -> KVCache:

@@ -14,7 +14,7 @@ import torch
 
 from llmrun.devices import oom_guard, synchronize
 from llmrun.errors import LlmrunError
-from llmrun.executor import decode_step, make_cache, prefill
+from llmrun.executor import decode_step, make_cache, prefill, prepare_decode
 from llmrun.kvcache import KVCache
 from llmrun.model import Transformer
 
@@ -31,6 +31,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     ttft_s: float = 0.0
     decode_s: float = 0.0
+    prepare_s: float = 0.0  # building the decode fast path (CUDA graph capture) before the prompt; not in ttft_s
     finish_reason: str = "length"
 
     @property
@@ -124,6 +125,7 @@ def _generate_tokens(
     start = conversation.shared_prefix(prompt)
     stats.prompt_tokens, stats.reused_tokens = len(prompt), start
     conversation.tokens = list(prompt)
+    stats.prepare_s = prepare_decode(model, conversation.cache)
 
     t0 = time.perf_counter()
     logits = prefill(model, history[:, start : len(prompt)], conversation.cache, start=start)
@@ -150,7 +152,7 @@ def _generate_tokens(
                 stats.finish_reason = "context"
                 return
             history[0, pos] = token_id
-            logits = decode_step(model, token, pos, conversation.cache)
+            logits = decode_step(model, token, pos, conversation.cache, copy=False)  # a buffer reused next step
             pos += 1
     finally:
         if t_first is not None:

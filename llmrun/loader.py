@@ -3,7 +3,10 @@
 The model is built on the ``meta`` device (no memory), every checkpoint tensor is validated
 against the shapes the config implies before anything is allocated, then each tensor is viewed
 from a memory map of its file and moved/cast to the target device and dtype. On the CPU in the
-checkpoint's own dtype that is zero-copy: the parameters are the mapped pages.
+checkpoint's own dtype that is zero-copy: the parameters are the mapped pages. The q/k/v and
+gate/up projections are the exception: they are copied into one fused matrix per block
+(``llmrun.model.fuse_projections``), and their mapped pages are released after the copy, so the
+resident total stays one copy of the weights.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import nn
 from llmrun.config import ModelArgs
 from llmrun.devices import oom_guard
 from llmrun.errors import LlmrunError
-from llmrun.model import Transformer
+from llmrun.model import Transformer, fuse_projections
 from llmrun.weights import MappedFiles, TensorEntry, checkpoint_files, read_index
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,12 +43,18 @@ def _load(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: b
     with torch.device("meta"):
         model = Transformer(args)
     entries = _validated(model, entries)
+    fused = fuse_projections(model, device, dtype)  # q/k/v and gate/up are copied into one matrix each
     mapped = MappedFiles()
     total = sum(e.end - e.begin for e in entries.values())
     with _progress_bar(progress and total > 64 * 2**20) as bar:
         task = bar.add_task(f"loading {model_dir.name}", total=total)
         for name, tensor in mapped.iter_tensors(entries):
-            _assign(model, name, tensor.to(device=device, dtype=dtype))
+            target = fused.get(name)
+            if target is None:
+                _assign(model, name, tensor.to(device=device, dtype=dtype))
+            else:
+                target.copy_(tensor)
+                mapped.release(entries[name])
             bar.advance(task, tensor.nbytes)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

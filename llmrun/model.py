@@ -125,7 +125,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.attention_bias)
         o_bias = args.attention_bias and args.model_type == "llama"
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
+        self.split_sizes = (self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd)
         self.window: int | None = None  # sliding attention window in tokens (set by Block), None for full
+        # Set by ``fuse_projections``: one (h+2k)·hd × d matrix whose row blocks are q_proj, k_proj and
+        # v_proj's weights (those parameters become views of it). Plain attributes, not parameters,
+        # so that ``parameters()`` still counts every weight once.
+        self.wqkv: torch.Tensor | None = None
+        self.bqkv: torch.Tensor | None = None
 
 
 class MLP(nn.Module):
@@ -137,6 +143,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=args.mlp_bias)
         self.up_proj = nn.Linear(d, f, bias=args.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=args.mlp_bias)
+        # Set by ``fuse_projections``: gate_proj and up_proj's weights stacked into one 2f × d matrix.
+        self.wgate_up: torch.Tensor | None = None
+        self.bgate_up: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -168,9 +177,13 @@ class Block(nn.Module):
         with probe.region("attn_norm", i):
             h = self.input_layernorm(x)
         with probe.region("qkv_proj", i):
-            q = attn.q_proj(h).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, D)
-            k = attn.k_proj(h).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-            v = attn.v_proj(h).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+            if attn.wqkv is not None:
+                q, k, v = F.linear(h, attn.wqkv, attn.bqkv).split(attn.split_sizes, dim=-1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q = q.view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, D)
+            k = k.view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+            v = v.view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
         with probe.region("rope", i):
             q, k = apply_rope(q, k, *rope)
         with probe.region("attention", i):
@@ -182,7 +195,10 @@ class Block(nn.Module):
         with probe.region("mlp_norm", i):
             h = self.post_attention_layernorm(x)
         with probe.region("gate_up_proj", i):
-            gate, up = mlp.gate_proj(h), mlp.up_proj(h)  # (B, T, f)
+            if mlp.wgate_up is not None:
+                gate, up = F.linear(h, mlp.wgate_up, mlp.bgate_up).chunk(2, dim=-1)  # (B, T, f) each
+            else:
+                gate, up = mlp.gate_proj(h), mlp.up_proj(h)
         with probe.region("act", i):
             h = F.silu(gate) * up
         with probe.region("down_proj", i):
@@ -256,3 +272,62 @@ class Transformer(nn.Module):
         if self.args.tie_word_embeddings:
             shapes.pop("lm_head.weight")
         return shapes
+
+
+# Per block: the submodule, the fused weight and bias attribute names, and the projections fused, in row order.
+FUSED_PROJECTIONS = (
+    ("self_attn", "wqkv", "bqkv", ("q_proj", "k_proj", "v_proj")),
+    ("mlp", "wgate_up", "bgate_up", ("gate_proj", "up_proj")),
+)
+
+
+def fuse_projections(
+    model: Transformer, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Give every block one matrix for q/k/v (``wqkv``) and one for gate/up (``wgate_up``), in place.
+
+    One matrix-vector product over a fused matrix costs one kernel launch instead of three (or two),
+    which is most of what decode at batch 1 spends beyond reading the weights. The per-projection
+    parameters (``q_proj.weight``, ...) become row-block views of the fused matrix: their names,
+    shapes and values are unchanged and nothing is stored twice. Values already present are copied
+    in; a model built on the meta device gets uninitialised storage on ``device`` in ``dtype``, for
+    the loader to fill through the returned views. Blocks already fused are left alone.
+
+    Returns checkpoint name -> view (``model.layers.0.self_attn.q_proj.weight``, ...) of every
+    parameter that now lives inside a fused matrix.
+    """
+    views: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(model.model.layers):
+        for owner_name, weight_attr, bias_attr, parts in FUSED_PROJECTIONS:
+            owner = getattr(block, owner_name)
+            if getattr(owner, weight_attr) is not None:
+                continue
+            linears = [getattr(owner, name) for name in parts]
+            ref = linears[0].weight
+            target = {
+                "device": device or ref.device,
+                "dtype": dtype or ref.dtype,
+            }
+            rows = sum(lin.out_features for lin in linears)
+            weight = torch.empty(rows, linears[0].in_features, **target)
+            bias = torch.empty(rows, **target) if linears[0].bias is not None else None
+            row = 0
+            for name, lin in zip(parts, linears, strict=True):
+                prefix = f"model.layers.{i}.{owner_name}.{name}"
+                span = slice(row, row + lin.out_features)
+                views[f"{prefix}.weight"] = _adopt(lin, "weight", weight[span])
+                if bias is not None:
+                    views[f"{prefix}.bias"] = _adopt(lin, "bias", bias[span])
+                row += lin.out_features
+            setattr(owner, weight_attr, weight)
+            setattr(owner, bias_attr, bias)
+    return views
+
+
+def _adopt(module: nn.Module, name: str, view: torch.Tensor) -> torch.Tensor:
+    """Copy ``module.name`` into ``view`` (unless it is on the meta device) and make the parameter that view."""
+    old = getattr(module, name)
+    if not old.is_meta:
+        view.copy_(old)
+    setattr(module, name, nn.Parameter(view, requires_grad=False))
+    return view

@@ -185,6 +185,19 @@ class MappedFiles:
         flat = torch.frombuffer(mm, dtype=entry.dtype, count=count, offset=entry.begin)
         return flat.reshape(entry.shape)
 
+    def release(self, entry: TensorEntry) -> None:
+        """Drop the pages of ``entry`` from this process once its bytes were copied elsewhere.
+
+        The mapping is private and never written, so a page dropped here that a neighbouring tensor
+        still uses is read back from the page cache on its next access: nothing is lost, and copying a
+        tensor out of the map does not leave a second resident copy behind.
+        """
+        mm = self._maps.get(entry.file)
+        if mm is None or entry.end <= entry.begin:
+            return
+        begin = entry.begin - entry.begin % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, begin, entry.end - begin)
+
     def iter_tensors(self, entries: dict[str, TensorEntry]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) in file order, so reads sweep each file once."""
         for name, entry in sorted(entries.items(), key=lambda kv: (str(kv[1].file), kv[1].begin)):

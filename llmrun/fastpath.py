@@ -1,0 +1,242 @@
+"""The decode fast path: one token per sequence through preallocated buffers, then CUDA graphs on a GPU.
+
+At batch 1 a decode step reads every weight once, so its floor is the time of one pass of
+matrix-vector products over the weights (``scripts/bench_decode_floor.py`` measures it). What
+the eager path (``llmrun.model.Block``) adds on top is per-op work: ~50 dispatches per layer, each
+allocating its output. ``StaticDecoder`` runs the same math as the eager path with ~25 dispatches
+per layer, every one writing into a buffer allocated once per cache:
+
+* q/k/v and gate/up are one matrix each (``llmrun.model.fuse_projections``);
+* the residual adds ride on the projections (``x.addmm_(o, W_o^T)``: x += o W_o^T);
+* RoPE is three ops for q and k together (rotate-half is an ``index_select`` with a fixed
+  permutation), with 1/sqrt(head_dim) folded into q's cos/sin row, which is built once per step;
+* RMSNorm is the eager formula (float32 statistics, cast, then scale) with ``out=`` buffers;
+* attention is a grouped matmul over the cache, softmax in place, and a matmul with V: query head
+  j reads key/value head j // (H / H_kv), as transformers' ``repeat_kv`` does, without copying K/V.
+
+So a step allocates nothing (``tests/test_fastpath.py`` counts the CPU allocator's calls) and
+the logits it returns live in a buffer that the next step overwrites. On the CPU the step takes
+the position as a Python int and slices the cache to the positions filled. On CUDA the position
+is a device tensor, attention covers the whole cache with a mask, and the step is captured once
+in a CUDA graph and replayed: no host-device synchronisation and no allocation inside a step.
+
+The profiler never sees this path: a probe needs the eager ops (``llmrun.executor`` runs eager
+whenever a probe is given), and ``llmrun bench`` reports this path's speed beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from llmrun.kvcache import KVCache
+from llmrun.model import Transformer, fuse_projections
+
+
+def supported(model: Transformer, cache: KVCache) -> bool:
+    """Whether ``StaticDecoder`` computes what the eager path does for this model and cache.
+
+    Dynamic NTK RoPE changes every angle once the sequence passes ``max_position_embeddings``;
+    the fast path precomputes angles per position, so it declines when the cache could get there.
+    """
+    args = model.args
+    return not (args.rope_type == "dynamic" and cache.max_seq_len > args.max_position_embeddings)
+
+
+class StaticDecoder:
+    """Decode steps for one model and one ``KVCache``, with every buffer allocated here once.
+
+    ``step(token, pos)`` reads token ids (B,) at position ``pos`` and returns logits (B, V)
+    float32: a buffer that the next step overwrites (copy it to keep it). ``graphed`` says
+    whether steps replay a CUDA graph; ``prepare_s`` is the seconds spent building (and, on
+    CUDA, capturing) the path, which callers report apart from any token's latency.
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, *, graph: bool | None = None) -> None:
+        t0 = time.perf_counter()
+        fuse_projections(model)
+        self.model, self.cache = model, cache
+        args = model.args
+        embed = model.model.embed_tokens.weight
+        device, dtype = embed.device, embed.dtype
+        k0 = cache.layers[0].k
+        b, n_kv, s_max, hd = k0.shape
+        h = args.num_attention_heads
+        self.batch, self.max_seq_len = b, s_max
+        self.graphed = device.type == "cuda" if graph is None else graph
+        if self.graphed and device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        empty = _Allocator(device, dtype)
+        d, f, v = args.hidden_size, args.intermediate_size, args.vocab_size
+        group = h // n_kv
+        self.x, self.h = empty(b, d), empty(b, d)
+        self.rstd = empty(b, 1, dtype=torch.float32)
+        self.eps = torch.tensor(args.rms_norm_eps, dtype=torch.float32, device=device)
+        qkv = empty(b, (h + 2 * n_kv) * hd)
+        self.qkv = qkv
+        self.qk_in = qkv[:, : (h + n_kv) * hd].view(b, h + n_kv, hd)  # (B, H+Hkv, D), rows 960 apart
+        self.v_new = qkv[:, (h + n_kv) * hd :].view(b, n_kv, 1, hd)  # (B, Hkv, 1, D)
+        self.rotated = empty(b, h + n_kv, hd)
+        self.qk = empty(b, h + n_kv, hd)
+        self.q = self.qk[:, :h].view(b, n_kv, group, hd)  # query head j = kv head j // group
+        self.k_new = self.qk[:, h:].view(b, n_kv, 1, hd)
+        self.scores = empty(b * n_kv * group * s_max)
+        self.o = empty(b, h * hd)
+        self.o4 = self.o.view(b, n_kv, group, hd)
+        self.gate_up = empty(b, 2 * f)
+        self.gate, self.up = self.gate_up[:, :f], self.gate_up[:, f:]
+        self.logits = torch.empty(b, v, dtype=torch.float32, device=device)
+        self._logits_mm = self.logits if dtype == torch.float32 else empty(b, v)
+        # RoPE: cos/sin (S_max, D) per position; q's rows carry the 1/sqrt(D) attention scale.
+        cos, sin = model.rotary.angles(0, s_max, device, dtype)
+        half = hd // 2
+        sign = torch.ones(hd, dtype=dtype, device=device)
+        sign[:half] = -1
+        self.cos_table, self.sin_table = cos, sin * sign  # rotate_half(x) * sin == x[perm] * (sin * sign)
+        self.perm = torch.arange(hd, device=device).roll(half)
+        scale = torch.ones(h + n_kv, 1, dtype=dtype, device=device)
+        scale[:h] = 1 / math.sqrt(hd)
+        self.head_scale = scale
+        self.cos, self.sin = empty(h + n_kv, hd), empty(h + n_kv, hd)
+        self.layers = [_LayerPlan(block, cache.layers[i]) for i, block in enumerate(model.model.layers)]
+        self.lm_head_t = model.lm_head.weight.t()
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.token = torch.zeros(b, dtype=torch.long, device=device)
+        if self.graphed:
+            self.positions = torch.arange(s_max, device=device)
+            windows = {plan.window for plan in self.layers}
+            self.masked = {w: torch.empty(s_max, dtype=torch.bool, device=device) for w in windows}
+            self.bias = {w: empty(s_max) for w in windows}
+            self._graph = self._capture()
+        self.prepare_s = time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Token ids (B,) or (B, 1) at position ``pos`` -> logits (B, V) float32 (a reused buffer)."""
+        if not 0 <= pos < self.max_seq_len:
+            raise ValueError(f"position {pos} is outside the cache's {self.max_seq_len} positions")
+        self.pos.fill_(pos)
+        if self._graph is not None:
+            self.token.copy_(token.view(-1))
+            self._graph.replay()
+        else:
+            self._run(token.view(-1), pos)
+        return self.logits
+
+    _graph: torch.cuda.CUDAGraph | None = None
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream, then record one step into a CUDA graph.
+
+        The warm-up and capture write the last cache slot; a decode at that position writes it
+        again before reading it, and masked positions never contribute, so nothing leaks.
+        """
+        self.pos.fill_(self.max_seq_len - 1)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                self._run(self.token, None)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            self._run(self.token, None)
+        torch.cuda.synchronize()
+        return graph
+
+    def _run(self, token: torch.Tensor, pos: int | None) -> None:
+        """The step itself. ``pos`` None: attend over the whole cache under a mask built from ``self.pos``."""
+        model = self.model
+        x, h = self.x, self.h
+        torch.index_select(model.model.embed_tokens.weight, 0, token, out=x)
+        if pos is None:
+            torch.mul(self.cos_table.index_select(0, self.pos), self.head_scale, out=self.cos)
+            torch.mul(self.sin_table.index_select(0, self.pos), self.head_scale, out=self.sin)
+            for window, masked in self.masked.items():
+                torch.gt(self.positions, self.pos, out=masked)
+                if window is not None:
+                    masked.logical_or_(self.positions <= self.pos - window)
+                self.bias[window].zero_().masked_fill_(masked, float("-inf"))
+            end = self.max_seq_len
+        else:
+            torch.mul(self.cos_table[pos], self.head_scale, out=self.cos)
+            torch.mul(self.sin_table[pos], self.head_scale, out=self.sin)
+            end = pos + 1
+        b, n_kv, group = self.q.shape[:3]
+        for plan in self.layers:
+            self._norm(x, plan.attn_norm, h)
+            if plan.bqkv is None:
+                torch.mm(h, plan.wqkv_t, out=self.qkv)
+            else:
+                torch.addmm(plan.bqkv, h, plan.wqkv_t, out=self.qkv)
+            torch.index_select(self.qk_in, -1, self.perm, out=self.rotated)
+            self.rotated.mul_(self.sin)
+            torch.addcmul(self.rotated, self.qk_in, self.cos, out=self.qk)
+            plan.k.index_copy_(2, self.pos, self.k_new)
+            plan.v.index_copy_(2, self.pos, self.v_new)
+            if pos is None:
+                scores = self.scores.view(b, n_kv, group, end)
+                torch.matmul(self.q, plan.k_t, out=scores)
+                scores.add_(self.bias[plan.window])
+                values = plan.v
+            else:
+                start = 0 if plan.window is None else max(0, end - plan.window)
+                scores = self.scores[: b * n_kv * group * (end - start)].view(b, n_kv, group, end - start)
+                torch.matmul(self.q, plan.k_t[..., start:end], out=scores)
+                values = plan.v[:, :, start:end]
+            torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place: scores become weights
+            torch.matmul(scores, values, out=self.o4)
+            x.addmm_(self.o, plan.wo_t)
+            if plan.bo is not None:
+                x.add_(plan.bo)
+            self._norm(x, plan.mlp_norm, h)
+            if plan.bgate_up is None:
+                torch.mm(h, plan.wgate_up_t, out=self.gate_up)
+            else:
+                torch.addmm(plan.bgate_up, h, plan.wgate_up_t, out=self.gate_up)
+            torch.nn.functional.silu(self.gate, inplace=True)
+            self.gate.mul_(self.up)
+            x.addmm_(self.gate, plan.wdown_t)
+            if plan.bdown is not None:
+                x.add_(plan.bdown)
+        self._norm(x, model.model.norm.weight, h)
+        torch.mm(h, self.lm_head_t, out=self._logits_mm)
+        if self._logits_mm is not self.logits:
+            self.logits.copy_(self._logits_mm)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+        """RMSNorm as ``llmrun.model.RMSNorm``: float32 statistics, cast to the model dtype, then the weight."""
+        rstd = self.rstd
+        torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=torch.float32, out=rstd)
+        torch.addcmul(self.eps, rstd, rstd, value=1 / x.shape[-1], out=rstd)  # mean(x^2) + eps
+        rstd.rsqrt_()
+        torch.mul(x, rstd, out=out)
+        out.mul_(weight)
+
+
+class _LayerPlan:
+    """One block's weights (transposed views for ``torch.mm``) and its cache buffers."""
+
+    def __init__(self, block, layer_cache) -> None:
+        attn, mlp = block.self_attn, block.mlp
+        self.window = attn.window
+        self.attn_norm = block.input_layernorm.weight
+        self.mlp_norm = block.post_attention_layernorm.weight
+        self.wqkv_t, self.bqkv = attn.wqkv.t(), attn.bqkv
+        self.wo_t, self.bo = attn.o_proj.weight.t(), attn.o_proj.bias
+        self.wgate_up_t, self.bgate_up = mlp.wgate_up.t(), mlp.bgate_up
+        self.wdown_t, self.bdown = mlp.down_proj.weight.t(), mlp.down_proj.bias
+        self.k, self.v = layer_cache.k, layer_cache.v  # (B, Hkv, S_max, D)
+        self.k_t = layer_cache.k.transpose(2, 3)  # (B, Hkv, D, S_max)
+
+
+class _Allocator:
+    """``torch.empty`` on one device in one dtype (another dtype when asked)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+
+    def __call__(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.empty(*shape, device=self.device, dtype=dtype or self.dtype)
