@@ -429,7 +429,11 @@ def _write_safetensors(
 
 @contextmanager
 def _progress_bar(enabled: bool, total: int) -> Iterator[Any]:
-    """A rich progress bar over ``total`` tensors on stderr; yields a no-argument ``advance`` callable."""
+    """A rich progress bar over ``total`` tensors on stderr; yields a no-argument ``advance`` callable.
+
+    Off when stderr is not a terminal: logs and pipes get no bar lines before a result or an error.
+    """
+    console = Console(stderr=True)
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -437,7 +441,7 @@ def _progress_bar(enabled: bool, total: int) -> Iterator[Any]:
         TextColumn("tensors"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as bar:
+    with Progress(*columns, console=console, disable=not (enabled and console.is_terminal)) as bar:
         task = bar.add_task("Importing GGUF", total=total)
         yield lambda: bar.advance(task)
 
