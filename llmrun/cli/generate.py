@@ -81,6 +81,7 @@ def generate(
             sys.stdout.write(chunk)
             sys.stdout.flush()
     except KeyboardInterrupt:
+        stats.finish_reason = "interrupted"
         sys.stdout.write("\n")
         sys.stdout.flush()
         _print_stats(stats)
