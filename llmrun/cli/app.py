@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from llmrun.cli import chat, compare, generate, import_gguf, info, peaks, perplexity, profile, pull
+from llmrun.cli import bench, chat, compare, generate, import_gguf, info, peaks, perplexity, profile, pull
 from llmrun.errors import LlmrunError, ThresholdMissed
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app.command("pull")(pull.pull)
 app.command("profile")(profile.profile)
 app.command("peaks")(peaks.peaks)
 app.command("compare")(compare.compare)
+app.command("bench")(bench.bench)
 
 
 def _fail(message: str, code: int) -> int:
