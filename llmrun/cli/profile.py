@@ -158,9 +158,8 @@ def run_profile(
     from llmrun.profiler import costs as C
     from llmrun.profiler import hardware, measure, peaks, roofline
     from llmrun.profiler import report as R
-    from llmrun.session import open_session
 
-    session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
+    session = _load(model, device, dtype, revision=revision, random_weights=random_weights)
     args = session.model.args
     for length in prompt_lens:
         if length + decode_tokens > args.context_length:
@@ -214,13 +213,31 @@ def run_profile(
     )
 
 
+def _load(model: str | None, device: str, dtype: str, *, revision: str | None, random_weights: bool):
+    """A ``Session``, without a tokenizer where the weights are real (profiling feeds random token ids)."""
+    from llmrun.devices import resolve_device, resolve_dtype
+    from llmrun.loader import load_model
+    from llmrun.presets import is_preset
+    from llmrun.session import Session, open_session
+    from llmrun.sources import DEFAULT_MODEL, resolve_model
+
+    if random_weights or is_preset(model):
+        return open_session(model, device, dtype, revision=revision, random_weights=random_weights)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model_dir = resolve_model(model, revision=revision)
+    weights = load_model(model_dir, torch_device, torch_dtype)
+    return Session(weights, None, model_dir, model or DEFAULT_MODEL, torch_device, torch_dtype)
+
+
 def _write(report: dict, fmt: Format, output: Path | None) -> None:
     from rich.console import Console
 
     from llmrun.profiler import report as R
 
     if fmt is Format.table and output is None:
-        R.render_tables(report, Console())
+        console = Console()
+        R.render_tables(report, console if console.is_terminal else Console(width=160))
         return
     if fmt is Format.table:
         buffer = Console(file=io.StringIO(), width=160)

@@ -201,6 +201,6 @@ def get(device: torch.device, dtypes: tuple[str, ...] = (), *, refresh: bool = F
     extra = measure(device, missing, bandwidth=False)
     cached.flops.update(extra.flops)
     cached.median_flops.update(extra.median_flops)
-    cached.detail["gemm_n"] = {**cached.detail.get("gemm_n", {}), **extra.detail["gemm_n"]}
+    cached.detail["gemm_n"] = {**cached.detail.get("gemm_n", {}), **extra.detail.get("gemm_n", {})}
     save(cached, device)
     return cached, True

@@ -1,0 +1,93 @@
+"""``llmrun compare``: per-op and total deltas between two reports, and the regression gate."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from llmrun.cli.app import run
+from llmrun.profiler import compare as K
+
+
+def report(scale: float = 1.0, qkv: float = 1.0) -> dict:
+    """A minimal two-run report: prefill 10 ms, decode 2 ms, times multiplied by ``scale``."""
+
+    def op(name, layer, layers, t, share):
+        return {"layer": layer, "op": name, "layers": layers, "time_s": t, "share": share}
+
+    def run_(phase, total, qkv_t):
+        ops = [op("embed", None, 1, 0.1e-3 * scale, 0.01), op("qkv_proj", None, 30, qkv_t * qkv * scale, 0.5)]
+        totals = {"time_s": total * scale, "unattributed_s": 0.1e-3 * scale}
+        return {"phase": phase, "batch": 1, "prompt_len": 512, "ops": ops, "totals": totals}
+
+    return {"runs": [run_("prefill", 10e-3, 0.1e-3), run_("decode", 2e-3, 0.02e-3)]}
+
+
+def test_deltas_per_op_and_total():
+    result = K.compare(report(), report(scale=1.1))
+    assert [r.key for r in result.runs] == [("prefill", 1, 512), ("decode", 1, 512)]
+    prefill = result.runs[0]
+    assert prefill.total.change == pytest.approx(0.1)
+    qkv = next(d for d in prefill.ops if d.name == "qkv_proj")
+    assert qkv.a_s == pytest.approx(30 * 0.1e-3)  # all layers
+    assert [d.name for d in prefill.ops] == ["embed", "qkv_proj", "unattributed"]
+
+
+def test_regression_gate_on_totals_and_ops():
+    same_total_slower_op = report(qkv=1.5)
+    assert K.regressions(K.compare(report(), report(scale=1.04)), 5) == []
+    reasons = K.regressions(K.compare(report(), report(scale=1.06)), 5)
+    assert reasons[0] == "prefill batch 1 prompt 512 total: +6.0% (> 5%)"
+    assert K.regressions(K.compare(report(), same_total_slower_op), 5) == []
+    per_op = K.regressions(K.compare(report(), same_total_slower_op), 5, per_op=True)
+    assert any("qkv_proj: +50.0%" in r for r in per_op)
+    assert K.regressions(K.compare(report(), report(scale=0.5)), 0) == []  # faster is never a regression
+
+
+def test_unmatched_runs_and_ops_are_listed():
+    b = copy.deepcopy(report())
+    b["runs"][1]["batch"] = 16
+    b["runs"][0]["ops"].append({"layer": 3, "op": "rope", "layers": 1, "time_s": 1e-4, "share": 0.01})
+    result = K.compare(report(), b)
+    assert result.only_in_a == [("decode", 1, 512)] and result.only_in_b == [("decode", 16, 512)]
+    assert result.runs[0].only_in_b == ["3.rope"]
+
+
+@pytest.fixture
+def files(tmp_path):
+    def write(name, data):
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    return write
+
+
+def test_compare_cli(files, capsys):
+    a, b = files("a.json", report()), files("b.json", report(scale=1.2))
+    assert run(["compare", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "qkv_proj" in out and "+20.0%" in out
+    assert run(["compare", a, b, "--max-regression", "25"]) == 0
+    capsys.readouterr()
+    assert run(["compare", a, b, "--max-regression", "10", "--totals-only"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err == "llmrun: threshold missed: prefill batch 1 prompt 512 total: +20.0% (> 10%) (and 1 more)"
+
+
+def test_compare_cli_bad_files(files, tmp_path, capsys):
+    good = files("a.json", report())
+    assert run(["compare", good, str(tmp_path / "missing.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert run(["compare", good, files("x.json", {"text": "hi"})]) == 2
+    assert "not a profile report" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{")
+    assert run(["compare", good, str(tmp_path / "bad.json")]) == 2
+    other = report()
+    for r in other["runs"]:
+        r["batch"] = 8
+    assert run(["compare", good, files("o.json", other)]) == 2
+    assert "share no run" in capsys.readouterr().err
+    assert run(["compare", good, good, "--max-regression", "-1"]) == 2

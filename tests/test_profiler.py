@@ -1,0 +1,260 @@
+"""The profiler end to end: timers see every op, leave the logits alone, add up to the wall time,
+and ``llmrun profile`` writes reports that validate, agree across formats, and gate CI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmrun.cli.app import run
+from llmrun.config import ModelArgs
+from llmrun.executor import decode_step, make_cache, prefill
+from llmrun.model import Transformer
+from llmrun.presets import random_model
+from llmrun.probe import LAYER_OPS, NULL_PROBE, Probe
+from llmrun.profiler import costs as C
+from llmrun.profiler import report as R
+from llmrun.profiler import roofline
+from llmrun.profiler.hardware import Roofs
+from llmrun.profiler.measure import PhaseTiming, measure_config
+from llmrun.profiler.schema import SCHEMA, schema_text
+from llmrun.profiler.timers import OpTimer, StepTiming
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_ROOFS = Roofs(1e11, 2e10, "override", [])
+OVERRIDE = ["--peak-flops", "1e11", "--peak-bandwidth", "2e10"]
+
+
+def tiny_model(layers: int = 2) -> Transformer:
+    args = ModelArgs(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return random_model(args, torch.device("cpu"), torch.float32)  # N(0, 0.02²), never zeros
+
+
+def test_timer_sees_every_named_op_of_every_layer():
+    model = tiny_model(layers=3)
+    runs = measure_config(model, 2, 5, 3, repeats=2, warmup=1)
+    prefill_run, decode_run = runs
+    assert (prefill_run.phase, len(prefill_run.steps)) == ("prefill", 2)
+    assert (decode_run.phase, len(decode_run.steps)) == ("decode", 6)  # 3 steps x 2 repeats
+    expected = [("embed", None), *((op, i) for i in range(3) for op in LAYER_OPS)]
+    expected += [("final_norm", None), ("lm_head", None), ("sample", None)]
+    for step in prefill_run.steps + decode_run.steps:
+        assert list(step.ops) == expected  # execution order
+        assert all(t >= 0 for t in step.ops.values())
+        assert 0 <= step.attributed_s <= step.wall_s
+
+
+def test_profiling_does_not_change_the_logits():
+    model = tiny_model()
+    tokens = torch.randint(0, 320, (2, 7))
+    plain, timed = make_cache(model, 2, 9), make_cache(model, 2, 9)
+    timer = OpTimer(torch.device("cpu"))
+    with timer.step():
+        a = prefill(model, tokens, timed, timer)
+    torch.testing.assert_close(a, prefill(model, tokens, plain, NULL_PROBE), rtol=0, atol=0)
+    with timer.step():
+        a = decode_step(model, tokens[:, 0], 7, timed, timer)
+    torch.testing.assert_close(a, decode_step(model, tokens[:, 0], 7, plain, Probe()), rtol=0, atol=0)
+    assert len(timer.steps) == 2
+
+
+def test_rows_average_layers_or_list_each_layer():
+    model = tiny_model(layers=3)
+    args = model.args
+    (timing,) = measure_config(model, 1, 6, 0, repeats=3)
+    widths = C.Widths.uniform(4)
+    mean = roofline.build_run(args, timing, widths, TEST_ROOFS, per_layer=False)
+    each = roofline.build_run(args, timing, widths, TEST_ROOFS, per_layer=True)
+    assert [r.op for r in mean.ops] == ["embed", *LAYER_OPS, "final_norm", "lm_head", "sample"]
+    assert len(each.ops) == 3 * len(LAYER_OPS) + 4
+    qkv = next(r for r in mean.ops if r.op == "qkv_proj")
+    assert (qkv.layer, qkv.layers) == (None, 3)
+    assert qkv.flops == C.prefill_costs(args, 1, 6, widths)[("qkv_proj", 0)].flops
+    assert mean.totals.flops == pytest.approx(sum(r.flops * r.layers for r in mean.ops))
+    assert mean.totals.flops == pytest.approx(sum(r.flops for r in each.ops))
+    for row in mean.ops:
+        light = max(row.flops / TEST_ROOFS.peak_flops, row.bytes / TEST_ROOFS.peak_bytes_per_s)
+        assert row.roofline_fraction == pytest.approx(light / row.time_s)
+        assert row.bound == ("compute" if row.intensity >= TEST_ROOFS.ridge else "memory")
+
+
+@pytest.mark.slow
+def test_op_times_add_up_to_the_wall_time_on_smollm2(smollm2_fp32):
+    """Per phase, the ops cover the measured wall time to within 5% (+0.2 ms): median over many steps."""
+    torch.set_num_threads(2)
+    runs = measure_config(smollm2_fp32, 1, 64, 12, repeats=3, warmup=1)
+    for timing in runs:
+        run_ = roofline.build_run(smollm2_fp32.args, timing, C.Widths.uniform(4), TEST_ROOFS, per_layer=False)
+        t = run_.totals
+        slack = 0.05 * t.time_s + 2e-4
+        assert 0 <= t.unattributed_s <= slack, (timing.phase, t)
+        assert abs(t.time_s - t.attributed_s) <= slack, (timing.phase, t)
+
+
+def _bounds(args: ModelArgs, phase: str, prompt_len: int, roofs: Roofs) -> dict[str, str]:
+    """Bound label of each op of a report row set built from fake (uniform) times."""
+    widths = C.Widths.uniform(4)
+    costs = (
+        C.prefill_costs(args, 1, prompt_len, widths)
+        if phase == "prefill"
+        else C.decode_costs(args, 1, prompt_len, 8, widths)
+    )
+    step = StepTiming(1.0, dict.fromkeys(costs, 1e-3))
+    timing = PhaseTiming(phase, 1, prompt_len, 0 if phase == "prefill" else 8, [step])
+    return {r.op: r.bound for r in roofline.build_run(args, timing, widths, roofs, per_layer=False).ops}
+
+
+@pytest.mark.slow
+def test_smollm2_decode_matmuls_are_memory_bound_and_prefill_512_compute_bound(smollm2_dir):
+    """With this machine's measured fp32 roofs (best of a few GEMMs and copies) the labels follow."""
+    from llmrun.profiler import peaks
+
+    measured = peaks.measure(torch.device("cpu"), ("fp32",), repeats=3)
+    roofs = Roofs(measured.flops["fp32"], measured.bytes_per_s, "measured", [])
+    args = ModelArgs.from_json(smollm2_dir / "config.json")
+    layer_matmuls = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    decode = _bounds(args, "decode", 512, roofs)
+    prefill_ = _bounds(args, "prefill", 512, roofs)
+    assert all(decode[op] == "memory" for op in (*layer_matmuls, "lm_head")), (roofs.ridge, decode)
+    assert all(prefill_[op] == "compute" for op in layer_matmuls), (roofs.ridge, prefill_)
+
+
+@pytest.fixture
+def tiny_dir(tiny_factory) -> Path:
+    return tiny_factory("llama", num_key_value_heads=2)
+
+
+def profile_json(tiny_dir: Path, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "p.json"
+    argv = ["profile", "--model", str(tiny_dir), "--device", "cpu", "--decode-tokens", "3", "--repeats", "2"]
+    assert run([*argv, *OVERRIDE, "--format", "json", "--output", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_profile_cli_json_validates_and_sweeps(tiny_dir, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    png = tmp_path / "chart.png"
+    report = profile_json(tiny_dir, tmp_path, "--prompt-len", "8,16", "--batch", "1,2", "--plot", str(png))
+    jsonschema.validate(report, SCHEMA)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["roofs"]["source"] == "override"
+    assert {s["source"] for s in report["roofs"]["sources"]} == {"measured", "spec", "nvml"}
+    assert report["device"] == {"name": report["device"]["name"], "kind": "cpu"}
+    keys = [(r["phase"], r["batch"], r["prompt_len"]) for r in report["runs"]]
+    assert keys == [(p, b, n) for p in ("prefill", "decode") for b in (1, 2) for n in (8, 16)]
+    for run_ in report["runs"]:
+        t = run_["totals"]
+        tokens = run_["batch"] * (run_["prompt_len"] if run_["phase"] == "prefill" else 1)
+        assert t["tokens_per_s"] == pytest.approx(tokens / t["time_s"])
+        assert t["mfu"] == pytest.approx(t["flops"] / t["time_s"] / 1e11)
+        assert t["mbu"] == pytest.approx(t["bytes"] / t["time_s"] / 2e10)
+        assert run_["context_len"] == run_["prompt_len"] + (3 if run_["phase"] == "decode" else 0)
+        assert t["samples"] == (2 if run_["phase"] == "prefill" else 6)
+
+
+def test_profile_cli_per_layer_rows(tiny_dir, tmp_path):
+    report = profile_json(tiny_dir, tmp_path, "--prompt-len", "4", "--per-layer")
+    for run_ in report["runs"]:
+        assert [r["layer"] for r in run_["ops"]].count(None) == 4  # embed, final_norm, lm_head, sample
+        assert {r["layer"] for r in run_["ops"]} == {None, 0, 1}
+
+
+def test_csv_and_markdown_carry_the_json_numbers(tiny_dir, tmp_path):
+    report = profile_json(tiny_dir, tmp_path, "--prompt-len", "8")
+    rows = list(csv.DictReader(io.StringIO(R.to_csv(report))))
+    ops = [r for r in rows if r["row"] == "op"]
+    totals = [r for r in rows if r["row"] == "total"]
+    flat = [(run_, op) for run_ in report["runs"] for op in run_["ops"]]
+    assert len(ops) == len(flat) and len(totals) == len(report["runs"])
+    for row, (run_, op) in zip(ops, flat, strict=True):
+        assert (row["phase"], int(row["batch"]), row["op"]) == (run_["phase"], run_["batch"], op["op"])
+        for field in R.OP_FIELDS[3:-1]:
+            assert float(row[field]) == op[field], field  # full precision
+        assert row["bound"] == op["bound"]
+    for row, run_ in zip(totals, report["runs"], strict=True):
+        for field in ("time_s", "flops", "bytes", "mfu", "mbu", "tokens_per_s", "unattributed_s"):
+            assert float(row[field]) == run_["totals"][field]
+    md_ops = markdown_op_rows(R.to_markdown(report))
+    assert len(md_ops) == len(flat)
+    for cells, (_, op) in zip(md_ops, flat, strict=True):
+        assert cells[1] == op["op"] and cells[-1] == op["bound"]
+        for field, cell in zip(R.OP_FIELDS[3:-1], cells[3:-1], strict=True):
+            assert float(cell) == pytest.approx(op[field], rel=1e-3, abs=1e-12), field
+
+
+def markdown_op_rows(md: str) -> list[list[str]]:
+    """The cells of every row of the op tables (those whose header starts with 'layer')."""
+    rows, in_ops = [], False
+    for line in md.splitlines():
+        if line.startswith("| layer |"):
+            in_ops = True
+        elif not line.startswith("|"):
+            in_ops = False
+        elif in_ops and not line.startswith("|-"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_profile_cli_csv_md_and_table_outputs(tiny_dir, tmp_path, capsys):
+    base = ["profile", "--model", str(tiny_dir), "--device", "cpu", "--prompt-len", "4", "--decode-tokens", "2"]
+    assert run([*base, *OVERRIDE, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("row,phase,batch,prompt_len,context_len")
+    assert run([*base, *OVERRIDE, "--format", "md", "--output", str(tmp_path / "p.md")]) == 0
+    assert "## decode · batch 1 · prompt 4 · context 6" in (tmp_path / "p.md").read_text()
+    assert run([*base, *OVERRIDE]) == 0
+    out = capsys.readouterr().out
+    assert "qkv_proj" in out and "MFU" in out and "unattributed" in out and "roofs used (override)" in out
+
+
+def test_fail_under_exits_3_with_one_line(tiny_dir, capsys):
+    base = ["profile", "--model", str(tiny_dir), "--device", "cpu", "--prompt-len", "4", "--decode-tokens", "2"]
+    assert run([*base, *OVERRIDE, "--format", "json", "--fail-under", "mbu=0.7,mfu=0.5"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("llmrun: threshold missed: decode batch 1 prompt 4: mbu ")
+    assert "prefill batch 1 prompt 4: mfu" in err
+    assert run([*base, *OVERRIDE, "--format", "json", "--fail-under", "decode.mfu=0,prefill.mbu=0"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--prompt-len", "0"], "--prompt-len '0'"),
+        (["--prompt-len", "8,x"], "expected integers"),
+        (["--batch", ""], "--batch"),
+        (["--fail-under", "speed=2"], "METRIC=FRACTION"),
+        (["--fail-under", "mbu=70"], "between 0 and 1"),
+        (["--plot", "chart.jpg"], ".png or .svg"),
+        (["--prompt-len", "120", "--decode-tokens", "20"], "exceeds the model's context of 128"),
+        (["--peak-flops", "-1"], "--peak-flops must be a positive number"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+    ],
+)
+def test_profile_cli_bad_input_is_one_line_exit_2(tiny_dir, capsys, flags, message):
+    assert run(["profile", "--model", str(tiny_dir), "--device", "cpu", *OVERRIDE, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+
+
+def test_fail_under_parser():
+    assert R.parse_fail_under("mbu=0.7, mfu=0.5") == [("decode", "mbu", 0.7), ("prefill", "mfu", 0.5)]
+    assert R.parse_fail_under("prefill.mbu=0.1") == [("prefill", "mbu", 0.1)]
+    with pytest.raises(ValueError, match="not a number"):
+        R.parse_fail_under("mfu=high")
+
+
+def test_shipped_schema_matches_the_documented_copy():
+    assert (ROOT / "docs" / "profile-schema.json").read_text() == schema_text()
