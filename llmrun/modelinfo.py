@@ -15,7 +15,6 @@ Speed of light (a lower bound on time from the two roofs, never a prediction):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -98,39 +97,32 @@ class Roofs:
     source: str
 
 
-# Dense (no sparsity) bf16/fp16 tensor-core peaks and HBM bandwidth: ROOFLINE.md's table, from the
-# vendors' spec sheets as summarized in the JAX scaling book (gpus.md). fp32 (no tensor cores):
-# NVIDIA's A100 and H100 datasheets (H200 has the H100's compute).
-_GPU_SPECS = {
-    "B200": {"bf16": 2250e12, "bytes": 8.0e12},
-    "H200": {"bf16": 989e12, "fp32": 67e12, "bytes": 4.8e12},
-    "H100": {"bf16": 989e12, "fp32": 67e12, "bytes": 3.35e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12, "bytes": 2.039e12},
-}
-# ROOFLINE.md's measurements on this project's 2-core CPU machine (torch 2.13, 2 threads).
-_CPU_ASSUMED = {"fp32": 220e9, "bf16": 680e9, "bytes": 21e9}
+# ROOFLINE.md's measurements of this project's 2-core CPU machine (torch 2.13, 2 threads): used, and
+# labelled "assumed", only when this CPU's own roofs were never measured (``llmrun peaks``).
+_CPU_ASSUMED = {"fp32": 220e9, "bf16": 680e9}
+_CPU_ASSUMED_BYTES_PER_S = 21e9
 
 
-def device_roofs(device: torch.device, dtype: torch.dtype) -> Roofs:
-    """The roofs of ``device`` for ``dtype``: a GPU's spec sheet, or ROOFLINE.md's CPU figures.
+def device_roofs(device: torch.device, dtype: torch.dtype, *, measure: bool = False) -> Roofs:
+    """The roofs of ``device`` for ``dtype`` from ``llmrun.profiler.hardware``: measured (cached by
+    ``llmrun peaks``, or now if ``measure``), else the GPU spec table, else NVML's bandwidth.
 
-    The CPU figures were measured on one machine and are only *assumed* here; ``source`` says so.
+    A CPU never measured falls back to ROOFLINE.md's figures for this project's machine, and
+    ``source`` says they are assumed.
     """
-    key = "fp32" if dtype == torch.float32 else "bf16"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for model, spec in _GPU_SPECS.items():
-            if re.search(rf"\b{model}\b", name) and key in spec:
-                return Roofs(name, "cuda", spec[key], spec["bytes"], f"spec sheet ({model}, ROOFLINE.md)")
-        spec = _GPU_SPECS["H100"]
-        return Roofs(name, "cuda", spec[key], spec["bytes"], "assumed: unknown GPU, H100 SXM spec sheet")
-    return Roofs(
-        "CPU",
-        "cpu",
-        _CPU_ASSUMED[key],
-        _CPU_ASSUMED["bytes"],
-        "assumed: ROOFLINE.md's measurements of this project's 2-core CPU machine",
-    )
+    from llmrun.errors import LlmrunError
+    from llmrun.profiler import hardware
+
+    name = DTYPE_NAMES[dtype]
+    device_name = hardware.device_info(device)["name"]
+    try:
+        roofs = hardware.select_roofs(device, name, measure=measure)
+    except LlmrunError:
+        if device.type != "cpu" or name not in _CPU_ASSUMED:
+            raise
+        source = "assumed: ROOFLINE.md's measurements of this project's 2-core CPU (run 'llmrun peaks' for yours)"
+        return Roofs(device_name, "cpu", _CPU_ASSUMED[name], _CPU_ASSUMED_BYTES_PER_S, source)
+    return Roofs(device_name, device.type, roofs.peak_flops, roofs.peak_bytes_per_s, roofs.source)
 
 
 @dataclass(frozen=True)

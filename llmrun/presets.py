@@ -27,7 +27,7 @@ from torch import nn
 
 from llmrun.config import ModelArgs
 from llmrun.errors import LlmrunError
-from llmrun.model import Transformer
+from llmrun.model import Transformer, fuse_projections
 
 PRESET_PREFIX = "preset:"
 WEIGHT_STD = 0.02  # transformers' default initializer_range for Llama-family configs
@@ -86,21 +86,25 @@ def random_model(
 ) -> Transformer:
     """``Transformer(args)`` with random weights allocated directly on ``device`` in ``dtype``.
 
-    Built on the meta device, then each parameter is created with ``torch.empty`` on the target
-    and filled in place: N(0, std^2) for matrices and biases, 1 for norm scales. Peak memory is
-    the model itself; nothing passes through the CPU on a GPU run. ``seed`` makes it repeatable.
+    Built on the meta device like ``llmrun.loader.load_model`` (q/k/v and gate/up fused into one
+    matrix each), then each parameter is created with ``torch.empty`` on the target and filled in
+    place: N(0, std^2) for matrices and biases, 1 for norm scales. Peak memory is the model
+    itself; nothing passes through the CPU on a GPU run. ``seed`` makes it repeatable.
     """
     with torch.device("meta"):
         model = Transformer(args)
+    fused = fuse_projections(model, device, dtype)  # name -> view of a fused matrix, filled in place
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in list(model.named_parameters()):
-        tensor = torch.empty(param.shape, device=device, dtype=dtype)
+        tensor = fused.get(name)
+        if tensor is None:
+            tensor = torch.empty(param.shape, device=device, dtype=dtype)
+            module_path, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(module_path), leaf, nn.Parameter(tensor, requires_grad=False))
         if name.endswith("norm.weight"):
             tensor.fill_(1.0)
         else:
             _fill_normal(tensor, std, generator)
-        module_path, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(module_path), leaf, nn.Parameter(tensor, requires_grad=False))
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()

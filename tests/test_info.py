@@ -80,7 +80,8 @@ def test_flops_agree_with_the_profiler_cost_model():
     assert prefill_flops(args, 512) == pytest.approx(total, rel=5e-3)  # element-wise ops are the difference
 
 
-def test_info_json_for_a_preset(capsys):
+def test_info_json_for_a_preset(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path))  # no measured roofs cached for this CPU
     assert run(["info", "--model", "preset:llama-3.1-8b", "--dtype", "bf16", "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["architecture"] == "LlamaForCausalLM"
@@ -105,3 +106,15 @@ def test_info_table_for_a_local_checkpoint(tiny_factory, capsys):
 def test_info_refuses_a_prompt_longer_than_the_context(capsys):
     assert run(["info", "--model", "preset:smollm2-135m", "--device", "cpu", "--prompt-len", "9000"]) == 2
     assert "exceeds the model's context of 8192" in capsys.readouterr().err
+
+
+def test_info_uses_the_measured_roofs_when_cached(capsys, tmp_path, monkeypatch):
+    from llmrun.profiler import peaks
+
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path))
+    cpu = torch.device("cpu")
+    peaks.save(peaks.MeasuredPeaks(peaks.device_name(cpu), "cpu", {"fp32": 1e11, "bf16": 3e11}, 2e10), cpu)
+    assert run(["info", "--model", "preset:smollm2-135m", "--device", "cpu", "--dtype", "bf16", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["roofs"] == {"peak_flops": 3e11, "peak_bytes_per_s": 2e10, "source": "measured"}
+    assert out["speed_of_light"]["decode_tok_s"] == pytest.approx(2e10 / out["decode_bytes_per_token"])

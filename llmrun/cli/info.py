@@ -34,6 +34,9 @@ def info(
             "--prompt-len", help="Prompt length (tokens) for the prefill speed of light. Default: 512 or the context."
         ),
     ] = None,
+    measure: Annotated[
+        bool, typer.Option("--measure", help="Measure this device's roofs first (seconds; cached for later runs).")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Show a model's architecture, sizes and speed-of-light decode/prefill on the current device."""
@@ -57,7 +60,9 @@ def info(
         prompt_len = min(512, args.context_length)
     elif prompt_len > args.context_length:
         raise LlmrunError(f"--prompt-len {prompt_len} exceeds the model's context of {args.context_length}")
-    result = model_info(args, torch_dtype, device_roofs(torch_device, torch_dtype), prompt_len=prompt_len)
+    result = model_info(
+        args, torch_dtype, device_roofs(torch_device, torch_dtype, measure=measure), prompt_len=prompt_len
+    )
     fields = {"model": model or DEFAULT_MODEL, "source": source, **result.to_json()}
     if as_json:
         print(json.dumps(fields))
