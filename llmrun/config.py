@@ -130,9 +130,12 @@ class ModelArgs:
         """Build from a config dict, checking the architecture and the types of required keys."""
         if not isinstance(raw, dict):
             raise LlmrunError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        archs = raw.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise LlmrunError(f"{source}: 'architectures' must be a list of class names, got {archs!r}")
         model_type = raw.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            arch = ", ".join(raw.get("architectures") or []) or model_type
+            arch = ", ".join(archs) or model_type
             raise LlmrunError(
                 f"{source}: architecture {arch!r} (model_type {model_type!r}) is not supported; supported: {_SUPPORTED}"
             )
@@ -141,7 +144,6 @@ class ModelArgs:
                 raise LlmrunError(f"{source}: required key {key!r} is missing")
             if not isinstance(raw[key], int) or isinstance(raw[key], bool):
                 raise LlmrunError(f"{source}: {key!r} must be an integer, got {raw[key]!r}")
-        archs = raw.get("architectures") or []
         if archs and not set(archs) & set(SUPPORTED_ARCHITECTURES):
             raise LlmrunError(
                 f"{source}: architecture {', '.join(map(str, archs))!r} is not supported; supported: {_SUPPORTED}"
