@@ -64,9 +64,10 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     Returns:
         (B, V) new tensor: logit / r where positive, logit * r where negative, at the history ids.
     """
-    picked = logits.gather(1, history)  # (B, n)
+    picked = logits.gather(1, history).double()  # (B, n); float64 and clamped, so no penalty makes inf or NaN
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-    return logits.scatter(1, history, picked)
+    big = torch.finfo(logits.dtype).max
+    return logits.scatter(1, history, picked.clamp(-big, big).to(logits.dtype))
 
 
 class Sampler:
@@ -140,7 +141,9 @@ class Sampler:
         or (B, V) logits and None when no filter needs an ordering.
         """
         p = self.params
-        x = x / p.temperature
+        # Shifted so the top logit is 0 (softmax and every filter are shift-invariant) and divided in float64:
+        # a temperature too small for float32 (< 1e-45 rounds to 0) then means greedy instead of NaN.
+        x = ((x - x.amax(dim=-1, keepdim=True)).double() / p.temperature).float()
         vocab = x.shape[-1]
         if 0 < p.top_k < vocab:
             vals, idx = torch.topk(x, p.top_k, dim=-1)  # sorted descending
@@ -151,7 +154,9 @@ class Sampler:
         if p.top_p < 1.0:
             probs = torch.softmax(vals, dim=-1)
             mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above
-            vals = vals.masked_fill(mass_before >= p.top_p, -math.inf)
+            drop = mass_before >= p.top_p
+            drop[:, 0] = False  # the top token stays even when top_p rounds to 0 in float32
+            vals = vals.masked_fill(drop, -math.inf)
         if p.min_p > 0.0:
             probs = torch.softmax(vals, dim=-1)
             floor = p.min_p * probs.amax(dim=-1, keepdim=True)
