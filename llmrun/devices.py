@@ -104,16 +104,17 @@ def out_of_memory_error(exc: BaseException, device: torch.device | None, doing: 
     and what to try. ``device`` None means the current CUDA device.
     """
     text = str(exc)
-    cpu = _CPU_OOM.search(text)
-    if cpu is not None or (device is not None and device.type == "cpu"):
+    if not isinstance(exc, torch.OutOfMemoryError):  # the host allocator's RuntimeError
+        cpu = _CPU_OOM.search(text)
         needed = int(cpu.group(1)) if cpu is not None else None
         free, total, where = _host_memory(), None, "the CPU"
     else:
+        gpu = device if device is not None and device.type == "cuda" else None
         needed = _parse_bytes(_CUDA_NEEDED.search(text))
-        free, total = _cuda_memory(device)
+        free, total = _cuda_memory(gpu)
         if free is None:
             free = _parse_bytes(_CUDA_FREE.search(text))
-        where = str(device) if device is not None else "the GPU"
+        where = str(gpu) if gpu is not None else "the GPU"
     need = f"needed {format_bytes(needed)}" if needed is not None else "needed more than was free"
     have = "free memory unknown" if free is None else f"{format_bytes(free)} free"
     if free is not None and total is not None:
