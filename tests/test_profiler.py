@@ -13,6 +13,7 @@ import torch
 
 from llmrun.cli.app import run
 from llmrun.config import ModelArgs
+from llmrun.errors import LlmrunError
 from llmrun.executor import decode_step, make_cache, prefill
 from llmrun.model import Transformer
 from llmrun.presets import random_model
@@ -247,6 +248,25 @@ def test_profile_cli_bad_input_is_one_line_exit_2(tiny_dir, capsys, flags, messa
     assert run(["profile", "--model", str(tiny_dir), "--device", "cpu", *OVERRIDE, *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+
+
+def test_plain_png_without_matplotlib(tiny_dir, tmp_path, monkeypatch):
+    import sys
+    import zlib
+
+    report = profile_json(tiny_dir, tmp_path, "--prompt-len", "8")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    from llmrun.profiler.plot import plot_roofline
+
+    data = plot_roofline(report, tmp_path / "plain.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    idat = data.index(b"IDAT")
+    raw = zlib.decompress(data[idat + 4 : idat + 4 + int.from_bytes(data[idat - 4 : idat], "big")])
+    assert len(raw) == height * (1 + 3 * width)
+    assert bytes((255, 127, 14)) in raw and bytes((31, 119, 180)) in raw  # decode and prefill markers
+    with pytest.raises(LlmrunError, match="needs matplotlib"):
+        plot_roofline(report, tmp_path / "plain.svg")
 
 
 def test_fail_under_parser():

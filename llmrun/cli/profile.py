@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import io
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from llmrun.cli.options import DeviceOption, DtypeOption, ModelOption, RandomWeightsOption, RevisionOption
 from llmrun.errors import LlmrunError, ThresholdMissed
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmrun.model import Transformer
 
 
 class Format(str, Enum):
@@ -213,21 +219,45 @@ def run_profile(
     )
 
 
-def _load(model: str | None, device: str, dtype: str, *, revision: str | None, random_weights: bool):
-    """A ``Session``, without a tokenizer where the weights are real (profiling feeds random token ids)."""
+@dataclass
+class Loaded:
+    """The model to profile, its name, device and dtype (no tokenizer: profiling feeds random ids)."""
+
+    model: Transformer
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """``bf16``, ``fp16`` or ``fp32``."""
+        from llmrun.devices import DTYPE_NAMES
+
+        return DTYPE_NAMES[self.dtype]
+
+
+def _load(model: str | None, device: str, dtype: str, *, revision: str | None, random_weights: bool) -> Loaded:
+    """Load weights (or build random ones) without the tokenizer stack, which a GPU box may lack."""
+    from llmrun.config import ModelArgs
     from llmrun.devices import resolve_device, resolve_dtype
     from llmrun.loader import load_model
-    from llmrun.presets import is_preset
-    from llmrun.session import Session, open_session
+    from llmrun.presets import is_preset, load_preset, random_model
     from llmrun.sources import DEFAULT_MODEL, resolve_model
 
-    if random_weights or is_preset(model):
-        return open_session(model, device, dtype, revision=revision, random_weights=random_weights)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    name = model or DEFAULT_MODEL
+    if is_preset(model):
+        if not random_weights:
+            raise LlmrunError(f"--model {model} is a preset, a shape without weights: add --random-weights")
+        args = load_preset(model).args
+        return Loaded(random_model(args, torch_device, torch_dtype), name, torch_device, torch_dtype)
+    if random_weights:
+        model_dir = resolve_model(model, revision=revision, weights=False)
+        args = ModelArgs.from_json(model_dir / "config.json")
+        return Loaded(random_model(args, torch_device, torch_dtype), name, torch_device, torch_dtype)
     model_dir = resolve_model(model, revision=revision)
-    weights = load_model(model_dir, torch_device, torch_dtype)
-    return Session(weights, None, model_dir, model or DEFAULT_MODEL, torch_device, torch_dtype)
+    return Loaded(load_model(model_dir, torch_device, torch_dtype), name, torch_device, torch_dtype)
 
 
 def _write(report: dict, fmt: Format, output: Path | None) -> None:

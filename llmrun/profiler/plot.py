@@ -5,7 +5,8 @@ y = x · peak_bytes_per_s, the compute roof the flat line y = peak_flops; they m
 One point per op per run: circles for prefill, triangles for decode, one colour per op. When
 the report sweeps batch or prompt length, the points of one op in one phase are joined in order
 of intensity, which draws each op's path toward the ridge. Ops without FLOPs (embed) cannot sit on a
-log axis and are left out (the legend says so).
+log axis and are left out (the legend says so). Without matplotlib a PNG is still drawn, plainly
+and without text, by ``llmrun.profiler.pngplot``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ def plot_roofline(report: dict, path: Path, *, title: str | None = None) -> Path
     """Write the chart of ``report`` to ``path`` (.png or .svg); returns ``path``."""
     if path.suffix.lower() not in (".png", ".svg"):
         raise LlmrunError(f"--plot {path}: the chart is written as .png or .svg")
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        if path.suffix.lower() != ".png":
+            raise LlmrunError(f"--plot {path}: an SVG needs matplotlib (pip install matplotlib)") from None
+        from llmrun.profiler.pngplot import draw_png
+
+        return draw_png(report, path)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -63,7 +71,8 @@ def plot_roofline(report: dict, path: Path, *, title: str | None = None) -> Path
             zorder=3,
         )
     for (_phase, op, _layer), xy in paths.items():
-        if len(xy) > 1:
+        xs_ = [x for x, _ in xy]
+        if max(xs_) > 1.05 * min(xs_):  # ops whose intensity does not move (element-wise) draw no path
             ax.plot(*zip(*sorted(xy), strict=True), color=colour[op], lw=0.8, alpha=0.7, zorder=2)
     for op in ops:
         ax.scatter([], [], marker="s", color=colour[op], label=op)

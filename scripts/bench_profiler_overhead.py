@@ -1,0 +1,115 @@
+"""Overhead of the profiler on decode: the same eager decode steps with the op timers off and on.
+
+"Off" is the executor's eager path with a probe that records nothing (the hooks are called, as
+they always are in prefill); "on" is ``OpTimer`` with its per-step bookkeeping. Rounds alternate
+off, on, off, on, ... so that a noisy neighbour hits both alike; each round is --steps decode steps
+and yields its median step time; the figure is median(on rounds) / median(off rounds) - 1.
+The cost of the hooks themselves when off is measured apart: one no-op region per named op.
+
+Usage:
+
+    python scripts/bench_profiler_overhead.py                     # SmolLM2-135M-Instruct, fp32, CPU
+    python scripts/bench_profiler_overhead.py --rounds 20 --steps 32 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from llmrun.devices import resolve_device, resolve_dtype, synchronize
+from llmrun.executor import decode_step, make_cache, prefill
+from llmrun.loader import load_model
+from llmrun.probe import NULL_PROBE, Probe
+from llmrun.profiler.timers import OpTimer
+from llmrun.sources import resolve_model
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model spec (default: the default model)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per round")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per side (off and on alternate)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    opts = parser.parse_args()
+
+    torch.set_num_threads(opts.threads)
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    model = load_model(resolve_model(opts.model, progress=False), device, dtype, progress=False)
+    cache = make_cache(model, 1, opts.prompt_len + opts.steps)
+    tokens = torch.randint(0, model.args.vocab_size, (1, opts.prompt_len), generator=torch.Generator().manual_seed(0))
+    first = prefill(model, tokens.to(device), cache).argmax(-1)
+    hooks_only, timer = Probe(), OpTimer(device)
+
+    def one_round(profiled: bool) -> float:
+        """Median seconds of one decode step over --steps steps."""
+        token, times = first, []
+        for j in range(opts.steps):
+            synchronize(device)
+            t0 = time.perf_counter()
+            if profiled:
+                with timer.step():
+                    token = decode_step(model, token, opts.prompt_len + j, cache, timer).argmax(-1)
+            else:
+                token = decode_step(model, token, opts.prompt_len + j, cache, hooks_only).argmax(-1)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        timer.reset()
+        return statistics.median(times)
+
+    one_round(False), one_round(True)  # warm-up
+    off, on = [], []
+    for _ in range(opts.rounds):
+        off.append(one_round(False))
+        on.append(one_round(True))
+    regions = model.args.num_hidden_layers * 11 + 4
+    null_s = _null_region_seconds(regions)
+    result = {
+        "model": opts.model or "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": opts.threads,
+        "prompt_len": opts.prompt_len,
+        "steps_per_round": opts.steps,
+        "rounds": opts.rounds,
+        "off_step_s": statistics.median(off),
+        "on_step_s": statistics.median(on),
+        "overhead": statistics.median(on) / statistics.median(off) - 1,
+        "null_hooks_per_step_s": null_s,
+        "null_hooks_fraction": null_s / statistics.median(off),
+    }
+    if opts.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"decode step, profiler off {result['off_step_s'] * 1e3:.2f} ms, on {result['on_step_s'] * 1e3:.2f} ms: "
+            f"overhead {result['overhead']:+.1%} (median of {opts.rounds} alternating rounds of {opts.steps} steps); "
+            f"hooks when off: {null_s * 1e6:.1f} us per step ({result['null_hooks_fraction']:.3%})"
+        )
+    return 0
+
+
+def _null_region_seconds(regions: int, repeats: int = 200) -> float:
+    """Seconds that ``regions`` no-op ``NULL_PROBE.region`` blocks take (the cost of the hooks when off)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(regions):
+            with NULL_PROBE.region("qkv_proj", 0):
+                pass
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+if __name__ == "__main__":
+    sys.exit(main())
