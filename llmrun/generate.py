@@ -81,6 +81,16 @@ def check_prompt_fits(prompt_len: int, model: Transformer) -> None:
         )
 
 
+def check_token_ids(ids: Sequence[int], model: Transformer) -> None:
+    """Refuse ids the model has no embedding for: the tokenizer does not belong to these weights."""
+    top = max(ids, default=0)
+    if top >= model.args.vocab_size:
+        raise LlmrunError(
+            f"the tokenizer produced token id {top} but the model has only {model.args.vocab_size} "
+            "(config.json vocab_size): tokenizer.json does not belong to these weights; use the model's own"
+        )
+
+
 def generate_tokens(
     model: Transformer,
     prompt: Sequence[int],
@@ -112,6 +122,7 @@ def _generate_tokens(
 ) -> Iterator[int]:
     stats = stats if stats is not None else GenerationStats()
     check_prompt_fits(len(prompt), model)
+    check_token_ids(prompt, model)
     limit = context_limit(model)
     if conversation is None:
         conversation = Conversation(model, min(limit, len(prompt) + max_new_tokens))

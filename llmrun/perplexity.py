@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from llmrun.errors import LlmrunError
 from llmrun.executor import forward
+from llmrun.generate import check_token_ids
 from llmrun.model import Transformer
 
 
@@ -50,6 +51,7 @@ def perplexity(
     chunks = windows(ids, context)
     if not chunks:
         raise LlmrunError("the text has fewer than 2 tokens; nothing to score")
+    check_token_ids(ids, model)
     device = model.lm_head.weight.device
     total_nll, scored = 0.0, 0
     for chunk in chunks:
