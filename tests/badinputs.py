@@ -121,12 +121,12 @@ def tensor_spans(header: dict[str, Any]) -> list[tuple[str, int, int]]:
 # ---------------------------------------------------------------- GGUF
 
 
-def write_gguf(path: Path, *, down_type: gguf.GGMLQuantizationType | None = None) -> Path:
-    """A complete 1-layer llama GGUF (F32 weights); ``down_type`` stores ffn_down as that type (zeros)."""
+def write_gguf(path: Path, *, down_type: gguf.GGMLQuantizationType | None = None, arch: str = "llama") -> Path:
+    """A complete 1-layer GGUF (F32 weights); ``down_type`` stores ffn_down as that type (zeros)."""
     hidden, ffn, heads, vocab_tokens = 32, 64, 2, build_tokenizer()
     tokens = [t for t, _ in sorted(vocab_tokens.get_vocab().items(), key=lambda kv: kv[1])]
     rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(path, "llama")
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(1)
     writer.add_context_length(64)
     writer.add_embedding_length(hidden)
@@ -316,6 +316,12 @@ def _(model: Path, tmp: Path) -> list[str]:
     return gen(model)
 
 
+@case("config-architectures-not-a-list", 2, r"'architectures' must be a list of class names, got 1")
+def _(model: Path, tmp: Path) -> list[str]:
+    _config(model, architectures=1)
+    return gen(model)
+
+
 @case("architecture-unsupported-head", 2, r"architecture 'LlamaForSequenceClassification' is not supported")
 def _(model: Path, tmp: Path) -> list[str]:
     _config(model, architectures=["LlamaForSequenceClassification"])
@@ -408,6 +414,12 @@ def _(model: Path, tmp: Path) -> list[str]:
     return gen(model)
 
 
+@case("safetensors-negative-shape", 2, r"tensor 'model\.norm\.weight' has an invalid shape \[-64\]")
+def _(model: Path, tmp: Path) -> list[str]:
+    edit_header(model / WEIGHTS, lambda h: h["model.norm.weight"].update(shape=[-64]))
+    return gen(model)
+
+
 @case("tensor-missing", 2, r"checkpoint is missing tensor 'model\.norm\.weight'")
 def _(model: Path, tmp: Path) -> list[str]:
     edit_header(model / WEIGHTS, lambda h: h.pop("model.norm.weight"))
@@ -474,6 +486,20 @@ def _(model: Path, tmp: Path) -> list[str]:
     return gen(model)
 
 
+@case("shard-tensor-in-two-shards", 2, r"tensor 'model\.norm\.weight' appears in both .*model-0000[12]")
+def _(model: Path, tmp: Path) -> list[str]:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / WEIGHTS)
+    _index(model, lambda n: "model-00001-of-00002.safetensors")
+    (model / WEIGHTS).rename(model / "model-00001-of-00002.safetensors")
+    save_file({"model.norm.weight": tensors["model.norm.weight"]}, model / "model-00002-of-00002.safetensors")
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"]["x"] = "model-00002-of-00002.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    return gen(model)
+
+
 # --- tokenizer and chat template
 
 
@@ -513,6 +539,34 @@ def _(model: Path, tmp: Path) -> list[str]:
     return [*gen(model)[:-1], "--chat"]
 
 
+@case("chat-template-raises", 2, r"chat template refused these messages \(no system messages\)")
+def _(model: Path, tmp: Path) -> list[str]:
+    (model / "chat_template.jinja").write_text("{{ raise_exception('no system messages') }}")
+    return [*gen(model)[:-1], "--chat"]
+
+
+@case("chat-template-undefined-value", 2, r"chat template used an undefined value")
+def _(model: Path, tmp: Path) -> list[str]:
+    (model / "chat_template.jinja").write_text("{{ messages[0].nope.deeper }}")
+    return [*gen(model)[:-1], "--chat"]
+
+
+@case("chat-without-a-template", 2, r"has no chat template; use --no-chat")
+def _(model: Path, tmp: Path) -> list[str]:
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    return [*gen(model)[:-1], "--chat"]
+
+
+@case("tokenizer-not-for-this-model", 2, r"token id 3\d\d but the model has only 320 .*does not belong to these")
+def _(model: Path, tmp: Path) -> list[str]:
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens([f"word{i}" for i in range(100)])
+    tokenizer.save(str(model / "tokenizer.json"))
+    return gen(model, prompt="hello word99")
+
+
 # --- prompts
 
 
@@ -539,6 +593,11 @@ def _(model: Path, tmp: Path) -> list[str]:
 @case("stdin-empty", 2, r"the prompt is empty", stdin=b"")
 def _(model: Path, tmp: Path) -> list[str]:
     return gen(model, prompt="-")
+
+
+@case("system-without-chat", 2, r"--system needs chat mode; drop it or use --chat")
+def _(model: Path, tmp: Path) -> list[str]:
+    return gen(model, "--system", "Be brief.")
 
 
 # --- impossible flags
@@ -604,6 +663,25 @@ def _(model: Path, tmp: Path) -> list[str]:
     return gen(tmp / "bad.gguf")
 
 
+@case("gguf-other-architecture", 2, r"holds a 'gemma' model, but only the 'llama' architecture", outputs=("out",))
+def _(model: Path, tmp: Path) -> list[str]:
+    write_gguf(tmp / "gemma.gguf", arch="gemma")
+    return ["import-gguf", str(tmp / "gemma.gguf"), str(tmp / "out")]
+
+
+@case("gguf-out-dir-occupied", 2, r"out already exists and is not empty; use --overwrite")
+def _(model: Path, tmp: Path) -> list[str]:
+    write_gguf(tmp / "good.gguf")
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("mine")
+    return ["import-gguf", str(tmp / "good.gguf"), str(tmp / "out")]
+
+
+@case("gguf-bad-dtype", 2, r"--dtype 'int8' is not supported here; use fp32, bf16 or fp16", outputs=("out",))
+def _(model: Path, tmp: Path) -> list[str]:
+    return ["import-gguf", str(write_gguf(tmp / "good.gguf")), str(tmp / "out"), "--dtype", "int8"]
+
+
 # --- perplexity inputs
 
 
@@ -616,6 +694,15 @@ def _(model: Path, tmp: Path) -> list[str]:
 def _(model: Path, tmp: Path) -> list[str]:
     (tmp / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
     return ["perplexity", str(tmp / "latin1.txt"), "--model", str(model), "--device", "cpu"]
+
+
+@case("perplexity-tokenizer-not-for-this-model", 2, r"token id 3\d\d but the model has only 320")
+def _(model: Path, tmp: Path) -> list[str]:
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens([f"word{i}" for i in range(100)])
+    tokenizer.save(str(model / "tokenizer.json"))
+    (tmp / "text.txt").write_text("the word99 sat on the mat. " * 3)
+    return ["perplexity", str(tmp / "text.txt"), "--model", str(model), "--device", "cpu", "--context", "64"]
 
 
 @case("perplexity-context-too-long", 2, r"--context 4096 exceeds the model's context of 128")
