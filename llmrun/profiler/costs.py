@@ -14,6 +14,7 @@ Conventions, stated once (the report repeats them):
   start + i + 1 keys, so FLOPs = 4·B·h·hd·(T·start + T(T+1)/2). In decode (T = 1) that is every
   cached key, 4·B·h·hd·S; in a prefill from position 0 it is about half of the full T×S square
   that a non-causal count (and ``FlopCounterMode``) reports. Softmax and scaling are not counted.
+  A sliding window w (Mistral, some Qwen2 layers) caps each query at w keys.
 * Bytes are a lower bound on main-memory traffic: each op reads its inputs and weights once and
   writes its outputs once (what a fused kernel would move). Weights are read once per step
   whatever the batch; the embedding reads only the looked-up rows; a tied lm_head reads the whole
@@ -40,8 +41,9 @@ LOGITS_BYTES = 4  # the executor returns float32 logits
 TOKEN_BYTES = 8  # int64 token ids
 
 ATTENTION_CONVENTION = (
-    "attention FLOPs count causal work only: query i attends to start+i+1 keys "
-    "(4*B*h*hd*(T*start + T*(T+1)/2); decode: 4*B*h*hd*S); softmax not counted"
+    "causal: query i of the T new tokens attends to start+i+1 keys (at most the sliding window), so "
+    "attention FLOPs = 4*B*h*hd*(T*start + T*(T+1)/2), about half the full T*S square in a prefill "
+    "(decode: 4*B*h*hd*S); softmax not counted"
 )
 
 

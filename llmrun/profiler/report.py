@@ -31,6 +31,8 @@ CONVENTIONS = {
     "attributed_s and unattributed_s are medians over the steps",
     "roofline_fraction": "max(flops/peak_flops, bytes/peak_bytes_per_s) / time_s (speed-of-light time over time)",
     "bound": "compute if intensity >= ridge (peak_flops / peak_bytes_per_s), else memory",
+    "executor": "the eager layer-by-layer path of llmrun.executor, which runs whenever a probe is given "
+    "(the decode fast path, without per-op hooks, is not what is timed here)",
 }
 
 OP_FIELDS = (
@@ -187,9 +189,9 @@ def render_tables(report: dict, console) -> None:
     for run in report["runs"]:
         table = Table(title=run_title(run), title_justify="left", caption_justify="left")
         table.caption = summary_line(run)
-        for name in ("layer", "op", "time ms", "share", "GFLOP", "MB", "FLOP/B", "GFLOP/s", "GB/s", "attainable"):
+        columns = ("layer", "op", "time ms", "IQR ms", "share", "GFLOP", "MB", "FLOP/B", "GFLOP/s", "GB/s")
+        for name in (*columns, "attainable GFLOP/s", "% roofline"):
             table.add_column(name, justify="left" if name in ("layer", "op") else "right")
-        table.add_column("% roof", justify="right")
         table.add_column("bound")
         for row in run["ops"]:
             layer = "" if row["layers"] == 1 else f"mean of {row['layers']}"
@@ -198,6 +200,7 @@ def render_tables(report: dict, console) -> None:
                 layer,
                 row["op"],
                 f"{row['time_s'] * 1e3:.3f}",
+                f"{row['time_s_iqr'] * 1e3:.3f}",
                 f"{row['share']:.1%}",
                 f"{row['flops'] / 1e9:.4g}",
                 f"{row['bytes'] / 1e6:.4g}",
