@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -160,4 +162,41 @@ def test_unreachable_hub_without_offline_flag(workdir):
         HF_HUB_DOWNLOAD_TIMEOUT="2",
     )
     assert proc.returncode == 2, proc.stderr.decode()
-    check_one_line(proc.stderr.decode(), r"nobody-xyz/no-such-model")
+    check_one_line(proc.stderr.decode(), r"nobody-xyz/no-such-model is not in the local .* hub cannot be reached")
+
+
+UNSAFE_SOURCE = {
+    "torch.load": r"\btorch\.load\s*\(",
+    "a pickle import": r"^\s*(import|from)\s+(pickle|cPickle|dill|joblib)\b",
+    "pickle.load": r"\bpickle\.(loads?|Unpickler)\b",
+    "trust_remote_code": r"trust_remote_code",
+    "eval/exec": r"(?<![.\w])(eval|exec)\s*\(",
+    "an unsandboxed Jinja2 environment": r"(?<!Sandboxed)Environment\s*\(",
+}
+
+
+@pytest.mark.parametrize("pattern", UNSAFE_SOURCE.values(), ids=UNSAFE_SOURCE.keys())
+def test_no_source_line_unpickles_or_runs_code(pattern):
+    hits = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in sorted((REPO / "llmrun").rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(pattern, line)
+    ]
+    assert hits == []
+
+
+def test_generate_and_import_run_with_unpickling_disabled(workdir, monkeypatch, capsys):
+    """At run time too: nothing on the load, generate or GGUF import paths calls an unpickler."""
+    import torch
+    from badinputs import write_gguf
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something tried to unpickle")
+
+    for owner, name in [(torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")]:
+        monkeypatch.setattr(owner, name, refuse)
+    model, scratch = workdir
+    assert run([*gen(model), "--chat"]) == 0, capsys.readouterr().err
+    gguf_file = write_gguf(scratch / "tiny.gguf")
+    assert run(["generate", "the", "--model", str(gguf_file), "--device", "cpu", "--no-chat", "-n", "2"]) == 0
