@@ -30,6 +30,7 @@ import math
 import time
 
 import torch
+import torch.nn.functional as F
 
 from llmrun.kvcache import KVCache
 from llmrun.model import Transformer, fuse_projections
@@ -73,6 +74,7 @@ class StaticDecoder:
         group = h // n_kv
         self.x, self.h = empty(b, d), empty(b, d)
         self.rstd = empty(b, 1, dtype=torch.float32)
+        self.x32 = empty(b, d, dtype=torch.float32) if dtype != torch.float32 else None
         self.eps = torch.tensor(args.rms_norm_eps, dtype=torch.float32, device=device)
         qkv = empty(b, (h + 2 * n_kv) * hd)
         self.qkv = qkv
@@ -100,7 +102,19 @@ class StaticDecoder:
         scale[:h] = 1 / math.sqrt(hd)
         self.head_scale = scale
         self.cos, self.sin = empty(h + n_kv, hd), empty(h + n_kv, hd)
-        self.layers = [_LayerPlan(block, cache.layers[i]) for i, block in enumerate(model.model.layers)]
+        self.layers = [_LayerPlan(block, cache.layers[i], b) for i, block in enumerate(model.model.layers)]
+        # At batch 1 attention is a 3-d bmm per layer (no reshapes); above, a 4-d matmul.
+        self.attn_matmul = torch.bmm if b == 1 else torch.matmul
+        self.scores_shape = (n_kv, group) if b == 1 else (b, n_kv, group)
+        self.scores_per_key = b * n_kv * group
+        self.q_attn = self.q[0] if b == 1 else self.q
+        self.o_attn = self.o4[0] if b == 1 else self.o4
+        # float32 on the CPU: the bmm above allocates nothing. Otherwise SDPA, which accumulates in float32
+        # (bf16 scores rounded to bf16 would lose precision) and reads K in place where bf16 bmm copies it.
+        self.sdpa = dtype != torch.float32 or self.graphed
+        self.gqa = group > 1
+        self.q_sdpa = self.qk[:, :h].unsqueeze(2)  # (B, H, 1, D)
+        self.o_sdpa = self.o.view(b, h, 1, hd)
         self.lm_head_t = model.lm_head.weight.t()
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.token = torch.zeros(b, dtype=torch.long, device=device)
@@ -108,7 +122,7 @@ class StaticDecoder:
             self.positions = torch.arange(s_max, device=device)
             windows = {plan.window for plan in self.layers}
             self.masked = {w: torch.empty(s_max, dtype=torch.bool, device=device) for w in windows}
-            self.bias = {w: empty(s_max) for w in windows}
+            self.bias = {w: empty(s_max) for w in windows}  # additive mask: 0 where attended, -inf elsewhere
             self._graph = self._capture()
         self.prepare_s = time.perf_counter() - t0
 
@@ -147,9 +161,18 @@ class StaticDecoder:
         return graph
 
     def _run(self, token: torch.Tensor, pos: int | None) -> None:
-        """The step itself. ``pos`` None: attend over the whole cache under a mask built from ``self.pos``."""
+        """The step itself. ``pos`` None: attend over the whole cache under a mask built from ``self.pos``.
+
+        On a CPU with several threads, only the matrix-vector products run on all of them: for the
+        small ops a parallel region costs more than their work (and, on a shared machine, waits
+        for a descheduled thread), so they run on one. Switching costs ~0.2 µs.
+        """
         model = self.model
         x, h = self.x, self.h
+        threads = torch.get_num_threads() if self.x.device.type == "cpu" else 1
+        one = threads if threads == 1 else 1
+        set_threads = torch.set_num_threads if threads > 1 else _no_op
+        set_threads(one)
         torch.index_select(model.model.embed_tokens.weight, 0, token, out=x)
         if pos is None:
             torch.mul(self.cos_table.index_select(0, self.pos), self.head_scale, out=self.cos)
@@ -164,62 +187,83 @@ class StaticDecoder:
             torch.mul(self.cos_table[pos], self.head_scale, out=self.cos)
             torch.mul(self.sin_table[pos], self.head_scale, out=self.sin)
             end = pos + 1
-        b, n_kv, group = self.q.shape[:3]
+        bmm, q, o = self.attn_matmul, self.q_attn, self.o_attn
         for plan in self.layers:
             self._norm(x, plan.attn_norm, h)
+            set_threads(threads)
             if plan.bqkv is None:
                 torch.mm(h, plan.wqkv_t, out=self.qkv)
             else:
                 torch.addmm(plan.bqkv, h, plan.wqkv_t, out=self.qkv)
+            set_threads(one)
             torch.index_select(self.qk_in, -1, self.perm, out=self.rotated)
             self.rotated.mul_(self.sin)
             torch.addcmul(self.rotated, self.qk_in, self.cos, out=self.qk)
             plan.k.index_copy_(2, self.pos, self.k_new)
             plan.v.index_copy_(2, self.pos, self.v_new)
-            if pos is None:
-                scores = self.scores.view(b, n_kv, group, end)
-                torch.matmul(self.q, plan.k_t, out=scores)
-                scores.add_(self.bias[plan.window])
-                values = plan.v
+            start = 0 if plan.window is None or pos is None else max(0, end - plan.window)
+            if self.sdpa:
+                mask = None if pos is not None else self.bias[plan.window]
+                attended = F.scaled_dot_product_attention(
+                    self.q_sdpa,
+                    plan.k[:, :, start:end],
+                    plan.v[:, :, start:end],
+                    attn_mask=mask,
+                    scale=1.0,
+                    enable_gqa=self.gqa,
+                )
+                self.o_sdpa.copy_(attended)
             else:
-                start = 0 if plan.window is None else max(0, end - plan.window)
-                scores = self.scores[: b * n_kv * group * (end - start)].view(b, n_kv, group, end - start)
-                torch.matmul(self.q, plan.k_t[..., start:end], out=scores)
-                values = plan.v[:, :, start:end]
-            torch.ops.aten._softmax.out(scores, -1, False, out=scores)  # in place: scores become weights
-            torch.matmul(scores, values, out=self.o4)
+                scores = self.scores[: self.scores_per_key * (end - start)].view(*self.scores_shape, end - start)
+                bmm(q, plan.k_t[..., start:end], out=scores)
+                torch._softmax(scores, -1, False, out=scores)  # in place: the scores become the weights
+                bmm(scores, plan.v_attn[..., start:end, :], out=o)
+            set_threads(threads)
             x.addmm_(self.o, plan.wo_t)
+            set_threads(one)
             if plan.bo is not None:
                 x.add_(plan.bo)
             self._norm(x, plan.mlp_norm, h)
+            set_threads(threads)
             if plan.bgate_up is None:
                 torch.mm(h, plan.wgate_up_t, out=self.gate_up)
             else:
                 torch.addmm(plan.bgate_up, h, plan.wgate_up_t, out=self.gate_up)
+            set_threads(one)
             torch.nn.functional.silu(self.gate, inplace=True)
             self.gate.mul_(self.up)
+            set_threads(threads)
             x.addmm_(self.gate, plan.wdown_t)
+            set_threads(one)
             if plan.bdown is not None:
                 x.add_(plan.bdown)
         self._norm(x, model.model.norm.weight, h)
+        set_threads(threads)
         torch.mm(h, self.lm_head_t, out=self._logits_mm)
         if self._logits_mm is not self.logits:
             self.logits.copy_(self._logits_mm)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
         """RMSNorm as ``llmrun.model.RMSNorm``: float32 statistics, cast to the model dtype, then the weight."""
-        rstd = self.rstd
-        torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, dtype=torch.float32, out=rstd)
+        rstd, x32 = self.rstd, self.x32
+        if x32 is not None:  # bf16/fp16: the statistics and the scaling in float32, as the eager path
+            x32.copy_(x)
+            x = x32
+        torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True, out=rstd)
         torch.addcmul(self.eps, rstd, rstd, value=1 / x.shape[-1], out=rstd)  # mean(x^2) + eps
         rstd.rsqrt_()
-        torch.mul(x, rstd, out=out)
+        if x32 is None:
+            torch.mul(x, rstd, out=out)
+        else:
+            x32.mul_(rstd)
+            out.copy_(x32)
         out.mul_(weight)
 
 
 class _LayerPlan:
     """One block's weights (transposed views for ``torch.mm``) and its cache buffers."""
 
-    def __init__(self, block, layer_cache) -> None:
+    def __init__(self, block, layer_cache, batch: int) -> None:
         attn, mlp = block.self_attn, block.mlp
         self.window = attn.window
         self.attn_norm = block.input_layernorm.weight
@@ -229,7 +273,13 @@ class _LayerPlan:
         self.wgate_up_t, self.bgate_up = mlp.wgate_up.t(), mlp.bgate_up
         self.wdown_t, self.bdown = mlp.down_proj.weight.t(), mlp.down_proj.bias
         self.k, self.v = layer_cache.k, layer_cache.v  # (B, Hkv, S_max, D)
-        self.k_t = layer_cache.k.transpose(2, 3)  # (B, Hkv, D, S_max)
+        k, v = (layer_cache.k[0], layer_cache.v[0]) if batch == 1 else (layer_cache.k, layer_cache.v)
+        self.k_t = k.transpose(-1, -2)  # ([B,] Hkv, D, S_max)
+        self.v_attn = v  # ([B,] Hkv, S_max, D)
+
+
+def _no_op(_: int) -> None:
+    return None
 
 
 class _Allocator:
