@@ -6,6 +6,7 @@ traceback); 3 a ``--fail-under`` threshold was missed; 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -113,9 +114,7 @@ def main() -> None:
     code = run()
     if code == 130:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
         os._exit(130)
     sys.exit(code)
