@@ -1,0 +1,203 @@
+"""The decode fast path (``llmrun.fastpath``) against the plain eager path, and what it promises.
+
+Same logits (fp32: 1e-5 absolute on tiny models, 1e-4 on SmolLM2; bf16: no further from an fp32
+reference than the eager bf16 path is), same greedy tokens, fused weights that change nothing,
+no reallocated KV cache, and no allocation inside a step (fp32 on the CPU; any dtype on CUDA).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmrun.executor import decode_step, make_cache, prefill, static_decoder
+from llmrun.fastpath import StaticDecoder
+from llmrun.loader import load_model
+from llmrun.model import Transformer, fuse_projections
+
+CASES = {
+    "llama-gqa": ("llama", dict(num_key_value_heads=2)),
+    "llama-mha-untied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=False)),
+    "llama-attention-bias": ("llama", dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    "qwen2-bias": ("qwen2", dict(num_key_value_heads=2)),
+    "mistral-window": ("mistral", dict(num_key_value_heads=2, sliding_window=6)),
+    "llama3-rope": (
+        "llama",
+        dict(
+            num_key_value_heads=2,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+    ),
+}
+
+
+def _decode_logits(model, tokens: torch.Tensor, n_prompt: int, *, fast: bool) -> torch.Tensor:
+    """Logits (B, T - n_prompt, V) of decode steps after a prefill of ``n_prompt`` tokens."""
+    cache = make_cache(model, tokens.shape[0], tokens.shape[1])
+    prefill(model, tokens[:, :n_prompt], cache)
+    steps = [decode_step(model, tokens[:, pos], pos, cache, fast=fast) for pos in range(n_prompt, tokens.shape[1])]
+    return torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fast_decode_equals_eager_decode(tiny_factory, case, batch):
+    model_type, overrides = CASES[case]
+    model = load_model(tiny_factory(model_type, **overrides), torch.device("cpu"), torch.float32, progress=False)
+    tokens = torch.randint(0, 320, (batch, 24), generator=torch.Generator().manual_seed(5))
+    eager = _decode_logits(model, tokens, 4, fast=False)
+    fast = _decode_logits(model, tokens, 4, fast=True)
+    torch.testing.assert_close(fast, eager, atol=1e-5, rtol=0)
+
+
+def test_fast_decode_in_bf16_is_as_close_to_fp32_as_eager(tiny_factory):
+    path = tiny_factory("llama", num_key_value_heads=2)
+    reference = load_model(path, torch.device("cpu"), torch.float32, progress=False)
+    model = load_model(path, torch.device("cpu"), torch.bfloat16, progress=False)
+    tokens = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(6))
+    ref = _decode_logits(reference, tokens, 4, fast=False)
+    eager_err = (_decode_logits(model, tokens, 4, fast=False) - ref).abs().max()
+    fast_err = (_decode_logits(model, tokens, 4, fast=True) - ref).abs().max()
+    assert fast_err <= 1.5 * eager_err + 1e-3, (fast_err, eager_err)
+
+
+def test_fusion_keeps_parameters_names_and_values(tiny_factory):
+    from safetensors.torch import load_file
+
+    from llmrun.config import ModelArgs
+
+    path = tiny_factory("qwen2", num_key_value_heads=2)
+    with torch.device("meta"):
+        plain = Transformer(ModelArgs.from_json(path / "config.json"))
+    model = load_model(path, torch.device("cpu"), torch.float32, progress=False)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.wqkv is not None and attn.bqkv is not None and mlp.wgate_up is not None
+    assert attn.q_proj.weight.data_ptr() == attn.wqkv.data_ptr()
+    assert attn.k_proj.weight.data_ptr() == attn.wqkv[attn.q_proj.out_features :].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.wgate_up[mlp.gate_proj.out_features :].data_ptr()
+    stored = load_file(path / "model.safetensors")
+    for name in ("model.layers.1.self_attn.v_proj.weight", "model.layers.1.self_attn.k_proj.bias"):
+        torch.testing.assert_close(model.get_parameter(name), stored[name], atol=0, rtol=0)
+    torch.testing.assert_close(
+        model.get_parameter("model.layers.0.mlp.up_proj.weight"),
+        stored["model.layers.0.mlp.up_proj.weight"],
+        atol=0,
+        rtol=0,
+    )
+    assert fuse_projections(model) == {}  # already fused: nothing to do
+
+
+def test_fusing_a_loaded_model_copies_values(tiny_factory):
+    model = load_model(tiny_factory("llama", num_key_value_heads=2), torch.device("cpu"), torch.float32, progress=False)
+    tokens = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(7))
+    before = _decode_logits(model, tokens, 4, fast=False)
+    for block in model.model.layers:  # back to separate parameters, as a model built without the loader has
+        attn, mlp = block.self_attn, block.mlp
+        attn.wqkv = attn.bqkv = mlp.wgate_up = mlp.bgate_up = None
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            lin.weight = torch.nn.Parameter(lin.weight.clone(), requires_grad=False)
+    views = fuse_projections(model)
+    assert len(views) == 5 * model.args.num_hidden_layers
+    torch.testing.assert_close(_decode_logits(model, tokens, 4, fast=False), before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_decode_logits(model, tokens, 4, fast=True), before, atol=1e-5, rtol=0)
+
+
+def test_decode_reuses_the_static_cache_and_buffers(tiny_factory):
+    model = load_model(tiny_factory("llama", num_key_value_heads=2), torch.device("cpu"), torch.float32, progress=False)
+    cache = make_cache(model, 1, 16)
+    pointers = [(layer.k.data_ptr(), layer.v.data_ptr()) for layer in cache.layers]
+    prefill(model, torch.tensor([[1, 2, 3]]), cache)
+    first = decode_step(model, torch.tensor([4]), 3, cache, copy=False)
+    second = decode_step(model, torch.tensor([5]), 4, cache, copy=False)
+    assert first.data_ptr() == second.data_ptr()  # the decoder's own logits buffer, overwritten each step
+    assert [(layer.k.data_ptr(), layer.v.data_ptr()) for layer in cache.layers] == pointers
+    assert static_decoder(model, cache) is cache.decoder
+
+
+def _allocations(fn) -> int:
+    """How many times the CPU allocator handed out memory while ``fn`` ran (the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(1 for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0)
+
+
+def test_allocation_counter_sees_allocations():
+    x = torch.ones(1000)
+    assert _allocations(lambda: x * 2) >= 1
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "mistral-window", "qwen2-bias"])
+def test_fp32_decode_step_allocates_nothing_on_cpu(tiny_factory, case):
+    model_type, overrides = CASES[case]
+    model = load_model(tiny_factory(model_type, **overrides), torch.device("cpu"), torch.float32, progress=False)
+    cache = make_cache(model, 1, 32)
+    token = torch.tensor([7])
+    prefill(model, torch.tensor([[1, 2, 3, 4]]), cache)
+    decode_step(model, token, 4, cache, copy=False)  # warm-up: builds the decoder
+    for pos in (5, 12):
+        assert _allocations(lambda pos=pos: decode_step(model, token, pos, cache, copy=False)) == 0
+
+
+def test_dynamic_rope_past_the_trained_context_falls_back_to_eager(tiny_factory):
+    path = tiny_factory(
+        "llama", num_key_value_heads=2, max_position_embeddings=16, rope_scaling=dict(rope_type="dynamic", factor=2.0)
+    )
+    model = load_model(path, torch.device("cpu"), torch.float32, progress=False)
+    assert static_decoder(model, make_cache(model, 1, 40)) is None
+    assert isinstance(static_decoder(model, make_cache(model, 1, 16)), StaticDecoder)
+    tokens = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(
+        _decode_logits(model, tokens, 4, fast=True), _decode_logits(model, tokens, 4, fast=False), atol=0, rtol=0
+    )
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_and_logits_equal_eager(smollm2_fp32, monkeypatch):
+    from llmrun.generate import generate_tokens
+    from llmrun.sampling import Sampler, SamplingParams
+
+    prompt = list(range(100, 140))
+    greedy = Sampler(SamplingParams(temperature=0.0))
+    fast = list(generate_tokens(smollm2_fp32, prompt, greedy, max_new_tokens=24))
+    monkeypatch.setenv("LLMRUN_FAST", "0")
+    eager = list(generate_tokens(smollm2_fp32, prompt, greedy, max_new_tokens=24))
+    assert fast == eager
+    tokens = torch.tensor([prompt + fast])
+    torch.testing.assert_close(
+        _decode_logits(smollm2_fp32, tokens, 40, fast=True),
+        _decode_logits(smollm2_fp32, tokens, 40, fast=False),
+        atol=1e-4,
+        rtol=0,
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager_and_allocates_nothing(tiny_factory, dtype):
+    model = load_model(tiny_factory("mistral", num_key_value_heads=2, sliding_window=6), torch.device("cuda"), dtype)
+    tokens = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(9)).cuda()
+    eager = _decode_logits(model, tokens, 4, fast=False)
+    fast = _decode_logits(model, tokens, 4, fast=True)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(fast, eager, atol=tol, rtol=0)
+    cache = make_cache(model, 2, 24)
+    decoder = static_decoder(model, cache)
+    assert decoder is not None and decoder.graphed
+    decode_step(model, tokens[:, 0], 0, cache, copy=False)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    for pos in range(1, 8):
+        decode_step(model, tokens[:, pos], pos, cache, copy=False)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
