@@ -219,10 +219,24 @@ def gemv_floor(model: Transformer, batch: int = 1, repeats: int = 5) -> tuple[fl
     """Seconds of one pass of (B, K) @ (K, N) products over every weight matrix the decode reads, and the kernel.
 
     The matrices are the fused ones the fast path multiplies (q/k/v, o, gate/up, down per layer,
-    and the lm_head); the embedding is a row lookup and not counted. Several kernels are tried
-    (``torch.mm`` on the transposed weight, ``F.linear``, ``torch.mv`` at batch 1); the result is
-    the fastest kernel's median over ``repeats`` passes, so no Python-level path through the same
-    kernels can beat it.
+    and the lm_head); the embedding is a row lookup and not counted. Every kernel of
+    ``gemv_kernels`` is tried; the result is the fastest one's median over ``repeats`` passes, so no
+    Python-level path through the same kernels can beat it.
+    """
+    best = {}
+    device = model.lm_head.weight.device
+    with torch.inference_mode():
+        for name, fn in gemv_kernels(model, batch).items():
+            best[name] = statistics.median(_timed(fn, device, repeats))
+    name = min(best, key=best.get)
+    return best[name], name
+
+
+def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, Callable[[], None]]:
+    """Kernel name -> a function running one pass of matrix-vector products over all decode weights.
+
+    ``torch.mm`` on the transposed weight into a preallocated output (what the fast path calls),
+    ``F.linear`` and, at batch 1, ``torch.mv``.
     """
     fuse_projections(model)
     mats = []
@@ -250,12 +264,7 @@ def gemv_floor(model: Transformer, batch: int = 1, repeats: int = 5) -> tuple[fl
     kernels: dict[str, Callable[[], None]] = {"torch.mm": mm, "F.linear": linear}
     if batch == 1:
         kernels["torch.mv"] = mv
-    best = {}
-    with torch.inference_mode():
-        for name, fn in kernels.items():
-            best[name] = statistics.median(_timed(fn, device, repeats))
-    name = min(best, key=best.get)
-    return best[name], name
+    return kernels
 
 
 def weight_bytes(model: Transformer) -> int:
@@ -329,11 +338,16 @@ def _cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-def device_roofs(device: torch.device, dtype: torch.dtype) -> dict[str, object]:
-    """The roofs the profiler divides by (measured once per device and cached): FLOP/s, bytes/s, source."""
+def device_roofs(
+    device: torch.device, dtype: torch.dtype, *, peak_flops: float | None = None, peak_bandwidth: float | None = None
+) -> dict[str, object]:
+    """The roofs the profiler divides by (measured once per device and cached): FLOP/s, bytes/s, source.
+
+    ``peak_flops`` / ``peak_bandwidth`` override either number (both given: nothing is measured).
+    """
     from llmrun.profiler.hardware import select_roofs
 
-    roofs = select_roofs(device, DTYPE_NAMES[dtype])
+    roofs = select_roofs(device, DTYPE_NAMES[dtype], peak_flops=peak_flops, peak_bandwidth=peak_bandwidth)
     return {"peak_flops": roofs.peak_flops, "peak_bytes_per_s": roofs.peak_bytes_per_s, "source": roofs.source}
 
 
@@ -346,7 +360,8 @@ def run_bench(
     warmup: int = 1,
     fast: bool = True,
     kernel_floor: bool = False,
-    roofs: dict[str, object] | None = None,
+    peak_flops: float | None = None,
+    peak_bandwidth: float | None = None,
     on_row: Callable[[BenchRow], None] | None = None,
 ) -> BenchReport:
     """Run every test and return the report; ``on_row`` sees each row as it completes."""
@@ -355,7 +370,7 @@ def run_bench(
     check_fits(model, tests)
     fuse_projections(model)  # prefill multiplies the fused matrices too (a no-op after load_model)
     weight = model.lm_head.weight
-    roofs = roofs or device_roofs(weight.device, weight.dtype)
+    roofs = device_roofs(weight.device, weight.dtype, peak_flops=peak_flops, peak_bandwidth=peak_bandwidth)
     report = BenchReport(environment(model, model_name), roofs)
     report.env["fast_path"] = fast
     floors: dict[int, tuple[float, str]] = {}

@@ -52,6 +52,12 @@ def bench(
     kernel_floor: Annotated[
         bool, typer.Option("--kernel-floor", help="Also time one GEMV pass over all weights beside each tg row.")
     ] = False,
+    peak_flops: Annotated[
+        float | None, typer.Option("--peak-flops", help="Compute roof in FLOP/s instead of the measured one.")
+    ] = None,
+    peak_bandwidth: Annotated[
+        float | None, typer.Option("--peak-bandwidth", help="Memory roof in bytes/s instead of the measured one.")
+    ] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     revision: RevisionOption = None,
@@ -73,6 +79,9 @@ def bench(
         if threads < 1:
             raise LlmrunError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
+    for flag, value in (("--peak-flops", peak_flops), ("--peak-bandwidth", peak_bandwidth)):
+        if value is not None and not value > 0:
+            raise LlmrunError(f"{flag} must be a positive number, got {value}")
     prompts = parse_ints(n_prompt, "-p") if n_prompt is not None else [512]
     gens = parse_ints(n_gen, "-n") if n_gen is not None else [128]
     tests = plan_tests(prompts, gens, parse_pairs(pg, "-pg"), parse_ints(batch, "--batch") if batch else [1])
@@ -85,6 +94,8 @@ def bench(
         warmup=warmup,
         fast=not eager,
         kernel_floor=kernel_floor,
+        peak_flops=peak_flops,
+        peak_bandwidth=peak_bandwidth,
         on_row=lambda row: print(
             f"{row.test} b{row.batch}: {row.tok_s:.2f} ± {row.tok_s_std:.2f} tok/s "
             f"({row.fraction:.1%} {row.fraction_kind.upper()})",

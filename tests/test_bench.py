@@ -1,0 +1,176 @@
+"""``llmrun bench``: the documented JSON fields (docs/SPEED.md), the Markdown table, CSV/JSONL, bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+
+import pytest
+import torch
+
+from llmrun.bench import BenchTest, bound_s, gemv_floor, parse_pairs, plan_tests, render, row_cost
+from llmrun.cli.app import run
+from llmrun.errors import LlmrunError
+from llmrun.loader import load_model
+
+ROOFS = ["--peak-flops", "1e11", "--peak-bandwidth", "2e10"]  # fixed roofs: nothing is measured in the tests
+ENV_FIELDS = {
+    "llmrun_version",
+    "git_commit",
+    "torch_version",
+    "python_version",
+    "device",
+    "device_name",
+    "dtype",
+    "threads",
+    "model",
+    "n_params",
+    "weight_bytes",
+    "timestamp",
+    "fast_path",
+}
+ROW_FIELDS = {
+    "test",
+    "n_prompt",
+    "n_gen",
+    "batch",
+    "repetitions",
+    "tok_s",
+    "tok_s_std",
+    "samples_s",
+    "flops",
+    "bytes",
+    "sol_s",
+    "sol_tok_s",
+    "fraction",
+    "fraction_kind",
+    "prepare_s",
+    "kernel_floor_s",
+    "kernel_floor_tok_s",
+    "kernel_floor_fraction",
+}
+
+
+@pytest.fixture
+def tiny_dir(tiny_factory):
+    return tiny_factory("llama", num_key_value_heads=2)
+
+
+def _bench(capsys, tiny_dir, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what saving the checkpoint printed
+    code = run(["bench", "--model", str(tiny_dir), "--random-weights", "--device", "cpu", *ROOFS, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_has_the_documented_fields(capsys, tiny_dir):
+    code, out, _ = _bench(
+        capsys, tiny_dir, "-p", "16", "-n", "8", "-pg", "16,8", "-r", "2", "--batch", "1,2", "-o", "json"
+    )
+    assert code == 0
+    report = json.loads(out)
+    assert set(report) == {"env", "roofs", "rows"}
+    assert set(report["env"]) >= ENV_FIELDS
+    assert report["env"]["threads"] == torch.get_num_threads() and report["env"]["dtype"] == "fp32"
+    assert report["env"]["fast_path"] is True
+    assert report["roofs"] == {"peak_flops": 1e11, "peak_bytes_per_s": 2e10, "source": "override"}
+    rows = report["rows"]
+    assert [(r["test"], r["batch"]) for r in rows] == [
+        ("pp16", 1),
+        ("tg8", 1),
+        ("pp16+tg8", 1),
+        ("pp16", 2),
+        ("tg8", 2),
+        ("pp16+tg8", 2),
+    ]
+    for row in rows:
+        assert set(row) == ROW_FIELDS
+        assert len(row["samples_s"]) == row["repetitions"] == 2
+        tokens = row["batch"] * (row["n_prompt"] + row["n_gen"])
+        assert row["tok_s"] == pytest.approx(statistics.fmean(tokens / t for t in row["samples_s"]))
+        assert row["sol_tok_s"] == pytest.approx(tokens / row["sol_s"])
+        assert row["fraction"] == pytest.approx(row["sol_s"] / statistics.fmean(row["samples_s"]))
+        assert row["flops"] > 0 and row["bytes"] > 0
+    assert [r["fraction_kind"] for r in rows[:3]] == ["mfu", "mbu", "sol"]
+
+
+def test_markdown_is_a_table_to_paste(capsys, tiny_dir):
+    code, out, err = _bench(capsys, tiny_dir, "-p", "8", "-n", "4", "-r", "1", "--warmup", "0")
+    assert code == 0
+    lines = out.strip().splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    assert len(table) == 2 + 2  # header, alignment, pp8, tg4
+    assert "t/s" in table[0] and "speed of light t/s" in table[0] and "fraction" in table[0]
+    assert set(table[1].replace("|", "").split()) <= {"---", "---:"}
+    assert table[2].count("|") == table[0].count("|")
+    assert "pp8" in table[2] and "MFU" in table[2] and "tg4" in table[3] and "MBU" in table[3]
+    assert "±" in table[2]
+    assert "torch" in lines[-1] and "roofs" in lines[-1]
+    assert "tok/s" in err  # progress rows go to stderr
+
+
+def test_csv_and_jsonl(capsys, tiny_dir):
+    code, out, _ = _bench(capsys, tiny_dir, "-p", "8", "-n", "4", "-r", "1", "-o", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["test"] for r in rows] == ["pp8", "tg4"]
+    assert float(rows[1]["tok_s"]) > 0 and rows[0]["dtype"] == "fp32"
+    code, out, _ = _bench(capsys, tiny_dir, "-p", "8", "-n", "4", "-r", "1", "-o", "jsonl", "--eager")
+    assert code == 0
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["test"] for r in lines] == ["pp8", "tg4"]
+    assert all(r["fast_path"] is False for r in lines)
+    assert {"torch_version", "threads", "peak_flops", "tok_s"} <= set(lines[0])
+
+
+def test_kernel_floor_columns(capsys, tiny_dir):
+    code, out, _ = _bench(capsys, tiny_dir, "-p", "0", "-n", "4", "-r", "1", "--kernel-floor", "-o", "json")
+    assert code == 0
+    (row,) = json.loads(out)["rows"]
+    assert row["kernel_floor_s"] > 0
+    assert row["kernel_floor_fraction"] == pytest.approx(row["tok_s"] / row["kernel_floor_tok_s"])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-o", "xml"],
+        ["-pg", "512"],
+        ["-p", "abc"],
+        ["-p", "0", "-n", "0"],
+        ["-r", "0"],
+        ["--batch", "0"],
+        ["-p", "200"],  # the tiny model's context is 128
+        ["--peak-flops", "-1"],
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, tiny_dir, args):
+    code, out, err = _bench(capsys, tiny_dir, *args)
+    assert code == 2
+    assert err.startswith("llmrun: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_plan_and_bounds(tiny_dir):
+    tests = plan_tests([512], [128], parse_pairs(["512,128"], "-pg"), [1])
+    assert [t.name for t in tests] == ["pp512", "tg128", "pp512+tg128"]
+    with pytest.raises(LlmrunError):
+        parse_pairs(["1,2,3"], "-pg")
+    model = load_model(tiny_dir, torch.device("cpu"), torch.float32, progress=False)
+    pp, tg, both = BenchTest(16, 0), BenchTest(0, 8), BenchTest(16, 8)
+    flops, _, _ = row_cost(model, pp)
+    pp_s, kind = bound_s(model, pp, 1e11, 2e10)
+    assert kind == "mfu" and pp_s == pytest.approx(flops / 1e11)
+    tg_s, kind = bound_s(model, tg, 1e11, 2e10)
+    assert kind == "mbu" and tg_s == pytest.approx(row_cost(model, tg)[1] / 2e10)
+    assert bound_s(model, both, 1e11, 2e10)[0] > pp_s
+    seconds, kernel = gemv_floor(model, 1, repeats=2)
+    assert seconds > 0 and kernel in ("torch.mm", "F.linear", "torch.mv")
+
+
+def test_render_rejects_unknown_format():
+    from llmrun.bench import BenchReport
+
+    with pytest.raises(LlmrunError):
+        render(BenchReport({}, {}), "xml")
