@@ -110,6 +110,9 @@ def profile(
         raise LlmrunError(str(exc)) from None
     if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
         raise LlmrunError(f"--plot {plot}: the chart is written as .png or .svg")
+    for flag, path in (("--output", output), ("--plot", plot)):
+        if path is not None and not path.parent.is_dir():  # refuse before minutes of measuring, not after
+            raise LlmrunError(f"{flag} {path}: the directory {path.parent} does not exist")
     report = run_profile(
         model,
         device,
@@ -183,7 +186,7 @@ def run_profile(
     )
     steps = len(batches) * len(prompt_lens) * (warmup + repeats) * (decode_tokens + 1)
     columns = (TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
         task = bar.add_task("profile", total=steps)
         timings = measure.measure(
             session.model,
