@@ -712,6 +712,25 @@ def _(model: Path, tmp: Path) -> list[str]:
     return ["perplexity", str(tmp / "text.txt"), "--model", str(model), "--device", "cpu", "--context", "4096"]
 
 
+# --- profile
+
+
+@case("profile-prompt-len-zero", 2, r"--prompt-len '0': give one or more integers of at least 1")
+def _(model: Path, tmp: Path) -> list[str]:
+    return ["profile", "--model", str(model), "--device", "cpu", "--prompt-len", "0"]
+
+
+@case("profile-output-dir-missing", 2, r"--output .*/missing/report\.json: the directory .*/missing does not exist")
+def _(model: Path, tmp: Path) -> list[str]:
+    args = ["profile", "--model", str(model), "--device", "cpu", "--prompt-len", "8", "--decode-tokens", "2"]
+    return [*args, "--format", "json", "--output", str(tmp / "missing" / "report.json")]
+
+
+@case("profile-fail-under-unknown-metric", 2, r"--fail-under 'speed=0\.5': expected .*METRIC=FRACTION")
+def _(model: Path, tmp: Path) -> list[str]:
+    return ["profile", "--model", str(model), "--device", "cpu", "--fail-under", "speed=0.5"]
+
+
 def check_one_line(stderr: str, message: str) -> str:
     """Assert ``stderr`` is exactly one ``llmrun: `` line matching ``message`` with no traceback; return it."""
     lines = stderr.splitlines()
