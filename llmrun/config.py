@@ -7,6 +7,7 @@ directly; unknown keys are ignored (as in mlx-lm's ``ModelArgs.from_dict``).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -191,8 +192,13 @@ def _check_rope_scaling(scaling: dict[str, Any]) -> None:
         )
     for key in ROPE_TYPES[kind]:
         value = scaling.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
             raise LlmrunError(f"config.json: rope_scaling {kind!r} needs a positive number {key!r}, got {value!r}")
+    # As transformers' rope validation: scaling stretches the context, and llama3's band must not be empty.
+    if "factor" in ROPE_TYPES[kind] and scaling["factor"] < 1:
+        raise LlmrunError(f"config.json: rope_scaling {kind!r} needs factor >= 1, got {scaling['factor']!r}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise LlmrunError("config.json: rope_scaling 'llama3' needs high_freq_factor > low_freq_factor")
 
 
 def _check_types(kwargs: dict[str, Any], source: str) -> None:
@@ -205,5 +211,12 @@ def _check_types(kwargs: dict[str, Any], source: str) -> None:
     for key in integers:
         if key in kwargs and (not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool)):
             raise LlmrunError(f"{source}: {key!r} must be an integer, got {kwargs[key]!r}")
+    eps, theta, window = kwargs.get("rms_norm_eps", 0), kwargs.get("rope_theta", 1), kwargs.get("sliding_window", 1)
+    if not math.isfinite(eps) or eps < 0:
+        raise LlmrunError(f"{source}: 'rms_norm_eps' must be a finite number >= 0, got {eps!r}")
+    if not math.isfinite(theta) or theta <= 0:
+        raise LlmrunError(f"{source}: 'rope_theta' must be a finite number > 0, got {theta!r}")
+    if window <= 0:
+        raise LlmrunError(f"{source}: 'sliding_window' must be a positive integer, got {window!r}")
     if "rope_scaling" in kwargs and not isinstance(kwargs["rope_scaling"], dict):
         raise LlmrunError(f"{source}: 'rope_scaling' must be an object, got {kwargs['rope_scaling']!r}")
