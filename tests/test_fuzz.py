@@ -208,8 +208,11 @@ def _check_config(args: ModelArgs) -> None:
     assert isinstance(args.num_key_value_heads, int) and args.num_key_value_heads > 0
     assert args.num_attention_heads % args.num_key_value_heads == 0
     assert args.kv_groups >= 1
+    assert math.isfinite(args.rope_theta) and args.rope_theta > 0
+    assert math.isfinite(args.rms_norm_eps) and args.rms_norm_eps >= 0
+    assert args.sliding_window is None or args.sliding_window > 0
     try:
-        assert args.context_length > 0
+        assert args.context_length >= args.max_position_embeddings > 0
         windows = args.attention_windows()
         assert len(windows) == args.num_hidden_layers
         assert isinstance(args.rope_type, str)
@@ -221,6 +224,7 @@ def _check_config(args: ModelArgs) -> None:
 @given(changes=st.dictionaries(config_keys, config_values | st.just(None), max_size=5), drop=st.sets(config_keys))
 @example(changes={"architectures": 1, "model_type": None}, drop=set())  # found by this test: a TypeError
 @example(changes={"num_attention_heads": 0}, drop={"head_dim"})  # found by the corpus: a ZeroDivisionError
+@example(changes={"rope_scaling": {"rope_type": "dynamic", "factor": 0.00390625}}, drop=set())  # context 0
 def test_config_dicts(changes, drop):
     raw = {k: v for k, v in {**VALID_CONFIG, **changes}.items() if k not in drop or k in changes}
     try:
