@@ -20,7 +20,7 @@ class PromptSettings:
 def read_prompt(prompt: str | None) -> str:
     """The prompt argument, or stdin for ``-``/no argument; non-UTF-8 input and empty prompts are refused."""
     if prompt is not None and prompt != "-":
-        text = prompt
+        text = _check_utf8(prompt, "the prompt argument")
     elif prompt is None and sys.stdin.isatty():
         raise LlmrunError("no prompt given; pass it as an argument, or '-' to read stdin")
     else:
@@ -31,6 +31,15 @@ def read_prompt(prompt: str | None) -> str:
             raise LlmrunError(f"stdin is not valid UTF-8 (byte {exc.start}); convert the prompt to UTF-8") from None
     if not text.strip():
         raise LlmrunError("the prompt is empty; give some text to continue")
+    return text
+
+
+def _check_utf8(text: str, what: str) -> str:
+    """``text`` unchanged, unless it came from bytes that are not UTF-8 (Python keeps them as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LlmrunError(f"{what} is not valid UTF-8 (character {exc.start}); convert it to UTF-8") from None
     return text
 
 
@@ -63,7 +72,8 @@ def build_prompt(session, text: str, settings: PromptSettings, max_new_tokens: i
     if use_chat and not tokenizer.has_chat_template:
         raise LlmrunError(f"{session.name} has no chat template; use --no-chat")
     if use_chat:
-        ids = tokenizer.encode_chat(chat_messages(text, settings.system))
+        system = _check_utf8(settings.system, "--system") if settings.system else None
+        ids = tokenizer.encode_chat(chat_messages(text, system))
     else:
         if settings.system:
             raise LlmrunError("--system needs chat mode; drop it or use --chat")
