@@ -590,6 +590,16 @@ def _(model: Path, tmp: Path) -> list[str]:
     return gen(model, prompt="-")
 
 
+@case("prompt-argument-not-utf8", 2, r"the prompt argument is not valid UTF-8 \(character 6\)")
+def _(model: Path, tmp: Path) -> list[str]:
+    return gen(model, prompt="hello \udcff world")  # how Python hands over argv bytes that are not UTF-8
+
+
+@case("system-argument-not-utf8", 2, r"--system is not valid UTF-8 \(character 3\)")
+def _(model: Path, tmp: Path) -> list[str]:
+    return [*gen(model)[:-1], "--chat", "--system", "be \udcfe"]
+
+
 @case("stdin-empty", 2, r"the prompt is empty", stdin=b"")
 def _(model: Path, tmp: Path) -> list[str]:
     return gen(model, prompt="-")

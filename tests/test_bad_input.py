@@ -121,7 +121,14 @@ def _subprocess(argv: list[str], tmp: Path, stdin: bytes = b"", **env: str) -> s
     )
 
 
-SUBPROCESS_CASES = ("config-invalid-json", "tensor-wrong-shape", "stdin-not-utf8", "top-k-negative", "gguf-truncated")
+SUBPROCESS_CASES = (
+    "config-invalid-json",
+    "tensor-wrong-shape",
+    "stdin-not-utf8",
+    "prompt-argument-not-utf8",
+    "top-k-negative",
+    "gguf-truncated",
+)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in SUBPROCESS_CASES], ids=lambda c: c.id)
