@@ -27,6 +27,8 @@ whenever a probe is given), and ``llmrun bench`` reports this path's speed besid
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 
 import torch
@@ -34,6 +36,11 @@ import torch.nn.functional as F
 
 from llmrun.kvcache import KVCache
 from llmrun.model import Transformer, fuse_projections
+
+
+def compile_enabled() -> bool:
+    """Whether CUDA decoders compile their step with ``torch.compile``: unless ``LLMRUN_COMPILE=0``."""
+    return os.environ.get("LLMRUN_COMPILE", "1") != "0"
 
 
 def supported(model: Transformer, cache: KVCache) -> bool:
@@ -50,12 +57,24 @@ class StaticDecoder:
     """Decode steps for one model and one ``KVCache``, with every buffer allocated here once.
 
     ``step(token, pos)`` reads token ids (B,) at position ``pos`` and returns logits (B, V)
-    float32: a buffer that the next step overwrites (copy it to keep it). ``graphed`` says
-    whether steps replay a CUDA graph; ``prepare_s`` is the seconds spent building (and, on
-    CUDA, capturing) the path, which callers report apart from any token's latency.
+    float32: a buffer that the next step overwrites (copy it to keep it).
+
+    Modes (defaults: all three on CUDA, none on the CPU): ``static`` takes the position as a
+    device tensor and attends over the whole cache under a mask, so every step has the same
+    shapes; ``compile`` runs that step through ``torch.compile`` (``LLMRUN_COMPILE=0`` turns it
+    off); ``graph`` captures it in a CUDA graph and replays it. ``prepare_s`` is the seconds spent
+    building, compiling and capturing, which callers report apart from any token's latency.
     """
 
-    def __init__(self, model: Transformer, cache: KVCache, *, graph: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        cache: KVCache,
+        *,
+        graph: bool | None = None,
+        compile: bool | None = None,
+        static: bool | None = None,
+    ) -> None:
         t0 = time.perf_counter()
         fuse_projections(model)
         self.model, self.cache = model, cache
@@ -66,9 +85,15 @@ class StaticDecoder:
         b, n_kv, s_max, hd = k0.shape
         h = args.num_attention_heads
         self.batch, self.max_seq_len = b, s_max
-        self.graphed = device.type == "cuda" if graph is None else graph
-        if self.graphed and device.type != "cuda":
+        cuda = device.type == "cuda"
+        self.graphed = cuda if graph is None else graph
+        if self.graphed and not cuda:
             raise ValueError("CUDA graphs need a CUDA device")
+        self.compiled = (cuda and compile_enabled()) if compile is None else compile
+        self.compile_error: str | None = None
+        # Static shapes (a CUDA graph, torch.compile): the position is a tensor and attention covers the
+        # whole cache under a mask. Otherwise the position is a Python int and the cache is sliced.
+        self.static = self.graphed or self.compiled or bool(static)
         empty = _Allocator(device, dtype)
         d, f, v = args.hidden_size, args.intermediate_size, args.vocab_size
         group = h // n_kv
@@ -111,22 +136,21 @@ class StaticDecoder:
         self.o_attn = self.o4[0] if b == 1 else self.o4
         # On the CPU attention is bmm, softmax, bmm: in fp32 that allocates nothing; in bf16 the bmm copies
         # K^T, yet it still costs a third of SDPA's flash kernel at T=1 (45 vs 67 µs per layer at 65 keys,
-        # 150 vs 635 µs at 640), and the logits stay as close to fp32 as the eager path's. A CUDA graph
-        # takes SDPA over the whole cache under a mask.
-        self.sdpa = self.graphed
-        self.gqa = group > 1
-        self.q_sdpa = self.qk[:, :h].unsqueeze(2)  # (B, H, 1, D)
-        self.o_sdpa = self.o.view(b, h, 1, hd)
+        # 150 vs 635 µs at 640), and the logits stay as close to fp32 as the eager path's. Static shapes
+        # (CUDA graphs, torch.compile) take SDPA over the whole cache under a mask.
+        self.sdpa = self.static
         self.lm_head_t = model.lm_head.weight.t()
         self.narrow_small_ops = True  # run the small ops on one thread (see _run)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.token = torch.zeros(b, dtype=torch.long, device=device)
-        if self.graphed:
+        if self.static:
             self.positions = torch.arange(s_max, device=device)
             windows = {plan.window for plan in self.layers}
             self.masked = {w: torch.empty(s_max, dtype=torch.bool, device=device) for w in windows}
-            self.bias = {w: empty(s_max) for w in windows}  # additive mask: 0 where attended, -inf elsewhere
-            self._graph = self._capture()
+            self.bias = {w: empty(1, s_max) for w in windows}  # additive mask: 0 where attended, -inf elsewhere
+            self._static_run = self._compile() if self.compiled else self._run_static
+            if self.graphed:
+                self._graph = self._capture()
         self.prepare_s = time.perf_counter() - t0
 
     @torch.inference_mode()
@@ -138,11 +162,39 @@ class StaticDecoder:
         if self._graph is not None:
             self.token.copy_(token.view(-1))
             self._graph.replay()
+        elif self.static:
+            self.token.copy_(token.view(-1))
+            self._static_run()
         else:
             self._run(token.view(-1), pos)
         return self.logits
 
     _graph: torch.cuda.CUDAGraph | None = None
+
+    def _run_static(self) -> None:
+        self._run(self.token, None)
+
+    def _compile(self):
+        """``torch.compile`` of the static step (fusing the small ops into few kernels), compiled now.
+
+        Compilation happens here, inside ``prepare_s``, never in a token's latency. Where it fails
+        (no compiler toolchain, an unsupported op), the step stays eager and ``compile_error`` says why.
+        """
+        compiled = torch.compile(self._run_static, fullgraph=True, dynamic=False)
+        self.pos.fill_(self.max_seq_len - 1)
+        try:
+            with torch.inference_mode():
+                for _ in range(2):
+                    compiled()
+        except Exception as exc:  # torch._dynamo / inductor raise many types; any of them means: stay eager
+            self.compiled = False
+            self.compile_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            print(
+                f"llmrun: torch.compile of the decode step failed, running it uncompiled ({self.compile_error})",
+                file=sys.stderr,
+            )
+            return self._run_static
+        return compiled
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream, then record one step into a CUDA graph.
@@ -155,11 +207,11 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):
-                self._run(self.token, None)
+                self._static_run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
-            self._run(self.token, None)
+            self._static_run()
         torch.cuda.synchronize()
         return graph
 
@@ -172,7 +224,8 @@ class StaticDecoder:
         """
         model = self.model
         x, h = self.x, self.h
-        threads = torch.get_num_threads() if self.x.device.type == "cpu" and self.narrow_small_ops else 1
+        narrow = self.narrow_small_ops and self.x.device.type == "cpu" and not self.static
+        threads = torch.get_num_threads() if narrow else 1
         one = threads if threads == 1 else 1
         set_threads = torch.set_num_threads if threads > 1 else _no_op
         set_threads(one)
@@ -205,17 +258,12 @@ class StaticDecoder:
             plan.k.index_copy_(2, self.pos, self.k_new)
             plan.v.index_copy_(2, self.pos, self.v_new)
             start = 0 if plan.window is None or pos is None else max(0, end - plan.window)
-            if self.sdpa:
+            if self.sdpa:  # the G query heads of a K/V head as G queries: GQA without repeating K/V
                 mask = None if pos is not None else self.bias[plan.window]
                 attended = F.scaled_dot_product_attention(
-                    self.q_sdpa,
-                    plan.k[:, :, start:end],
-                    plan.v[:, :, start:end],
-                    attn_mask=mask,
-                    scale=1.0,
-                    enable_gqa=self.gqa,
+                    self.q, plan.k[:, :, start:end], plan.v[:, :, start:end], attn_mask=mask, scale=1.0
                 )
-                self.o_sdpa.copy_(attended)
+                self.o4.copy_(attended)
             else:
                 scores = self.scores[: self.scores_per_key * (end - start)].view(*self.scores_shape, end - start)
                 bmm(q, plan.k_t[..., start:end], out=scores)

@@ -148,6 +148,22 @@ def test_fp32_decode_step_allocates_nothing_on_cpu(tiny_factory, case):
         assert _allocations(lambda pos=pos: decode_step(model, token, pos, cache, copy=False)) == 0
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_static_shape_step_equals_eager(tiny_factory, compiled):
+    """The GPU's form of the step (tensor position, whole cache under a mask; compiled or not), run on the CPU."""
+    model = load_model(
+        tiny_factory("mistral", num_key_value_heads=2, sliding_window=6), torch.device("cpu"), torch.float32
+    )
+    tokens = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(10))
+    eager = _decode_logits(model, tokens, 4, fast=False)
+    cache = make_cache(model, 2, 24)
+    prefill(model, tokens[:, :4], cache)
+    decoder = StaticDecoder(model, cache, graph=False, compile=compiled, static=True)
+    assert decoder.static and decoder.compiled == compiled, decoder.compile_error
+    steps = [decoder.step(tokens[:, pos], pos).clone() for pos in range(4, 24)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), eager, atol=1e-5, rtol=0)
+
+
 def test_dynamic_rope_past_the_trained_context_falls_back_to_eager(tiny_factory):
     path = tiny_factory(
         "llama", num_key_value_heads=2, max_position_embeddings=16, rope_scaling=dict(rope_type="dynamic", factor=2.0)
