@@ -1,10 +1,11 @@
 """Overhead of the profiler on decode: the same eager decode steps with the op timers off and on.
 
 "Off" is the executor's eager path with a probe that records nothing (the hooks are called, as
-they always are in prefill); "on" is ``OpTimer`` with its per-step bookkeeping. Rounds alternate
-off, on, off, on, ... so that a noisy neighbour hits both alike; each round is --steps decode steps
-and yields its median step time; the figure is median(on rounds) / median(off rounds) - 1.
-The cost of the hooks themselves when off is measured apart: one no-op region per named op.
+they always are in prefill); "on" is ``OpTimer`` with its per-step bookkeeping. Steps alternate
+off, on, off, on, ... (each round starts with the other one), so that a noisy neighbour hits both
+alike; the figure is the median over adjacent (off, on) pairs of on/off, minus 1. The medians of
+all off and all on steps are printed too. The cost of the hooks themselves when off is measured
+apart: one no-op region per named op.
 
 Usage:
 
@@ -37,8 +38,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=16, help="decode steps per round")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds per side (off and on alternate)")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per round (off and on alternate)")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds, each from the prompt's end again")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     opts = parser.parse_args()
 
@@ -51,10 +52,11 @@ def main() -> int:
     first = prefill(model, tokens.to(device), cache).argmax(-1)
     hooks_only, timer = Probe(), OpTimer(device)
 
-    def one_round(profiled: bool) -> float:
-        """Median seconds of one decode step over --steps steps."""
+    def one_round(first_on: bool) -> list[tuple[bool, float]]:
+        """(profiled, seconds) of each of --steps decode steps, alternating off and on."""
         token, times = first, []
         for j in range(opts.steps):
+            profiled = (j % 2 == 0) == first_on
             synchronize(device)
             t0 = time.perf_counter()
             if profiled:
@@ -63,15 +65,19 @@ def main() -> int:
             else:
                 token = decode_step(model, token, opts.prompt_len + j, cache, hooks_only).argmax(-1)
             synchronize(device)
-            times.append(time.perf_counter() - t0)
+            times.append((profiled, time.perf_counter() - t0))
         timer.reset()
-        return statistics.median(times)
+        return times
 
-    one_round(False), one_round(True)  # warm-up
-    off, on = [], []
-    for _ in range(opts.rounds):
-        off.append(one_round(False))
-        on.append(one_round(True))
+    one_round(False)  # warm-up
+    steps = [step for r in range(opts.rounds) for step in one_round(r % 2 == 1)]
+    ratios = [
+        (b if on_b else a) / (a if on_b else b)
+        for (on_a, a), (on_b, b) in zip(steps[::2], steps[1::2], strict=False)
+        if on_a != on_b
+    ]
+    off = [t for on_, t in steps if not on_]
+    on = [t for on_, t in steps if on_]
     regions = model.args.num_hidden_layers * 11 + 4
     null_s = _null_region_seconds(regions)
     result = {
@@ -84,7 +90,8 @@ def main() -> int:
         "rounds": opts.rounds,
         "off_step_s": statistics.median(off),
         "on_step_s": statistics.median(on),
-        "overhead": statistics.median(on) / statistics.median(off) - 1,
+        "overhead": statistics.median(ratios) - 1,
+        "pairs": len(ratios),
         "null_hooks_per_step_s": null_s,
         "null_hooks_fraction": null_s / statistics.median(off),
     }
@@ -93,7 +100,7 @@ def main() -> int:
     else:
         print(
             f"decode step, profiler off {result['off_step_s'] * 1e3:.2f} ms, on {result['on_step_s'] * 1e3:.2f} ms: "
-            f"overhead {result['overhead']:+.1%} (median of {opts.rounds} alternating rounds of {opts.steps} steps); "
+            f"overhead {result['overhead']:+.1%} (median of {len(ratios)} adjacent off/on pairs); "
             f"hooks when off: {null_s * 1e6:.1f} us per step ({result['null_hooks_fraction']:.3%})"
         )
     return 0
