@@ -212,8 +212,9 @@ def test_interrupted_import_leaves_no_half_model_in_the_cache(tmp_path, monkeypa
 
 def test_ctrl_c_during_import_subprocess(tmp_path):
     gguf_file = write_gguf(tmp_path / "tiny.gguf")
-    proc = _start(["import-gguf", str(gguf_file), str(tmp_path / "out")], _env(tmp_path, HOOK_AT="import"))
-    _read_until(proc.stderr, lambda err: err.count(b"@import") >= 3, timeout=120)
+    env = _env(tmp_path, HOOK_AT="import", HOOK_PAUSE_S="0.5")  # each tensor takes half a second
+    proc = _start(["import-gguf", str(gguf_file), str(tmp_path / "out")], env)
+    _read_until(proc.stderr, lambda err: err.count(b"@import") >= 3, timeout=120)  # inside the third tensor
     elapsed, _, err = _interrupt(proc)
     _check_interrupted(proc.returncode, elapsed, err.decode())
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["tiny.gguf"]
