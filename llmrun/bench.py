@@ -42,6 +42,7 @@ import llmrun
 from llmrun.devices import DTYPE_NAMES, synchronize
 from llmrun.errors import LlmrunError
 from llmrun.executor import decode_step, make_cache, prefill, prepare_decode
+from llmrun.fastpath import onednn_supported
 from llmrun.model import Transformer, fuse_projections
 
 FORMATS = ("md", "csv", "json", "jsonl")
@@ -235,8 +236,9 @@ def gemv_floor(model: Transformer, batch: int = 1, repeats: int = 5) -> tuple[fl
 def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, Callable[[], None]]:
     """Kernel name -> a function running one pass of matrix-vector products over all decode weights.
 
-    ``torch.mm`` on the transposed weight into a preallocated output (what the fast path calls),
-    ``F.linear`` and, at batch 1, ``torch.mv``.
+    ``torch.mm`` on the transposed weight into a preallocated output, ``F.linear``, ``torch.mv``
+    (batch 1) and, on a CPU with oneDNN, its linear on plain and on prepacked weights (what the
+    CPU fast path calls: ``llmrun.fastpath.cpu_gemv``). Packing holds a second copy of the weights.
     """
     fuse_projections(model)
     mats = []
@@ -264,6 +266,20 @@ def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, Callable[[], N
     kernels: dict[str, Callable[[], None]] = {"torch.mm": mm, "F.linear": linear}
     if batch == 1:
         kernels["torch.mv"] = mv
+    if device.type == "cpu" and onednn_supported(dtype):
+        onednn = torch.ops.mkldnn._linear_pointwise
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in mats]
+
+        def onednn_plain() -> None:
+            for w in mats:
+                onednn(inputs[w.shape[1]], w, None, "none", [], "")
+
+        def onednn_packed() -> None:
+            for w, p in zip(mats, packed, strict=True):
+                onednn(inputs[w.shape[1]], p, None, "none", [], "")
+
+        kernels["oneDNN linear"] = onednn_plain
+        kernels["oneDNN linear, prepacked"] = onednn_packed
     return kernels
 
 

@@ -127,7 +127,9 @@ class StaticDecoder:
         scale[:h] = 1 / math.sqrt(hd)
         self.head_scale = scale
         self.cos, self.sin = empty(h + n_kv, hd), empty(h + n_kv, hd)
-        self.layers = [_LayerPlan(block, cache.layers[i], b) for i, block in enumerate(model.model.layers)]
+        self.gemv = "mm" if cuda or self.static else cpu_gemv(dtype)
+        pack = _packer(self.gemv, b)
+        self.layers = [_LayerPlan(block, cache.layers[i], b, pack) for i, block in enumerate(model.model.layers)]
         # At batch 1 attention is a 3-d bmm per layer (no reshapes); above, a 4-d matmul.
         self.attn_matmul = torch.bmm if b == 1 else torch.matmul
         self.scores_shape = (n_kv, group) if b == 1 else (b, n_kv, group)
@@ -140,6 +142,7 @@ class StaticDecoder:
         # (CUDA graphs, torch.compile) take SDPA over the whole cache under a mask.
         self.sdpa = self.static
         self.lm_head_t = model.lm_head.weight.t()
+        self.lm_head_onednn = pack(model.lm_head.weight)
         self.narrow_small_ops = True  # run the small ops on one thread (see _run)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.token = torch.zeros(b, dtype=torch.long, device=device)
@@ -244,10 +247,15 @@ class StaticDecoder:
             torch.mul(self.sin_table[pos], self.head_scale, out=self.sin)
             end = pos + 1
         bmm, q, o = self.attn_matmul, self.q_attn, self.o_attn
+        onednn = self.gemv != "mm"
+        linear, linear_add = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._linear_pointwise.binary
+        f = self.gate.shape[-1]
         for plan in self.layers:
             self._norm(x, plan.attn_norm, h)
             set_threads(threads)
-            if plan.bqkv is None:
+            if onednn:
+                self.qkv.copy_(linear(h, plan.qkv_onednn, plan.bqkv, "none", [], ""))
+            elif plan.bqkv is None:
                 torch.mm(h, plan.wqkv_t, out=self.qkv)
             else:
                 torch.addmm(plan.bqkv, h, plan.wqkv_t, out=self.qkv)
@@ -270,29 +278,43 @@ class StaticDecoder:
                 torch._softmax(scores, -1, False, out=scores)  # in place: the scores become the weights
                 bmm(scores, plan.v_attn[..., start:end, :], out=o)
             set_threads(threads)
-            x.addmm_(self.o, plan.wo_t)
+            if onednn:
+                x = linear_add(self.o, x, plan.o_onednn, plan.bo, "add")  # x + o W_o^T (+ b) in one kernel
+            else:
+                x.addmm_(self.o, plan.wo_t)
+                if plan.bo is not None:
+                    x.add_(plan.bo)
             set_threads(one)
-            if plan.bo is not None:
-                x.add_(plan.bo)
             self._norm(x, plan.mlp_norm, h)
             set_threads(threads)
-            if plan.bgate_up is None:
-                torch.mm(h, plan.wgate_up_t, out=self.gate_up)
+            if onednn:
+                gate_up = linear(h, plan.gate_up_onednn, plan.bgate_up, "none", [], "")
+                gate, up = gate_up[:, :f], gate_up[:, f:]
             else:
-                torch.addmm(plan.bgate_up, h, plan.wgate_up_t, out=self.gate_up)
+                if plan.bgate_up is None:
+                    torch.mm(h, plan.wgate_up_t, out=self.gate_up)
+                else:
+                    torch.addmm(plan.bgate_up, h, plan.wgate_up_t, out=self.gate_up)
+                gate, up = self.gate, self.up
             set_threads(one)
-            torch.nn.functional.silu(self.gate, inplace=True)
-            self.gate.mul_(self.up)
+            torch.nn.functional.silu(gate, inplace=True)
+            gate.mul_(up)
             set_threads(threads)
-            x.addmm_(self.gate, plan.wdown_t)
+            if onednn:
+                x = linear_add(gate, x, plan.down_onednn, plan.bdown, "add")
+            else:
+                x.addmm_(gate, plan.wdown_t)
+                if plan.bdown is not None:
+                    x.add_(plan.bdown)
             set_threads(one)
-            if plan.bdown is not None:
-                x.add_(plan.bdown)
         self._norm(x, model.model.norm.weight, h)
         set_threads(threads)
-        torch.mm(h, self.lm_head_t, out=self._logits_mm)
-        if self._logits_mm is not self.logits:
-            self.logits.copy_(self._logits_mm)
+        if onednn:
+            self.logits.copy_(linear(h, self.lm_head_onednn, None, "none", [], ""))
+        else:
+            torch.mm(h, self.lm_head_t, out=self._logits_mm)
+            if self._logits_mm is not self.logits:
+                self.logits.copy_(self._logits_mm)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
         """RMSNorm as ``llmrun.model.RMSNorm``: float32 statistics, cast to the model dtype, then the weight."""
@@ -314,7 +336,7 @@ class StaticDecoder:
 class _LayerPlan:
     """One block's weights (transposed views for ``torch.mm``) and its cache buffers."""
 
-    def __init__(self, block, layer_cache, batch: int) -> None:
+    def __init__(self, block, layer_cache, batch: int, pack) -> None:
         attn, mlp = block.self_attn, block.mlp
         self.window = attn.window
         self.attn_norm = block.input_layernorm.weight
@@ -323,10 +345,47 @@ class _LayerPlan:
         self.wo_t, self.bo = attn.o_proj.weight.t(), attn.o_proj.bias
         self.wgate_up_t, self.bgate_up = mlp.wgate_up.t(), mlp.bgate_up
         self.wdown_t, self.bdown = mlp.down_proj.weight.t(), mlp.down_proj.bias
+        # oneDNN's linear (``cpu_gemv``): the weights as oneDNN reads them (prepacked or plain), else None
+        self.qkv_onednn, self.o_onednn = pack(attn.wqkv), pack(attn.o_proj.weight)
+        self.gate_up_onednn, self.down_onednn = pack(mlp.wgate_up), pack(mlp.down_proj.weight)
         self.k, self.v = layer_cache.k, layer_cache.v  # (B, Hkv, S_max, D)
         k, v = (layer_cache.k[0], layer_cache.v[0]) if batch == 1 else (layer_cache.k, layer_cache.v)
         self.k_t = k.transpose(-1, -2)  # ([B,] Hkv, D, S_max)
         self.v_attn = v  # ([B,] Hkv, S_max, D)
+
+
+def cpu_gemv(dtype: torch.dtype) -> str:
+    """The matrix-vector kernel of CPU decode: ``packed``, ``onednn`` or ``mm`` (``LLMRUN_CPU_GEMV`` overrides).
+
+    Measured on the 2-core AMD EPYC of this project, one pass over SmolLM2's weights at batch 1
+    (``scripts/bench_decode_floor.py``): oneDNN's linear on weights it prepacked moves ~21-23 GB/s in
+    fp32 and bf16; on plain weights ~21 GB/s in fp32 but ~12 in bf16; ``torch.mm`` (MKL, or
+    oneDNN without prepacking) ~12 GB/s in both. ``packed`` (the default) holds a second, packed
+    copy of the weights; ``onednn`` keeps none (plain weights, fast in fp32); ``mm`` writes every
+    product into preallocated buffers, the only one whose steps allocate nothing.
+    """
+    choice = os.environ.get("LLMRUN_CPU_GEMV", "packed")
+    if choice not in ("packed", "onednn", "mm"):
+        raise ValueError(f"LLMRUN_CPU_GEMV={choice!r}: use packed, onednn or mm")
+    if choice == "mm":
+        return choice
+    return choice if onednn_supported(dtype) else "mm"
+
+
+def onednn_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's CPU linear runs ``dtype`` here (fp32 always with oneDNN; bf16 with CPU support)."""
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _packer(gemv: str, batch: int):
+    """A function giving, per weight matrix (N, K), what ``gemv`` multiplies by (None for ``mm``)."""
+    if gemv == "packed":
+        return lambda w: torch.ops.mkldnn._reorder_linear_weight(w, batch)
+    if gemv == "onednn":
+        return lambda w: w
+    return lambda w: None
 
 
 def _no_op(_: int) -> None:

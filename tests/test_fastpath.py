@@ -47,7 +47,9 @@ def _decode_logits(model, tokens: torch.Tensor, n_prompt: int, *, fast: bool) ->
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("batch", [1, 2])
-def test_fast_decode_equals_eager_decode(tiny_factory, case, batch):
+@pytest.mark.parametrize("gemv", ["packed", "onednn", "mm"])
+def test_fast_decode_equals_eager_decode(tiny_factory, monkeypatch, case, batch, gemv):
+    monkeypatch.setenv("LLMRUN_CPU_GEMV", gemv)
     model_type, overrides = CASES[case]
     model = load_model(tiny_factory(model_type, **overrides), torch.device("cpu"), torch.float32, progress=False)
     tokens = torch.randint(0, 320, (batch, 24), generator=torch.Generator().manual_seed(5))
@@ -56,7 +58,9 @@ def test_fast_decode_equals_eager_decode(tiny_factory, case, batch):
     torch.testing.assert_close(fast, eager, atol=1e-5, rtol=0)
 
 
-def test_fast_decode_in_bf16_is_as_close_to_fp32_as_eager(tiny_factory):
+@pytest.mark.parametrize("gemv", ["packed", "mm"])
+def test_fast_decode_in_bf16_is_as_close_to_fp32_as_eager(tiny_factory, monkeypatch, gemv):
+    monkeypatch.setenv("LLMRUN_CPU_GEMV", gemv)
     path = tiny_factory("llama", num_key_value_heads=2)
     reference = load_model(path, torch.device("cpu"), torch.float32, progress=False)
     model = load_model(path, torch.device("cpu"), torch.bfloat16, progress=False)
@@ -137,7 +141,9 @@ def test_allocation_counter_sees_allocations():
 
 
 @pytest.mark.parametrize("case", ["llama-gqa", "mistral-window", "qwen2-bias"])
-def test_fp32_decode_step_allocates_nothing_on_cpu(tiny_factory, case):
+def test_fp32_decode_step_allocates_nothing_on_cpu(tiny_factory, monkeypatch, case):
+    """With ``LLMRUN_CPU_GEMV=mm`` every product lands in a preallocated buffer (oneDNN's linear has no out=)."""
+    monkeypatch.setenv("LLMRUN_CPU_GEMV", "mm")
     model_type, overrides = CASES[case]
     model = load_model(tiny_factory(model_type, **overrides), torch.device("cpu"), torch.float32, progress=False)
     cache = make_cache(model, 1, 32)
