@@ -109,7 +109,21 @@ class StaticDecoder:
         self.qk = empty(b, h + n_kv, hd)
         self.q = self.qk[:, :h].view(b, n_kv, group, hd)  # query head j = kv head j // group
         self.k_new = self.qk[:, h:].view(b, n_kv, 1, hd)
-        self.scores = empty(b * n_kv * group * s_max)
+        # CPU attention in bf16/fp16 runs in float32 (bf16 bmm copies K^T and is ~2x slower than copying
+        # K and V to float32 and multiplying there; its scores would also be rounded to bf16).
+        attn32 = dtype != torch.float32 and not cuda
+        self.scores = empty(b * n_kv * group * s_max, dtype=torch.float32 if attn32 else dtype)
+        head_shape = (n_kv,) if b == 1 else (b, n_kv)
+        self.attn32 = (
+            (
+                empty(*head_shape, s_max, hd, dtype=torch.float32),
+                empty(*head_shape, s_max, hd, dtype=torch.float32),
+                empty(*head_shape, group, hd, dtype=torch.float32),
+                empty(*head_shape, group, hd, dtype=torch.float32),
+            )
+            if attn32
+            else None
+        )
         self.o = empty(b, h * hd)
         self.o4 = self.o.view(b, n_kv, group, hd)
         self.gate_up = empty(b, 2 * f)
@@ -273,10 +287,22 @@ class StaticDecoder:
                 )
                 self.o4.copy_(attended)
             else:
-                scores = self.scores[: self.scores_per_key * (end - start)].view(*self.scores_shape, end - start)
-                bmm(q, plan.k_t[..., start:end], out=scores)
-                torch._softmax(scores, -1, False, out=scores)  # in place: the scores become the weights
-                bmm(scores, plan.v_attn[..., start:end, :], out=o)
+                n = end - start
+                scores = self.scores[: self.scores_per_key * n].view(*self.scores_shape, n)
+                if self.attn32 is None:
+                    bmm(q, plan.k_t[..., start:end], out=scores)
+                    torch._softmax(scores, -1, False, out=scores)  # in place: the scores become the weights
+                    bmm(scores, plan.v_attn[..., start:end, :], out=o)
+                else:  # bf16/fp16: K, V and q copied to float32 scratch, then the float32 steps above
+                    k32, v32, q32, o32 = self.attn32
+                    k32, v32 = k32[..., :n, :], v32[..., :n, :]
+                    k32.copy_(plan.k_attn[..., start:end, :])
+                    v32.copy_(plan.v_attn[..., start:end, :])
+                    q32.copy_(q)
+                    bmm(q32, k32.transpose(-1, -2), out=scores)
+                    torch._softmax(scores, -1, False, out=scores)
+                    bmm(scores, v32, out=o32)
+                    o.copy_(o32)
             set_threads(threads)
             if onednn:
                 x = linear_add(self.o, x, plan.o_onednn, plan.bo, "add")  # x + o W_o^T (+ b) in one kernel
@@ -351,7 +377,7 @@ class _LayerPlan:
         self.k, self.v = layer_cache.k, layer_cache.v  # (B, Hkv, S_max, D)
         k, v = (layer_cache.k[0], layer_cache.v[0]) if batch == 1 else (layer_cache.k, layer_cache.v)
         self.k_t = k.transpose(-1, -2)  # ([B,] Hkv, D, S_max)
-        self.v_attn = v  # ([B,] Hkv, S_max, D)
+        self.k_attn, self.v_attn = k, v  # ([B,] Hkv, S_max, D)
 
 
 def cpu_gemv(dtype: torch.dtype) -> str:
