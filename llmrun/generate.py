@@ -31,7 +31,8 @@ class GenerationStats:
     prefill_s: float = 0.0
     ttft_s: float = 0.0
     decode_s: float = 0.0
-    prepare_s: float = 0.0  # building the decode fast path (CUDA graph capture) before the prompt; not in ttft_s
+    prepare_s: float = 0.0  # building the decode fast path (packing, compile, CUDA graph) after the first token;
+    # in neither ttft_s nor decode_s
     finish_reason: str = "length"
 
     @property
@@ -136,7 +137,6 @@ def _generate_tokens(
     start = conversation.shared_prefix(prompt)
     stats.prompt_tokens, stats.reused_tokens = len(prompt), start
     conversation.tokens = list(prompt)
-    stats.prepare_s = prepare_decode(model, conversation.cache)
 
     t0 = time.perf_counter()
     logits = prefill(model, history[:, start : len(prompt)], conversation.cache, start=start)
@@ -163,6 +163,9 @@ def _generate_tokens(
                 stats.finish_reason = "context"
                 return
             history[0, pos] = token_id
+            if step == 0:  # build the decode fast path after the first token, timed apart from decode_s
+                stats.prepare_s = prepare_decode(model, conversation.cache)
+                t_first += stats.prepare_s
             logits = decode_step(model, token, pos, conversation.cache, copy=False)  # a buffer reused next step
             pos += 1
     finally:
