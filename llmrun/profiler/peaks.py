@@ -22,7 +22,7 @@ import re
 import statistics
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -109,10 +109,11 @@ def measure(
     cuda = device.type == "cuda"
     dtypes = dtypes or (CUDA_DTYPES if cuda else CPU_DTYPES)
     best, median, sizes = {}, {}, {}
-    for name in dtypes:
-        n, rates = _gemm(device, name, repeats)
-        best[name], median[name], sizes[name] = max(rates), statistics.median(rates), n
-    bytes_per_s, bw_detail = _bandwidth(device, repeats) if bandwidth else (0.0, {})
+    with torch.cuda.device(device) if cuda else nullcontext():  # events and streams of this GPU
+        for name in dtypes:
+            n, rates = _gemm(device, name, repeats)
+            best[name], median[name], sizes[name] = max(rates), statistics.median(rates), n
+        bytes_per_s, bw_detail = _bandwidth(device, repeats) if bandwidth else (0.0, {})
     detail = {
         "gemm_n": sizes,
         "repeats": repeats,

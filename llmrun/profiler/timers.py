@@ -69,11 +69,11 @@ class _CudaRegion:
 
     def __enter__(self) -> None:
         self.start = self.timer._event()
-        self.start.record()
+        self.start.record(self.timer._stream())
 
     def __exit__(self, *exc: object) -> None:
         end = self.timer._event()
-        end.record()
+        end.record(self.timer._stream())
         self.timer._records.append((self.key, self.start, end))
 
 
@@ -97,6 +97,10 @@ class OpTimer(Probe):
         if self.cuda:
             return _CudaRegion(self, (op, layer))
         return _CpuRegion(self._records, (op, layer))
+
+    def _stream(self) -> torch.cuda.Stream:
+        """The current stream of the timed device (not of whichever GPU is current)."""
+        return torch.cuda.current_stream(self.device)
 
     def _event(self) -> torch.cuda.Event:
         if self._used == len(self._pool):
