@@ -13,7 +13,7 @@ Runners, each in its own worker process (its own thread pool), on SmolLM2-135M-I
 * ``llamacpp``: llama.cpp through llama-cpp-python, when ``--llama-python`` (default: this Python)
   can import ``llama_cpp``, on a GGUF holding the same weights at the same precision: F32 or BF16,
   written from the Q4_1 source GGUF by dequantizing every tensor (which is also what the llmrun
-  import does) into ``$LLMRUN_HOME/peers/``.
+  import does) into ``$LLMRUN_HOME/peers/``. Checked: its greedy tokens equal llmrun's fp32 ones.
 * ``floor``: one pass of matrix-vector products over all weights per token
   (``llmrun.bench.gemv_floor``'s fastest kernel): decode's kernel floor, no model around it.
 
@@ -134,8 +134,12 @@ class LlamaCppWorker:
         t0 = time.perf_counter()
         for _ in range(n):
             self.llm.eval([token])
-            token = int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            token = int(self.np.argmax(self.last_logits()))
         return time.perf_counter() - t0
+
+    def last_logits(self):
+        """The last position's logits (llama-cpp-python 0.3 no longer copies them into ``scores``)."""
+        return self.np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,))
 
 
 class FloorWorker:
