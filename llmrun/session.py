@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,15 +15,17 @@ from llmrun.loader import load_model
 from llmrun.model import Transformer
 from llmrun.presets import ByteTokenizer, is_preset, load_preset, random_model
 from llmrun.sources import DEFAULT_MODEL, resolve_model
-from llmrun.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llmrun.tokenizer import Tokenizer
 
 
 @dataclass
 class Session:
-    """The model (on ``device`` in ``dtype``), its tokenizer, and where it came from."""
+    """The model (on ``device`` in ``dtype``), its tokenizer (None when not asked for), and its source."""
 
     model: Transformer
-    tokenizer: Tokenizer | ByteTokenizer
+    tokenizer: Tokenizer | ByteTokenizer | None
     model_dir: Path
     name: str
     device: torch.device
@@ -41,13 +44,16 @@ def open_session(
     *,
     revision: str | None = None,
     random_weights: bool = False,
+    with_tokenizer: bool = True,
 ) -> Session:
     """Resolve ``spec`` (see ``llmrun.sources``), then load its tokenizer and weights.
 
-    Device and dtype are checked first, so a bad flag fails before anything is downloaded.
-    ``preset:NAME`` (see ``llmrun.presets``) needs ``random_weights``. With ``random_weights`` the
-    weights are random, built on the device (a hub repo is fetched without its safetensors), and the
-    tokenizer is the model's own when it has a tokenizer.json, else ``ByteTokenizer``.
+    Device and dtype are checked first, so a bad flag fails before anything is downloaded, and the
+    config and tokenizer before the weights. ``preset:NAME`` (see ``llmrun.presets``) needs
+    ``random_weights``. With ``random_weights`` the weights are random, built on the device (a hub
+    repo is fetched without its safetensors), and the tokenizer is the model's own when it has a
+    tokenizer.json, else ``ByteTokenizer``. ``with_tokenizer=False`` skips the tokenizer (and its
+    imports), for commands that feed token ids, such as ``profile``.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -58,17 +64,22 @@ def open_session(
                 f"--model {spec} is a preset, a shape without weights: add --random-weights to build it "
                 f"with random weights (or use --model {preset.hub_id or 'ORG/NAME'} for the real model)"
             )
-        model = random_model(preset.args, torch_device, torch_dtype)
-        tokenizer = ByteTokenizer(preset.args.vocab_size)
-        return Session(model, tokenizer, preset.path, spec, torch_device, torch_dtype)
+        model_dir, args = preset.path, preset.args
+    else:
+        model_dir = resolve_model(spec, revision=revision, weights=not random_weights)
+        args = ModelArgs.from_json(model_dir / "config.json")  # an unsupported architecture is said first
+    tokenizer = _open_tokenizer(model_dir, args.vocab_size, random_weights) if with_tokenizer else None
     if random_weights:
-        model_dir = resolve_model(spec, revision=revision, weights=False)
-        model = random_model(ModelArgs.from_json(model_dir / "config.json"), torch_device, torch_dtype)
-        has_tokenizer = (model_dir / "tokenizer.json").is_file()
-        tokenizer = Tokenizer.from_dir(model_dir) if has_tokenizer else ByteTokenizer(model.args.vocab_size)
-        return Session(model, tokenizer, model_dir, spec or DEFAULT_MODEL, torch_device, torch_dtype)
-    model_dir = resolve_model(spec, revision=revision)
-    ModelArgs.from_json(model_dir / "config.json")  # an unsupported architecture is the first thing to say
-    tokenizer = Tokenizer.from_dir(model_dir)
-    model = load_model(model_dir, torch_device, torch_dtype)
+        model = random_model(args, torch_device, torch_dtype)
+    else:
+        model = load_model(model_dir, torch_device, torch_dtype)
     return Session(model, tokenizer, model_dir, spec or DEFAULT_MODEL, torch_device, torch_dtype)
+
+
+def _open_tokenizer(model_dir: Path, vocab_size: int, random_weights: bool) -> Tokenizer | ByteTokenizer:
+    """The model's tokenizer; random-weight models without one get UTF-8 bytes as ids."""
+    if random_weights and not (model_dir / "tokenizer.json").is_file():
+        return ByteTokenizer(vocab_size)
+    from llmrun.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(model_dir)

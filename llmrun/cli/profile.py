@@ -16,20 +16,14 @@ from __future__ import annotations
 
 import io
 import sys
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from llmrun.cli.options import DeviceOption, DtypeOption, ModelOption, RandomWeightsOption, RevisionOption
 from llmrun.errors import LlmrunError, ThresholdMissed
-
-if TYPE_CHECKING:
-    import torch
-
-    from llmrun.model import Transformer
 
 
 class Format(str, Enum):
@@ -167,8 +161,9 @@ def run_profile(
     from llmrun.profiler import costs as C
     from llmrun.profiler import hardware, measure, peaks, roofline
     from llmrun.profiler import report as R
+    from llmrun.session import open_session
 
-    session = _load(model, device, dtype, revision=revision, random_weights=random_weights)
+    session = open_session(model, device, dtype, revision=revision, random_weights=random_weights, with_tokenizer=False)
     args = session.model.args
     for length in prompt_lens:
         if length + decode_tokens > args.context_length:
@@ -220,47 +215,6 @@ def run_profile(
         roofs=chosen,
         settings=settings,
     )
-
-
-@dataclass
-class Loaded:
-    """The model to profile, its name, device and dtype (no tokenizer: profiling feeds random ids)."""
-
-    model: Transformer
-    name: str
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def dtype_name(self) -> str:
-        """``bf16``, ``fp16`` or ``fp32``."""
-        from llmrun.devices import DTYPE_NAMES
-
-        return DTYPE_NAMES[self.dtype]
-
-
-def _load(model: str | None, device: str, dtype: str, *, revision: str | None, random_weights: bool) -> Loaded:
-    """Load weights (or build random ones) without the tokenizer stack, which a GPU box may lack."""
-    from llmrun.config import ModelArgs
-    from llmrun.devices import resolve_device, resolve_dtype
-    from llmrun.loader import load_model
-    from llmrun.presets import is_preset, load_preset, random_model
-    from llmrun.sources import DEFAULT_MODEL, resolve_model
-
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    name = model or DEFAULT_MODEL
-    if is_preset(model):
-        if not random_weights:
-            raise LlmrunError(f"--model {model} is a preset, a shape without weights: add --random-weights")
-        args = load_preset(model).args
-        return Loaded(random_model(args, torch_device, torch_dtype), name, torch_device, torch_dtype)
-    if random_weights:
-        model_dir = resolve_model(model, revision=revision, weights=False)
-        args = ModelArgs.from_json(model_dir / "config.json")
-        return Loaded(random_model(args, torch_device, torch_dtype), name, torch_device, torch_dtype)
-    model_dir = resolve_model(model, revision=revision)
-    return Loaded(load_model(model_dir, torch_device, torch_dtype), name, torch_device, torch_dtype)
 
 
 def _write(report: dict, fmt: Format, output: Path | None) -> None:
