@@ -264,6 +264,7 @@ class StaticDecoder:
         onednn = self.gemv != "mm"
         linear, linear_add = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._linear_pointwise.binary
         f = self.gate.shape[-1]
+        spans: dict[int | None, tuple] = {}  # window -> views of the scratch buffers for this step's key span
         for plan in self.layers:
             self._norm(x, plan.attn_norm, h)
             set_threads(threads)
@@ -287,15 +288,16 @@ class StaticDecoder:
                 )
                 self.o4.copy_(attended)
             else:
-                n = end - start
-                scores = self.scores[: self.scores_per_key * n].view(*self.scores_shape, n)
+                views = spans.get(plan.window)
+                if views is None:  # shared by every layer with this window: made once per step
+                    views = spans[plan.window] = self._span_views(end - start)
+                scores, k32, v32 = views
                 if self.attn32 is None:
                     bmm(q, plan.k_t[..., start:end], out=scores)
                     torch._softmax(scores, -1, False, out=scores)  # in place: the scores become the weights
                     bmm(scores, plan.v_attn[..., start:end, :], out=o)
                 else:  # bf16/fp16: K, V and q copied to float32 scratch, then the float32 steps above
-                    k32, v32, q32, o32 = self.attn32
-                    k32, v32 = k32[..., :n, :], v32[..., :n, :]
+                    q32, o32 = self.attn32[2:]
                     k32.copy_(plan.k_attn[..., start:end, :])
                     v32.copy_(plan.v_attn[..., start:end, :])
                     q32.copy_(q)
@@ -341,6 +343,13 @@ class StaticDecoder:
             torch.mm(h, self.lm_head_t, out=self._logits_mm)
             if self._logits_mm is not self.logits:
                 self.logits.copy_(self._logits_mm)
+
+    def _span_views(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Scores ([B,] Hkv, G, n) and, in bf16/fp16, float32 K and V scratch ([B,] Hkv, n, D) for n keys."""
+        scores = self.scores[: self.scores_per_key * n].view(*self.scores_shape, n)
+        if self.attn32 is None:
+            return scores, None, None
+        return scores, self.attn32[0][..., :n, :], self.attn32[1][..., :n, :]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
         """RMSNorm as ``llmrun.model.RMSNorm``: float32 statistics, cast to the model dtype, then the weight."""
