@@ -205,8 +205,11 @@ def test_smollm2_greedy_tokens_and_logits_equal_eager(smollm2_fp32, monkeypatch)
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decode_equals_eager_and_allocates_nothing(tiny_factory, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "compiled"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
+def test_cuda_graph_decode_equals_eager_and_allocates_nothing(tiny_factory, monkeypatch, dtype, compiled):
+    monkeypatch.setenv("LLMRUN_COMPILE", "1" if compiled else "0")
     model = load_model(tiny_factory("mistral", num_key_value_heads=2, sliding_window=6), torch.device("cuda"), dtype)
     tokens = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(9)).cuda()
     eager = _decode_logits(model, tokens, 4, fast=False)
@@ -215,7 +218,7 @@ def test_cuda_graph_decode_equals_eager_and_allocates_nothing(tiny_factory, dtyp
     torch.testing.assert_close(fast, eager, atol=tol, rtol=0)
     cache = make_cache(model, 2, 24)
     decoder = static_decoder(model, cache)
-    assert decoder is not None and decoder.graphed
+    assert decoder is not None and decoder.graphed and decoder.compiled == compiled, decoder.compile_error
     decode_step(model, tokens[:, 0], 0, cache, copy=False)
     torch.cuda.synchronize()
     before = torch.cuda.memory_stats()["allocation.all.allocated"]
