@@ -1,24 +1,29 @@
-"""The decode fast path: one token per sequence through preallocated buffers, then CUDA graphs on a GPU.
+"""The decode fast path: one token per sequence through preallocated buffers; compiled and graphed on a GPU.
 
 At batch 1 a decode step reads every weight once, so its floor is the time of one pass of
 matrix-vector products over the weights (``scripts/bench_decode_floor.py`` measures it). What
 the eager path (``llmrun.model.Block``) adds on top is per-op work: ~50 dispatches per layer, each
-allocating its output. ``StaticDecoder`` runs the same math as the eager path with ~25 dispatches
-per layer, every one writing into a buffer allocated once per cache:
+allocating its output. ``StaticDecoder`` runs the same math with ~30 dispatches per layer into
+buffers allocated once per cache:
 
 * q/k/v and gate/up are one matrix each (``llmrun.model.fuse_projections``);
-* the residual adds ride on the projections (``x.addmm_(o, W_o^T)``: x += o W_o^T);
+* the residual adds ride on the o/down projections (x += o W_o^T in one kernel);
 * RoPE is three ops for q and k together (rotate-half is an ``index_select`` with a fixed
   permutation), with 1/sqrt(head_dim) folded into q's cos/sin row, which is built once per step;
 * RMSNorm is the eager formula (float32 statistics, cast, then scale) with ``out=`` buffers;
-* attention is a grouped matmul over the cache, softmax in place, and a matmul with V: query head
-  j reads key/value head j // (H / H_kv), as transformers' ``repeat_kv`` does, without copying K/V.
+* attention is a grouped matmul over the filled cache, softmax in place, and a matmul with V:
+  query head j reads key/value head j // (H / H_kv), as transformers' ``repeat_kv`` does, without
+  copying K/V (bf16/fp16 on the CPU: in float32 scratch).
 
-So a step allocates nothing (``tests/test_fastpath.py`` counts the CPU allocator's calls) and
-the logits it returns live in a buffer that the next step overwrites. On the CPU the step takes
-the position as a Python int and slices the cache to the positions filled. On CUDA the position
-is a device tensor, attention covers the whole cache with a mask, and the step is captured once
-in a CUDA graph and replayed: no host-device synchronisation and no allocation inside a step.
+On the CPU the matrix-vector products go through oneDNN's linear on prepacked weights
+(``cpu_gemv``: ~1.7x the bandwidth of ``torch.mm``/MKL here), whose outputs are fresh tensors;
+``LLMRUN_CPU_GEMV=mm`` writes them into the buffers instead, and then a step allocates nothing
+(``tests/test_fastpath.py`` counts the CPU allocator's calls). The position is a Python int and
+the cache is sliced to the filled positions. On CUDA the position is a device tensor and attention
+covers the whole cache under a mask, so the step has static shapes: it is compiled with
+``torch.compile`` and captured once in a CUDA graph that every step replays, with no host-device
+synchronisation and no allocation inside a step. The logits a step returns live in a buffer that
+the next step overwrites.
 
 The profiler never sees this path: a probe needs the eager ops (``llmrun.executor`` runs eager
 whenever a probe is given), and ``llmrun bench`` reports this path's speed beside it.
@@ -103,7 +108,7 @@ class StaticDecoder:
         self.eps = torch.tensor(args.rms_norm_eps, dtype=torch.float32, device=device)
         qkv = empty(b, (h + 2 * n_kv) * hd)
         self.qkv = qkv
-        self.qk_in = qkv[:, : (h + n_kv) * hd].view(b, h + n_kv, hd)  # (B, H+Hkv, D), rows 960 apart
+        self.qk_in = qkv[:, : (h + n_kv) * hd].view(b, h + n_kv, hd)  # (B, H+Hkv, D), rows (H+2Hkv)·D apart
         self.v_new = qkv[:, (h + n_kv) * hd :].view(b, n_kv, 1, hd)  # (B, Hkv, 1, D)
         self.rotated = empty(b, h + n_kv, hd)
         self.qk = empty(b, h + n_kv, hd)
@@ -150,10 +155,9 @@ class StaticDecoder:
         self.scores_per_key = b * n_kv * group
         self.q_attn = self.q[0] if b == 1 else self.q
         self.o_attn = self.o4[0] if b == 1 else self.o4
-        # On the CPU attention is bmm, softmax, bmm: in fp32 that allocates nothing; in bf16 the bmm copies
-        # K^T, yet it still costs a third of SDPA's flash kernel at T=1 (45 vs 67 µs per layer at 65 keys,
-        # 150 vs 635 µs at 640), and the logits stay as close to fp32 as the eager path's. Static shapes
-        # (CUDA graphs, torch.compile) take SDPA over the whole cache under a mask.
+        # On the CPU attention is bmm, softmax, bmm over the filled positions (in float32; see attn32):
+        # SDPA's flash kernel costs more at T=1 (67 vs ~25 µs per layer at 65 keys in bf16, 635 vs ~105
+        # at 640). Static shapes (CUDA graphs, torch.compile) take SDPA over the whole cache under a mask.
         self.sdpa = self.static
         self.lm_head_t = model.lm_head.weight.t()
         self.lm_head_onednn = pack(model.lm_head.weight)
