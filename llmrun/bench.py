@@ -101,7 +101,7 @@ class BenchReport:
     rows: list[BenchRow] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        """``{"env": ..., "roofs": ..., "rows": [...]}``; see docs/SPEED.md for the fields."""
+        """``{"env": ..., "roofs": ..., "rows": [...]}``; see the README, section "Speed", for the fields."""
         return {"env": self.env, "roofs": self.roofs, "rows": [asdict(r) for r in self.rows]}
 
 

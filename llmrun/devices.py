@@ -51,8 +51,8 @@ def resolve_device(spec: str) -> torch.device:
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     """``auto`` is bf16 on a GPU that supports it (else fp16), fp32 on the CPU.
 
-    fp32 is the CPU default because PyTorch's bf16 matrix-vector kernels move only about half
-    the memory bandwidth of its fp32 ones here (see ROOFLINE.md), so fp32 decodes faster.
+    fp32 is the CPU default because it is exact against the reference implementation; bf16 halves
+    the bytes and decodes faster on the fast path (README, "Speed") at bf16's precision.
     """
     spec = spec.strip().lower()
     if spec == "auto":

@@ -3,9 +3,10 @@
 # nvidia-ml-py installed and no network. Runs from this checkout (no install needed), in a few minutes:
 #   1. the CUDA tests (pytest -m cuda when pytest is there, else the profiler's CUDA tests as a script);
 #   2. llmrun peaks: measured GEMM roofs per dtype and copy bandwidth, beside the spec sheet and NVML;
-#   3. llmrun profile of Llama-3.1-8B (preset, random bf16 weights): prefill 2048, decode 128, batch 1 and 16.
+#   3. llmrun profile of Llama-3.1-8B (preset, random bf16 weights): prefill 2048, decode 128, batch 1 and 16;
+#   4. llmrun bench of the same shape on the fast path (compiled + CUDA graph): pp2048 MFU and tg128 MBU.
 # Writes into OUT_DIR: cuda-tests.txt, peaks.txt, peaks.json, llama-3.1-8b.json, llama-3.1-8b.md,
-# llama-3.1-8b.txt (the tables) and llama-3.1-8b.png (the roofline chart).
+# llama-3.1-8b.txt (the tables), llama-3.1-8b.png (the roofline chart) and bench-llama-3.1-8b.json.
 # Usage: bash scripts/gpu_check.sh OUT_DIR
 set -euo pipefail
 out="${1:?usage: bash scripts/gpu_check.sh OUT_DIR}"
@@ -28,7 +29,7 @@ EOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv \
   >"$out/nvidia-smi.csv" 2>&1 || log "nvidia-smi unavailable"
 
-log "1/3 CUDA tests"
+log "1/4 CUDA tests"
 if "$py" -c "import pytest" 2>/dev/null; then
   mapfile -t files < <(grep -l "pytest.mark.cuda\|mark\.cuda" tests/test_*.py)
   "$py" -m pytest -q -m cuda -p no:cacheprovider -rs "${files[@]}" 2>&1 | tee "$out/cuda-tests.txt" \
@@ -38,11 +39,11 @@ else
   "$py" tests/test_profiler_cuda.py 2>&1 | tee "$out/cuda-tests.txt" || failed+=("CUDA tests")
 fi
 
-log "2/3 llmrun peaks"
+log "2/4 llmrun peaks"
 "$py" -m llmrun peaks --device cuda --refresh 2>&1 | tee "$out/peaks.txt"
 "$py" -m llmrun peaks --device cuda --json >"$out/peaks.json"
 
-log "3/3 llmrun profile, Llama-3.1-8B, random bf16 weights"
+log "3/4 llmrun profile, Llama-3.1-8B, random bf16 weights"
 plot=(--plot "$out/llama-3.1-8b.png")
 if ! "$py" -c "import matplotlib" 2>/dev/null; then
   log "matplotlib is not installed: the chart is drawn by llmrun's plain PNG fallback (no text)"
@@ -73,6 +74,9 @@ with path.with_suffix(".txt").open("w") as handle:
     R.render_tables(data, Console(file=handle, width=170))
 R.render_tables(data, Console(width=170))
 EOF
+log "4/4 llmrun bench, Llama-3.1-8B fast path (one -n value: each cache size compiles once)"
+"$py" -m llmrun bench --model preset:llama-3.1-8b --random-weights --device cuda --dtype bf16 \
+  -p 2048 -n 128 -r 3 -o json >"$out/bench-llama-3.1-8b.json" || failed+=("bench")
 log "done in $((SECONDS - start)) s; reports in $out"
 ls -l "$out"
 if ((${#failed[@]})); then

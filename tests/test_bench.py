@@ -1,4 +1,4 @@
-"""``llmrun bench``: the documented JSON fields (docs/SPEED.md), the Markdown table, CSV/JSONL, bad input."""
+"""``llmrun bench``: the JSON fields documented in the README ("Speed"), the Markdown table, CSV/JSONL, bad input."""
 
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def bench(
     prompts = parse_ints(n_prompt, "-p") if n_prompt is not None else [512]
     gens = parse_ints(n_gen, "-n") if n_gen is not None else [128]
     tests = plan_tests(prompts, gens, parse_pairs(pg, "-pg"), parse_ints(batch, "--batch") if batch else [1])
-    session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
+    session = open_session(model, device, dtype, revision=revision, random_weights=random_weights, with_tokenizer=False)
     report = run_bench(
         session.model,
         tests,
