@@ -16,7 +16,19 @@ from typing import Annotated
 
 import typer
 
-from llmrun.cli.options import DeviceOption, DtypeOption, ModelOption, RandomWeightsOption, RevisionOption
+from llmrun.cli.options import (
+    DeviceOption,
+    DtypeOption,
+    MinPOption,
+    ModelOption,
+    RandomWeightsOption,
+    RepetitionPenaltyOption,
+    RevisionOption,
+    SeedOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
+)
 from llmrun.cli.prompts import sampling_from_flags
 from llmrun.errors import LlmrunError
 
@@ -25,12 +37,12 @@ def chat(
     model: ModelOption = None,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.")] = 512,
-    temperature: Annotated[float, typer.Option(help="0 means greedy (argmax).")] = 0.8,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 turns it off.")] = 40,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
-    min_p: Annotated[float, typer.Option(help="Drop tokens less likely than min-p x the top token.")] = 0.05,
-    repetition_penalty: Annotated[float, typer.Option(help="Penalty for tokens already seen; 1 is off.")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    temperature: TemperatureOption = 0.8,
+    top_k: TopKOption = 40,
+    top_p: TopPOption = 0.95,
+    min_p: MinPOption = 0.05,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    seed: SeedOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     revision: RevisionOption = None,

@@ -15,7 +15,20 @@ from typing import Annotated
 
 import typer
 
-from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RandomWeightsOption, RevisionOption
+from llmrun.cli.options import (
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    MinPOption,
+    ModelOption,
+    RandomWeightsOption,
+    RepetitionPenaltyOption,
+    RevisionOption,
+    SeedOption,
+    TemperatureOption,
+    TopKOption,
+    TopPOption,
+)
 from llmrun.cli.prompts import PromptSettings, build_prompt, read_prompt, sampling_from_flags
 from llmrun.errors import LlmrunError
 
@@ -26,12 +39,12 @@ def generate(
     ] = None,
     model: ModelOption = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 means greedy (argmax).")] = 0.8,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 turns it off.")] = 40,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set with this mass.")] = 0.95,
-    min_p: Annotated[float, typer.Option(help="Drop tokens less likely than min-p x the top token.")] = 0.05,
-    repetition_penalty: Annotated[float, typer.Option(help="Penalty for tokens already seen; 1 is off.")] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Seed: the same seed gives the same output.")] = None,
+    temperature: TemperatureOption = 0.8,
+    top_k: TopKOption = 40,
+    top_p: TopPOption = 0.95,
+    min_p: MinPOption = 0.05,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    seed: SeedOption = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")] = None,
     chat: Annotated[
         bool | None,

@@ -28,3 +28,15 @@ RandomWeightsOption = Annotated[
         help="Random weights (built on the device) instead of the checkpoint's; required for preset:NAME.",
     ),
 ]
+
+# Sampling flags of generate and chat; defaults follow llama.cpp (see llmrun.sampling.SamplingParams).
+TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 means greedy (argmax).")]
+TopKOption = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 turns it off.")]
+TopPOption = Annotated[
+    float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set with this probability mass.")
+]
+MinPOption = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p x the top token.")]
+RepetitionPenaltyOption = Annotated[
+    float, typer.Option("--repetition-penalty", help="Penalty for tokens already seen; 1 is off.")
+]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Seed: the same seed gives the same output.")]
