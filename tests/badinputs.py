@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import conftest
 import gguf
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
@@ -31,17 +32,7 @@ CHATML = (
 )
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
 # The tiny model: a vocabulary a little larger than the tokenizer's (as real checkpoints pad theirs).
-TINY_CONFIG = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    bos_token_id=259,
-    eos_token_id=261,
-)
+TINY_CONFIG = {**conftest.TINY, "num_key_value_heads": 2, "bos_token_id": 259, "eos_token_id": 261}
 
 
 # ---------------------------------------------------------------- the valid model
