@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from llmrun.cli.prompts import sampling_from_flags
+from llmrun.cli.prompts import sampling_flags
 from llmrun.config import ModelArgs
 from llmrun.errors import LlmrunError
 from llmrun.sampling import Sampler, SamplingParams
@@ -275,7 +275,7 @@ def test_sampling_flags(
     temperature, top_k, top_p, min_p, repetition_penalty, seed, vocab, scale, logits_seed, history_len
 ):
     try:
-        params = sampling_from_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        params = SamplingParams(**sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed))
     except LlmrunError as exc:
         assert str(exc).startswith("--")  # names the flag
         return

@@ -29,7 +29,7 @@ from llmrun.cli.options import (
     TopKOption,
     TopPOption,
 )
-from llmrun.cli.prompts import sampling_from_flags
+from llmrun.cli.prompts import sampling_flags
 from llmrun.errors import LlmrunError
 
 
@@ -37,11 +37,11 @@ def chat(
     model: ModelOption = None,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.")] = 512,
-    temperature: TemperatureOption = 0.8,
-    top_k: TopKOption = 40,
-    top_p: TopPOption = 0.95,
-    min_p: MinPOption = 0.05,
-    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
     seed: SeedOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -50,17 +50,18 @@ def chat(
 ) -> None:
     """Chat with the model in the terminal."""
     from llmrun.generate import Conversation, GenerationStats, generate_tokens, stream_text
+    from llmrun.generation_config import sampling_params
     from llmrun.sampling import Sampler
     from llmrun.session import open_session
 
     if max_new_tokens <= 0:
         raise LlmrunError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    params = sampling_from_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    given = sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
     tokenizer = session.tokenizer
     if not tokenizer.has_chat_template:
         raise LlmrunError(f"{session.name} has no chat template; use 'llmrun generate --no-chat' instead")
-    sampler = Sampler(params, session.device)
+    sampler = Sampler(sampling_params(given, session.model_dir), session.device)
     conversation = Conversation(session.model, session.model.args.context_length)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)

@@ -29,7 +29,7 @@ from llmrun.cli.options import (
     TopKOption,
     TopPOption,
 )
-from llmrun.cli.prompts import PromptSettings, build_prompt, read_prompt, sampling_from_flags
+from llmrun.cli.prompts import PromptSettings, build_prompt, read_prompt, sampling_flags
 from llmrun.errors import LlmrunError
 
 
@@ -39,11 +39,11 @@ def generate(
     ] = None,
     model: ModelOption = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")] = 256,
-    temperature: TemperatureOption = 0.8,
-    top_k: TopKOption = 40,
-    top_p: TopPOption = 0.95,
-    min_p: MinPOption = 0.05,
-    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
     seed: SeedOption = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")] = None,
     chat: Annotated[
@@ -63,12 +63,13 @@ def generate(
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; statistics go to stderr."""
     from llmrun.generate import GenerationStats, generate_tokens, stream_text
+    from llmrun.generation_config import sampling_params
     from llmrun.sampling import Sampler
     from llmrun.session import open_session
 
     if max_new_tokens <= 0:
         raise LlmrunError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    params = sampling_from_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    given = sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     text = read_prompt(prompt)
     session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
     settings = PromptSettings(chat=chat, system=system, truncate=truncate)
@@ -77,7 +78,7 @@ def generate(
     tokens = generate_tokens(
         session.model,
         ids,
-        Sampler(params, session.device),
+        Sampler(sampling_params(given, session.model_dir), session.device),
         max_new_tokens=max_new_tokens,
         stop_ids=() if ignore_eos else session.tokenizer.eos_ids,
         stats=stats,

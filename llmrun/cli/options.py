@@ -29,14 +29,39 @@ RandomWeightsOption = Annotated[
     ),
 ]
 
-# Sampling flags of generate and chat; defaults follow llama.cpp (see llmrun.sampling.SamplingParams).
-TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 means greedy (argmax).")]
-TopKOption = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 turns it off.")]
-TopPOption = Annotated[
-    float, typer.Option("--top-p", help="Nucleus sampling: keep the smallest set with this probability mass.")
+# Sampling flags of generate and chat. None means not given: the model's generation_config.json decides,
+# else llama.cpp's defaults (see llmrun.generation_config and llmrun.sampling.SamplingParams).
+_FROM_MODEL = "Default: the model's generation_config.json, else"
+TemperatureOption = Annotated[
+    float | None,
+    typer.Option("--temperature", help=f"0 means greedy (argmax). {_FROM_MODEL} 0.8.", show_default=False),
 ]
-MinPOption = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than min-p x the top token.")]
+TopKOption = Annotated[
+    int | None,
+    typer.Option(
+        "--top-k", help=f"Keep the k most likely tokens; 0 turns it off. {_FROM_MODEL} 40.", show_default=False
+    ),
+]
+TopPOption = Annotated[
+    float | None,
+    typer.Option(
+        "--top-p",
+        help=f"Nucleus sampling: keep the smallest set with this probability mass. {_FROM_MODEL} 0.95.",
+        show_default=False,
+    ),
+]
+MinPOption = Annotated[
+    float | None,
+    typer.Option(
+        "--min-p", help=f"Drop tokens less likely than min-p x the top token. {_FROM_MODEL} 0.05.", show_default=False
+    ),
+]
 RepetitionPenaltyOption = Annotated[
-    float, typer.Option("--repetition-penalty", help="Penalty for tokens already seen; 1 is off.")
+    float | None,
+    typer.Option(
+        "--repetition-penalty",
+        help=f"Penalty for tokens already seen; 1 is off. {_FROM_MODEL} 1.",
+        show_default=False,
+    ),
 ]
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Seed: the same seed gives the same output.")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from llmrun.errors import LlmrunError
 
@@ -43,11 +44,15 @@ def _check_utf8(text: str, what: str) -> str:
     return text
 
 
-def sampling_from_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed):
-    """``SamplingParams`` from CLI flags, validated (a bad value names its flag)."""
+def sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed) -> dict[str, Any]:
+    """The sampling flags given on the command line (None: not given), as ``SamplingParams`` fields.
+
+    Validated before anything is loaded, so a bad value fails at once and names its flag; the model's
+    ``generation_config.json`` fills in the rest later (``llmrun.generation_config.sampling_params``).
+    """
     from llmrun.sampling import SamplingParams
 
-    params = SamplingParams(
+    flags = dict(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -55,8 +60,9 @@ def sampling_from_flags(temperature, top_k, top_p, min_p, repetition_penalty, se
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    params.validate()
-    return params
+    given = {name: value for name, value in flags.items() if value is not None}
+    SamplingParams(**given).validate()
+    return given
 
 
 def chat_messages(text: str, system: str | None) -> list[dict[str, str]]:
