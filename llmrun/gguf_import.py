@@ -139,8 +139,8 @@ def import_gguf(
         ``out_dir``.
 
     Raises:
-        LlmrunError: unreadable or truncated file, not a ``llama`` model, an unsupported quantization
-            or tokenizer type, or an occupied ``out_dir``.
+        LlmrunError: unreadable or truncated file, not a ``llama`` model, an unsupported quantization,
+            rope scaling (YaRN) or tokenizer type, or an occupied ``out_dir``.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     dtype_name, torch_dtype, st_dtype = _resolve_dtype(dtype)
@@ -269,17 +269,20 @@ def _build_config(meta: _Metadata, tensors: dict[str, ReaderTensor], dtype_name:
 def _rope_scaling(
     meta: _Metadata, rope_freqs: ReaderTensor | None, head_dim: int, theta: float
 ) -> dict[str, Any] | None:
-    """HF ``rope_scaling`` from ``llama.rope.scaling.*`` keys or a Llama 3 ``rope_freqs`` tensor, else None."""
+    """HF ``rope_scaling`` from ``llama.rope.scaling.*`` keys or a Llama 3 ``rope_freqs`` tensor, else None.
+
+    Only scalings llmrun's rotary embedding implements are imported; any other (YaRN, LongRoPE) is refused
+    here, before anything is written, rather than written into a config.json that no load accepts.
+    """
     kind = meta.get("llama.rope.scaling.type")
     if kind in (None, "none"):
         return None if rope_freqs is None else _llama3_rope_scaling(rope_freqs, head_dim, theta)
-    factor = _f32_meta(meta.require("llama.rope.scaling.factor"))
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": factor}
-    if kind == "yarn":
-        original = int(meta.require("llama.rope.scaling.original_context_length"))
-        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
-    raise LlmrunError(f"The GGUF rope scaling type {kind!r} is not supported; use linear, yarn or none.")
+    if kind != "linear":
+        raise LlmrunError(
+            f"The GGUF file uses {kind!r} rope scaling, which llmrun does not implement (it runs linear, "
+            "Llama 3 or unscaled RoPE); this model cannot be imported."
+        )
+    return {"rope_type": "linear", "factor": _f32_meta(meta.require("llama.rope.scaling.factor"))}
 
 
 def _llama3_rope_factors(

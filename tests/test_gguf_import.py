@@ -103,7 +103,8 @@ def _write_tiny_gguf(
 
     Layer 0 is F32 except ``v_proj`` (F16); layer 1 stores ``k_proj`` and ``down_proj`` as Q8_0 and
     ``gate_proj`` as BF16, so the expected arrays are the dequantized values. ``kv`` overrides metadata
-    (``pre``: pre-tokenizer, ``down_type``: GGML type of layer 1 ``down_proj``).
+    (``pre``: pre-tokenizer, ``down_type``: GGML type of layer 1 ``down_proj``, ``rope_scaling``: a
+    ``(gguf.RopeScalingType, factor)`` pair, with an original context of 64).
     """
     rng = np.random.default_rng(0)
     tokens, types = _tiny_vocab()
@@ -117,6 +118,11 @@ def _write_tiny_gguf(
     writer.add_head_count_kv(N_KV)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(500000.0)
+    if "rope_scaling" in kv:
+        kind, factor = kv["rope_scaling"]
+        writer.add_rope_scaling_type(kind)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(64)
     writer.add_tokenizer_model(kv.get("tokenizer", "gpt2"))
     writer.add_tokenizer_pre(kv.get("pre", "smollm"))
     writer.add_token_list(tokens)
@@ -277,6 +283,40 @@ def test_tiny_llama3_rope_freqs_become_rope_scaling(tmp_path):
         "original_max_position_embeddings": 8192,
     }
     assert "rope_freqs.weight" not in load_numpy(str(out / "model.safetensors"))
+
+
+def test_tiny_linear_rope_scaling_is_imported(tmp_path):
+    path = tmp_path / "linear.gguf"
+    _write_tiny_gguf(path, rope_scaling=(gguf.RopeScalingType.LINEAR, 4.0))
+    out = import_gguf(path, tmp_path / "out", progress=False)
+    assert json.loads((out / "config.json").read_text())["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+
+
+@pytest.mark.parametrize("kind", [gguf.RopeScalingType.YARN, gguf.RopeScalingType.LONGROPE])
+def test_rope_scaling_llmrun_cannot_run_is_refused_before_writing(tmp_path, kind):
+    path = tmp_path / "scaled.gguf"
+    _write_tiny_gguf(path, rope_scaling=(kind, 4.0))
+    with pytest.raises(LlmrunError, match=rf"uses '{kind.value}' rope scaling, which llmrun does not implement"):
+        import_gguf(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_yarn_gguf_is_one_line_exit_2_in_the_cli(tmp_path, capsys, monkeypatch):
+    from llmrun.cli.app import run
+
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "home"))
+    path = tmp_path / "yarn.gguf"
+    _write_tiny_gguf(path, rope_scaling=(gguf.RopeScalingType.YARN, 4.0))
+    for argv in (
+        ["import-gguf", str(path), str(tmp_path / "out")],
+        ["generate", "hi", "--model", str(path), "--device", "cpu"],
+    ):
+        assert run(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("llmrun: error: The GGUF file uses 'yarn' rope scaling"), err
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "home" / "models" / "yarn").exists()
 
 
 def test_tiny_model_loads_in_transformers(tiny_gguf, tmp_path):
