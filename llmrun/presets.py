@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmrun.bundled import configs_dir
 from llmrun.config import ModelArgs
 from llmrun.errors import LlmrunError
 from llmrun.model import Transformer, fuse_projections
@@ -36,9 +37,9 @@ _META_KEY = "_llmrun_preset"
 
 
 def presets_dir() -> Path:
-    """``$LLMRUN_PRESETS_DIR``, else ``configs/models`` of the source tree llmrun runs from."""
+    """``$LLMRUN_PRESETS_DIR``, else ``configs/models`` shipped with the package."""
     env = os.environ.get("LLMRUN_PRESETS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "configs" / "models"
+    return Path(env) if env else configs_dir() / "models"
 
 
 def preset_names() -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from llmrun.bundled import configs_dir
 from llmrun.errors import LlmrunError
 from llmrun.profiler import peaks
 
@@ -72,9 +73,9 @@ class Roofs:
 
 
 def table_path() -> Path:
-    """The spec table: ``$LLMRUN_HARDWARE_TABLE`` or ``configs/hardware/gpus.json`` of this checkout."""
+    """The spec table: ``$LLMRUN_HARDWARE_TABLE``, else ``configs/hardware/gpus.json`` shipped with the package."""
     env = os.environ.get("LLMRUN_HARDWARE_TABLE")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs" / "hardware" / "gpus.json"
+    return Path(env) if env else configs_dir() / "hardware" / "gpus.json"
 
 
 def load_table(path: Path | None = None) -> list[dict]:
