@@ -1,5 +1,5 @@
 """Allow ``python -m llmrun``."""
 
-from llmrun.cli.app import main
+from llmrun.cli.entry import main
 
 main()

@@ -50,7 +50,7 @@ elif at == "prefill":
     llmrun.generate.prefill = announce(at, llmrun.generate.prefill)
 elif at == "import":
     llmrun.gguf_import._load_tensor = announce(at, llmrun.gguf_import._load_tensor)
-from llmrun.cli.app import main
+from llmrun.cli.entry import main
 main()
 """
 
@@ -139,6 +139,60 @@ def test_ctrl_c_while_decoding_keeps_the_printed_text(long_model, tmp_path):
     _check_interrupted(proc.returncode, elapsed, err.decode())
     assert (printed + out).startswith(printed) and len(printed + out) >= 20
     assert "tok (interrupted)" in err.decode()  # the stats line says how far it got
+
+
+# Runs the CLI as the console script does, and sends itself SIGINT (a Ctrl-C) when ``HOOK_MODULE`` is first
+# imported, after writing on stderr whether Python's own handler (KeyboardInterrupt) is the one in place.
+SIGNAL_ON_IMPORT = """
+import os, signal, sys
+
+class SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["HOOK_MODULE"]:
+            sys.meta_path.remove(self)
+            default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            sys.stderr.write(f"@{name} default_handler={default}\\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, SignalOnImport())
+from llmrun.cli.entry import main
+main()
+"""
+
+
+def _signal_on_import(module: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = _env(tmp_path, HOOK_MODULE=module)
+    command = [sys.executable, "-c", SIGNAL_ON_IMPORT, *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+@pytest.mark.parametrize("module", ["typer", "llmrun.cli.options", "llmrun.cli.profile"])
+def test_ctrl_c_while_the_cli_starts_is_one_line_exit_130(tmp_path, module):
+    proc = _signal_on_import(module, ["info", "--help"], tmp_path)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == f"@{module} default_handler=False\nllmrun: interrupted\n"
+    assert proc.stdout == ""
+
+
+def test_after_startup_ctrl_c_raises_keyboard_interrupt_again(long_model, tmp_path):
+    """A command sees KeyboardInterrupt (and cleans up as it unwinds) once the CLI is imported."""
+    args = ["generate", "Hello", "--model", str(long_model), "--device", "cpu", "--no-chat", "-n", "5"]
+    proc = _signal_on_import("llmrun.session", args, tmp_path)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "@llmrun.session default_handler=True\nllmrun: interrupted\n"
+
+
+def test_the_entry_point_imports_nothing_heavy(tmp_path):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"llmrun": "llmrun.cli.entry:main"}
+    assert "from llmrun.cli.entry import main" in (REPO / "llmrun" / "__main__.py").read_text()
+    heavy = ("typer", "click", "rich", "torch", "llmrun.cli.app")
+    probe = f"import sys, llmrun.cli.entry; print([m for m in {heavy!r} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=_env(tmp_path))
+    assert proc.stdout.strip() == "[]", proc.stderr
 
 
 @pytest.mark.slow

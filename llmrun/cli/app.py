@@ -6,7 +6,6 @@ traceback); 3 a ``--fail-under`` threshold was missed; 130 interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -102,19 +101,3 @@ def _silence_stdout() -> None:
     """After the reader of stdout went away, point stdout at /dev/null so the exit flush is quiet."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
-
-
-def main() -> None:
-    """Console-script entry point.
-
-    After Ctrl-C it leaves at once, skipping the interpreter's teardown of torch and the rest (from a
-    third of a second to over a second on a busy machine); what needed cleaning up was cleaned while
-    the interrupt unwound (temporary import directories, progress bars).
-    """
-    code = run()
-    if code == 130:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        os._exit(130)
-    sys.exit(code)
