@@ -231,6 +231,8 @@ def attend(
     gqa = q.shape[1] != k.shape[1]
     if window is not None and start + t <= window:
         window = None
+    if t > 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return blocked_attention(q, k, v, start, window=window)
     if window is None and (t == 1 or start == 0):
         return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
     keys = torch.arange(start + t, device=q.device)
@@ -239,6 +241,54 @@ def attend(
     if window is not None:
         mask &= keys[None, :] > queries[:, None] - window
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+ATTENTION_BLOCK = 128  # query rows per block of ``blocked_attention``
+
+
+def blocked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, *, window: int | None = None
+) -> torch.Tensor:
+    """Causal attention of q (B, H, T, D) at positions start.. over k, v (B, Hkv, start+T, D): (B, H, T, D).
+
+    The CPU prefill path in bf16, where SDPA's flash kernel reaches ~70 GFLOP/s against ~400 for a
+    bf16 GEMM: query rows go in blocks of ``ATTENTION_BLOCK``; each block is one batched matmul
+    against the keys it can see (the G query heads of a K/V head stacked as G·rows, so K/V are not
+    repeated), softmax, and one matmul with V. Masking touches only the block's diagonal square
+    (and, with a sliding window, its left edge), and no key past the block is multiplied, so about
+    half the square is skipped. The numerics are transformers' eager attention: scores accumulated
+    in float32 and rounded to bf16, softmax in float32, probabilities rounded to bf16 for the
+    product with V. Memory: one block's scores, (B·H, rows, keys) in bf16.
+    """
+    b, h, t, d = q.shape
+    n_kv = k.shape[1]
+    group = h // n_kv
+    scale = 1 / math.sqrt(d)
+    keys_t = k.reshape(b * n_kv, k.shape[2], d).transpose(1, 2)  # (B·Hkv, D, S)
+    values = v.reshape(b * n_kv, v.shape[2], d)  # (B·Hkv, S, D)
+    out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)  # (B, T, H, D): o_proj reads it as is
+    out_groups = out.transpose(1, 2).view(b, n_kv, group, t, d)
+    q_groups = q.reshape(b, n_kv, group, t, d)
+    for i0 in range(0, t, ATTENTION_BLOCK):
+        i1 = min(t, i0 + ATTENTION_BLOCK)
+        rows = i1 - i0
+        first, last = start + i0, start + i1  # positions of the block's queries: first..last-1
+        lo = 0 if window is None else max(0, first - window + 1)  # the first key any of them sees
+        block_q = q_groups[:, :, :, i0:i1].reshape(b * n_kv, group * rows, d)
+        flat = torch.empty(b * n_kv, group * rows, last - lo, dtype=q.dtype, device=q.device)
+        torch.baddbmm(flat, block_q, keys_t[:, :, lo:last], beta=0, alpha=scale, out=flat)  # q k^T / sqrt(D)
+        scores = flat.view(b * n_kv, group, rows, last - lo)
+        positions = torch.arange(first, last, device=q.device)[:, None]  # (rows, 1)
+        if window is None:  # keys before the block are visible to all of its queries: mask the diagonal square
+            diagonal = torch.arange(first, last, device=q.device)[None, :]
+            scores[..., first - lo :].masked_fill_(diagonal > positions, float("-inf"))
+        else:
+            keys = torch.arange(lo, last, device=q.device)[None, :]
+            scores.masked_fill_((keys > positions) | (keys <= positions - window), float("-inf"))
+        probs = torch.softmax(flat, dim=-1)
+        block_out = torch.bmm(probs, values[:, lo:last])  # (B·Hkv, G·rows, D)
+        out_groups[:, :, :, i0:i1] = block_out.view(b, n_kv, group, rows, d)
+    return out.transpose(1, 2)
 
 
 class Decoder(nn.Module):
