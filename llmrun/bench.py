@@ -240,12 +240,7 @@ def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, Callable[[], N
     (batch 1) and, on a CPU with oneDNN, its linear on plain and on prepacked weights (what the
     CPU fast path calls: ``llmrun.fastpath.cpu_gemv``). Packing holds a second copy of the weights.
     """
-    fuse_projections(model)
-    mats = []
-    for block in model.model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        mats += [attn.wqkv, attn.o_proj.weight, mlp.wgate_up, mlp.down_proj.weight]
-    mats.append(model.lm_head.weight)
+    mats = decode_matrices(model)
     device, dtype = mats[0].device, mats[0].dtype
     inputs = {k: torch.randn(batch, k, device=device).to(dtype) for k in {w.shape[1] for w in mats}}
     outs = [torch.empty(batch, w.shape[0], device=device, dtype=dtype) for w in mats]
@@ -283,14 +278,21 @@ def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, Callable[[], N
     return kernels
 
 
-def weight_bytes(model: Transformer) -> int:
-    """Bytes of the weight matrices one decode step reads (all linear layers and the lm_head)."""
+def decode_matrices(model: Transformer) -> list[torch.Tensor]:
+    """Every weight matrix (N, K) a decode step multiplies by, in order: fused q/k/v, o, gate/up, down
+    per layer, then the lm_head."""
     fuse_projections(model)
-    total = model.lm_head.weight.nbytes
+    mats = []
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
-        total += attn.wqkv.nbytes + attn.o_proj.weight.nbytes + mlp.wgate_up.nbytes + mlp.down_proj.weight.nbytes
-    return total
+        mats += [attn.wqkv, attn.o_proj.weight, mlp.wgate_up, mlp.down_proj.weight]
+    mats.append(model.lm_head.weight)
+    return mats
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of the weight matrices one decode step reads (all linear layers and the lm_head)."""
+    return sum(w.nbytes for w in decode_matrices(model))
 
 
 def _timed(fn: Callable[[], None], device: torch.device, repeats: int) -> list[float]:

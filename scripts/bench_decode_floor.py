@@ -12,7 +12,10 @@ Per dtype and round, in turn (the order rotates every round):
 * ``fast``: ``llmrun.executor.decode_step`` on its fast path (``llmrun.fastpath``);
 * ``eager``: the same step through the eager layer loop (what the profiler times);
 * ``DRAM floor``: the same weight bytes at the memory bandwidth measured in the same round
-  (the better of a read-only ``sum`` and a ``copy`` counting read + write, over 512 MiB).
+  (the better of a read-only ``sum`` and a ``copy`` counting read + write, over 512 MiB);
+* ``int8 floor`` (bf16 only, for information): the same pass with the weights quantized to int8
+  per output row, through ``torch._weight_int8pack_mm`` with bf16 activations: what int8 weights
+  would bring (another precision, so no ratio is taken against it).
 
 Each figure is the median over rounds of seconds per token; ratios are taken within a round and
 their median reported, so a busy neighbour slows both sides of a ratio alike.
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from llmrun.bench import gemv_kernels, weight_bytes
+from llmrun.bench import decode_matrices, gemv_kernels, weight_bytes
 from llmrun.devices import DTYPES
 from llmrun.executor import decode_step, make_cache, prefill
 from llmrun.loader import load_model
@@ -44,6 +47,26 @@ def bandwidth(buffer: torch.Tensor, scratch: torch.Tensor) -> float:
     scratch.copy_(buffer)
     copy = 2 * buffer.nbytes / (time.perf_counter() - t0)
     return max(read, copy)
+
+
+def int8_pass(model, tokens: int):
+    """Seconds per pass of int8 weight-only GEMVs (per-row scales, bf16 activations) over the decode weights."""
+    mats = [w.float() for w in decode_matrices(model)]
+    scales = [w.abs().amax(dim=1).clamp(min=1e-12) / 127 for w in mats]
+    quantized = [torch.round(w / s[:, None]).to(torch.int8) for w, s in zip(mats, scales, strict=True)]
+    scales = [s.to(torch.bfloat16) for s in scales]
+    inputs = {k: torch.randn(1, k, dtype=torch.bfloat16) for k in {w.shape[1] for w in mats}}
+    del mats
+
+    def one_sample() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(tokens):
+                for w, s in zip(quantized, scales, strict=True):
+                    torch._weight_int8pack_mm(inputs[w.shape[1]], w, s)
+        return (time.perf_counter() - t0) / tokens
+
+    return one_sample
 
 
 def measure(model_dir: Path, dtype: str, args: argparse.Namespace) -> dict:
@@ -83,6 +106,8 @@ def measure(model_dir: Path, dtype: str, args: argparse.Namespace) -> dict:
         return seconds[fastest]
 
     runners = {"kernel floor": floor, "fast": lambda: decode("fast"), "eager": lambda: decode("eager")}
+    if dtype == "bf16" and hasattr(torch, "_weight_int8pack_mm"):
+        runners["int8 floor"] = int8_pass(model, args.tokens)
     names = list(runners)
     samples: dict[str, list[float]] = {name: [] for name in [*names, "DRAM floor"]}
     for r in range(args.warmup + args.rounds):
