@@ -11,11 +11,11 @@ sampling (GGUF imports and many checkpoints only list token ids in it).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from llmrun.errors import LlmrunError
+from llmrun.jsonfiles import read_json_object
 from llmrun.sampling import SamplingParams
 
 FILE_NAME = "generation_config.json"
@@ -44,7 +44,7 @@ def sampling_params(given: dict[str, Any], model_dir: Path) -> SamplingParams:
             for a setting that no flag overrides (the message names the file, the key and the flag).
     """
     path = Path(model_dir) / FILE_NAME
-    raw = _read(path)
+    raw = read_json_object(path)
     do_sample = raw.get("do_sample")
     if do_sample is not None and not isinstance(do_sample, bool):
         raise LlmrunError(f"{path}: do_sample must be true or false, got {do_sample!r}; fix the file")
@@ -58,19 +58,6 @@ def sampling_params(given: dict[str, Any], model_dir: Path) -> SamplingParams:
     params = SamplingParams(**{**from_file, **given})
     params.validate()
     return params
-
-
-def _read(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``, or {} when there is no such file."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LlmrunError(f"{path} is corrupt ({exc}): re-download or re-import the model.") from None
-    if not isinstance(data, dict):
-        raise LlmrunError(f"{path} is corrupt (not a JSON object): re-download or re-import the model.")
-    return data
 
 
 def _checked(path: Path, key: str, value: object, flag: str) -> int | float:

@@ -31,6 +31,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmrun.errors import LlmrunError
+from llmrun.jsonfiles import read_json_object
 
 _REPLACEMENT_CHAR = "\ufffd"
 # Named special tokens a template sees, as in transformers' SPECIAL_TOKENS_ATTRIBUTES.
@@ -88,9 +89,9 @@ class Tokenizer:
                 f"{tok_path} is corrupt ({_first_line(exc)}): re-download or re-import the model."
             ) from exc
 
-        tok_config = _read_json(model_dir / "tokenizer_config.json")
-        gen_config = _read_json(model_dir / "generation_config.json")
-        model_config = _read_json(model_dir / "config.json")
+        tok_config = read_json_object(model_dir / "tokenizer_config.json")
+        gen_config = read_json_object(model_dir / "generation_config.json")
+        model_config = read_json_object(model_dir / "config.json")
 
         special_tokens = {}
         for name in _TEMPLATE_TOKEN_NAMES:
@@ -332,19 +333,6 @@ def _template_env() -> ImmutableSandboxedEnvironment:
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
     return env
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``, or {} when the file does not exist."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LlmrunError(f"{path} is corrupt ({exc}): re-download or re-import the model.") from exc
-    if not isinstance(data, dict):
-        raise LlmrunError(f"{path} is corrupt (not a JSON object): re-download or re-import the model.")
-    return data
 
 
 def _token_content(value: Any) -> str | None:
