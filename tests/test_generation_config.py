@@ -107,12 +107,16 @@ def _model(tiny: Path, tmp_path: Path, config: dict) -> Path:
     return _dir(shutil.copytree(tiny, tmp_path / "model"), config)
 
 
-def _generate(model: Path, capsys, *flags: str) -> list[int]:
+def _generate_json(model: Path, capsys, *flags: str) -> dict:
     argv = ["generate", "hello there", "--model", str(model), "--device", "cpu", "--no-chat", "--json"]
     code = run([*argv, "-n", "12", "--ignore-eos", *flags])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    return json.loads(captured.out)["tokens"]
+    return json.loads(captured.out)
+
+
+def _generate(model: Path, capsys, *flags: str) -> list[int]:
+    return _generate_json(model, capsys, *flags)["tokens"]
 
 
 def _chat(model: Path, capsys, monkeypatch, *flags: str) -> str:
@@ -130,6 +134,20 @@ def test_generate_decodes_greedily_when_the_model_says_do_sample_false(tiny, tmp
     model = _model(tiny, tmp_path, {"do_sample": False})
     assert _generate(model, capsys, "--seed", "1") == _generate(model, capsys, "--seed", "2") == greedy
     assert _generate(model, capsys, "--temperature", "0.8", "--seed", "1") == sampled[0]  # the flag wins
+
+
+def test_generate_json_reports_the_sampling_settings_used(tiny, tmp_path, capsys):
+    model = _model(tiny, tmp_path, {"temperature": 0.3, "top_k": 7})
+    sampling = _generate_json(model, capsys, "--top-k", "3", "--seed", "5")["sampling"]
+    defaults = SamplingParams()
+    assert sampling == {
+        "temperature": 0.3,  # the file
+        "top_k": 3,  # the flag
+        "top_p": defaults.top_p,
+        "min_p": defaults.min_p,
+        "repetition_penalty": defaults.repetition_penalty,
+        "seed": 5,
+    }
 
 
 def test_chat_decodes_greedily_when_the_model_says_do_sample_false(tiny, tmp_path, capsys, monkeypatch):

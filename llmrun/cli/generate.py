@@ -9,9 +9,10 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -31,6 +32,9 @@ from llmrun.cli.options import (
 )
 from llmrun.cli.prompts import PromptSettings, build_prompt, read_prompt, sampling_flags
 from llmrun.errors import LlmrunError
+
+if TYPE_CHECKING:
+    from llmrun.sampling import SamplingParams
 
 
 def generate(
@@ -75,10 +79,11 @@ def generate(
     settings = PromptSettings(chat=chat, system=system, truncate=truncate)
     ids = build_prompt(session, text, settings, max_new_tokens)
     stats = GenerationStats()
+    sampling = sampling_params(given, session.model_dir)
     tokens = generate_tokens(
         session.model,
         ids,
-        Sampler(sampling_params(given, session.model_dir), session.device),
+        Sampler(sampling, session.device),
         max_new_tokens=max_new_tokens,
         stop_ids=() if ignore_eos else session.tokenizer.eos_ids,
         stats=stats,
@@ -88,7 +93,7 @@ def generate(
     chunks = stream_text(recorded, session.tokenizer.stream_decoder(), stop or (), stats)
     if as_json:
         output = "".join(chunks)
-        print(json.dumps(_json_result(session, output, generated, stats), ensure_ascii=False))
+        print(json.dumps(_json_result(session, output, generated, stats, sampling), ensure_ascii=False))
         return
     try:
         for chunk in chunks:
@@ -105,7 +110,7 @@ def generate(
     _print_stats(stats)
 
 
-def _json_result(session, text: str, generated: list[int], stats) -> dict:
+def _json_result(session, text: str, generated: list[int], stats, sampling: SamplingParams) -> dict:
     return {
         "text": text,
         "tokens": generated,
@@ -121,6 +126,7 @@ def _json_result(session, text: str, generated: list[int], stats) -> dict:
         "model_dir": str(session.model_dir),
         "device": str(session.device),
         "dtype": session.dtype_name,
+        "sampling": dataclasses.asdict(sampling),  # what was used: flags, else generation_config.json, else defaults
     }
 
 
