@@ -5,53 +5,57 @@
 #   2. llmrun peaks: measured GEMM roofs per dtype and copy bandwidth, beside the spec sheet and NVML;
 #   3. llmrun profile of Llama-3.1-8B (preset, random bf16 weights): prefill 2048, decode 128, batch 1 and 16;
 #   4. llmrun bench of the same shape on the fast path (compiled + CUDA graph): pp2048 MFU and tg128 MBU.
-# Writes into OUT_DIR: cuda-tests.txt, peaks.txt, peaks.json, llama-3.1-8b.json, llama-3.1-8b.md,
-# llama-3.1-8b.txt (the tables), llama-3.1-8b.png (the roofline chart) and bench-llama-3.1-8b.json.
-# Usage: bash scripts/gpu_check.sh OUT_DIR
-set -euo pipefail
+# Writes exactly 8 files into OUT_DIR (the device tool brings back at most 8): gpu_check.log (everything
+# printed, the profile's tables included), nvidia-smi.csv, cuda-tests.txt, peaks.json, llama-3.1-8b.json,
+# llama-3.1-8b.md, llama-3.1-8b.png (the roofline chart) and bench-llama-3.1-8b.json. A failed stage is
+# reported and the next one still runs; the exit status is 1 if any failed.
+# Usage: bash scripts/gpu_check.sh OUT_DIR      (LLMRUN_COMPILE=0 skips torch.compile in stage 4)
+set -uo pipefail
 out="${1:?usage: bash scripts/gpu_check.sh OUT_DIR}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export LLMRUN_HOME="${LLMRUN_HOME:-$out/llmrun-home}"
-export HF_HUB_OFFLINE=1
+export LLMRUN_HOME="${LLMRUN_HOME:-${TMPDIR:-/tmp}/llmrun-gpu-check}"  # the peaks cache: not in OUT_DIR
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
-start=$SECONDS
-failed=()
 
-"$py" - <<'EOF'
+check() {
+  start=$SECONDS
+  failed=()
+  "$py" - <<'EOF' || return 1
 import torch
 assert torch.cuda.is_available(), "no CUDA GPU visible to PyTorch"
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name()}")
 EOF
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv \
-  >"$out/nvidia-smi.csv" 2>&1 || log "nvidia-smi unavailable"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv \
+    >"$out/nvidia-smi.csv" 2>&1 || log "nvidia-smi unavailable"
 
-log "1/4 CUDA tests"
-if "$py" -c "import pytest" 2>/dev/null; then
-  mapfile -t files < <(grep -l "pytest.mark.cuda\|mark\.cuda" tests/test_*.py)
-  "$py" -m pytest -q -m cuda -p no:cacheprovider -rs "${files[@]}" 2>&1 | tee "$out/cuda-tests.txt" \
-    || failed+=("CUDA tests")
-else
-  log "pytest is not installed: running the profiler's CUDA tests as a script"
-  "$py" tests/test_profiler_cuda.py 2>&1 | tee "$out/cuda-tests.txt" || failed+=("CUDA tests")
-fi
+  log "1/4 CUDA tests"
+  if "$py" -c "import pytest" 2>/dev/null; then
+    mapfile -t files < <(grep -l "pytest.mark.cuda\|mark\.cuda" tests/test_*.py)
+    "$py" -m pytest -q -m cuda -p no:cacheprovider -rs "${files[@]}" 2>&1 | tee "$out/cuda-tests.txt" \
+      || failed+=("CUDA tests")
+  else
+    log "pytest is not installed: running the profiler's CUDA tests as a script"
+    "$py" tests/test_profiler_cuda.py 2>&1 | tee "$out/cuda-tests.txt" || failed+=("CUDA tests")
+  fi
 
-log "2/4 llmrun peaks"
-"$py" -m llmrun peaks --device cuda --refresh 2>&1 | tee "$out/peaks.txt"
-"$py" -m llmrun peaks --device cuda --json >"$out/peaks.json"
+  log "2/4 llmrun peaks"
+  "$py" -m llmrun peaks --device cuda --refresh || failed+=("peaks")
+  "$py" -m llmrun peaks --device cuda --json >"$out/peaks.json" || failed+=("peaks --json")
 
-log "3/4 llmrun profile, Llama-3.1-8B, random bf16 weights"
-plot=(--plot "$out/llama-3.1-8b.png")
-if ! "$py" -c "import matplotlib" 2>/dev/null; then
-  log "matplotlib is not installed: the chart is drawn by llmrun's plain PNG fallback (no text)"
-fi
-"$py" -m llmrun profile --model preset:llama-3.1-8b --random-weights --device cuda --dtype bf16 \
-  --prompt-len 2048 --batch 1,16 --decode-tokens 128 --repeats 3 --warmup 1 \
-  --format json --output "$out/llama-3.1-8b.json" "${plot[@]}"
-"$py" - "$out/llama-3.1-8b.json" <<'EOF'
+  log "3/4 llmrun profile, Llama-3.1-8B, random bf16 weights"
+  plot=(--plot "$out/llama-3.1-8b.png")
+  if ! "$py" -c "import matplotlib" 2>/dev/null; then
+    log "matplotlib is not installed: the chart is drawn by llmrun's plain PNG fallback (no text)"
+  fi
+  "$py" -m llmrun profile --model preset:llama-3.1-8b --random-weights --device cuda --dtype bf16 \
+    --prompt-len 2048 --batch 1,16 --decode-tokens 128 --repeats 3 --warmup 1 \
+    --format json --output "$out/llama-3.1-8b.json" "${plot[@]}" || failed+=("profile")
+  if [[ -f "$out/llama-3.1-8b.json" ]]; then
+    "$py" - "$out/llama-3.1-8b.json" <<'EOF' || failed+=("profile report")
 import json, sys
 from pathlib import Path
 
@@ -70,16 +74,19 @@ else:
     jsonschema.validate(data, SCHEMA)
     print("report validates against the schema")
 path.with_suffix(".md").write_text(R.to_markdown(data))
-with path.with_suffix(".txt").open("w") as handle:
-    R.render_tables(data, Console(file=handle, width=170))
 R.render_tables(data, Console(width=170))
 EOF
-log "4/4 llmrun bench, Llama-3.1-8B fast path (one -n value: each cache size compiles once)"
-"$py" -m llmrun bench --model preset:llama-3.1-8b --random-weights --device cuda --dtype bf16 \
-  -p 2048 -n 128 -r 3 -o json >"$out/bench-llama-3.1-8b.json" || failed+=("bench")
-log "done in $((SECONDS - start)) s; reports in $out"
-ls -l "$out"
-if ((${#failed[@]})); then
-  log "FAILED: ${failed[*]} (see $out/cuda-tests.txt)"
-  exit 1
-fi
+  fi
+  log "4/4 llmrun bench, Llama-3.1-8B fast path (one -n value: each cache size compiles once)"
+  "$py" -m llmrun bench --model preset:llama-3.1-8b --random-weights --device cuda --dtype bf16 \
+    -p 2048 -n 128 -r 3 -o json >"$out/bench-llama-3.1-8b.json" || failed+=("bench")
+  log "done in $((SECONDS - start)) s; reports in $out"
+  ls -l "$out"
+  if ((${#failed[@]})); then
+    log "FAILED: ${failed[*]} (see gpu_check.log and cuda-tests.txt)"
+    return 1
+  fi
+}
+
+check 2>&1 | tee "$out/gpu_check.log"
+exit "${PIPESTATUS[0]}"
