@@ -42,9 +42,12 @@ import torch.nn.functional as F
 from llmrun.kvcache import KVCache
 from llmrun.model import Transformer, fuse_projections
 
-# Keys from which decode attention runs on all threads on the CPU (below, on one, like the other small
-# ops). Measured here in float32 (bmm, softmax, bmm per layer, 3 K/V heads of 64): equal at 128 keys,
-# 2 threads 1.3x faster at 512, 1.45x at 2048 and 6000.
+# Keys from which float32 decode attention runs on all threads on the CPU (below, on one, like the other
+# small ops). Measured here (bmm, softmax, bmm per layer, 3 K/V heads of 64): equal at 128 keys, 2 threads
+# 1.3x faster at 512, 1.45x at 2048 and 6000. bf16/fp16 attention stays on one thread: it multiplies
+# float32 copies that the main thread has just written, and a second core reading them was 1.2-1.6x
+# slower than one core alone on this VM (and as fast as float32's gain only at some hours: it depends on
+# where the hypervisor puts the two vCPUs). See scripts/bench_attention.py.
 WIDE_ATTENTION_KEYS = 256
 
 
@@ -244,8 +247,8 @@ class StaticDecoder:
     def _run(self, token: torch.Tensor, pos: int | None) -> None:
         """The step itself. ``pos`` None: attend over the whole cache under a mask built from ``self.pos``.
 
-        On a CPU with several threads, only the matrix-vector products (and attention over at least
-        ``WIDE_ATTENTION_KEYS`` keys) run on all of them: for the small ops a parallel region costs
+        On a CPU with several threads, only the matrix-vector products (and float32 attention over at
+        least ``WIDE_ATTENTION_KEYS`` keys) run on all of them: for the small ops a parallel region costs
         more than their work (and, on a shared machine, waits for a descheduled thread), so they run
         on one. Switching costs ~0.2 µs.
         """
@@ -291,7 +294,7 @@ class StaticDecoder:
             plan.k.index_copy_(2, self.pos, self.k_new)
             plan.v.index_copy_(2, self.pos, self.v_new)
             start = 0 if plan.window is None or pos is None else max(0, end - plan.window)
-            if end - start >= WIDE_ATTENTION_KEYS:  # long spans: attention is real work, worth every thread
+            if self.attn32 is None and end - start >= WIDE_ATTENTION_KEYS:  # long spans: real work
                 set_threads(threads)
             if self.sdpa:  # the G query heads of a K/V head as G queries: GQA without repeating K/V
                 mask = None if pos is not None else self.bias[plan.window]

@@ -1,0 +1,131 @@
+"""CPU attention choices, each against its alternative in one process, alternating, medians.
+
+Usage: python scripts/bench_attention.py [--threads 2] [--rounds 5] [--prefill 512,2048] [--contexts 64,2048,6000]
+                                         [--dtypes bf16,fp32] [--model MODEL_DIR]
+
+Two measurements on the default model (or ``--model``), each where llmrun makes the choice:
+
+* bf16 ``prefill``: one prefill of N random tokens from an empty cache with
+  ``llmrun.model.blocked_attention`` (what bf16 on the CPU uses) and with SDPA's causal kernel in its place;
+* fp32 ``decode``: 12 fast-path decode steps continuing a prompt of C tokens, with attention over 256+
+  keys on all threads (``llmrun.fastpath.WIDE_ATTENTION_KEYS``, the default) and with attention always
+  on one thread (bf16 decode attention always runs on one); the two take turns on the same cache, so
+  the context grows by 24 tokens a round.
+
+Each round runs both variants; the ratio is taken within the round and its median printed
+(> 1: the default is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import llmrun.fastpath
+import llmrun.model
+from llmrun.devices import DTYPES
+from llmrun.executor import decode_step, make_cache, prefill
+from llmrun.loader import load_model
+from llmrun.sources import resolve_model
+
+
+def sdpa(q, k, v, start, *, window=None):
+    """SDPA in place of ``blocked_attention`` (a prompt from an empty cache: plain causal mask)."""
+    assert start == 0 and window is None
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def prefill_seconds(model, n: int) -> float:
+    tokens = torch.randint(0, model.args.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+    cache = make_cache(model, 1, n)
+    t0 = time.perf_counter()
+    prefill(model, tokens, cache)
+    return time.perf_counter() - t0
+
+
+class Decoder:
+    """Fast-path decode steps continuing one prompt of ``context`` tokens (prefilled once)."""
+
+    def __init__(self, model, context: int, room: int) -> None:
+        self.model, self.pos = model, context
+        self.cache = make_cache(model, 1, context + room)
+        prefill(model, torch.randint(0, model.args.vocab_size, (1, context)), self.cache)
+        self.token = torch.tensor([1])
+
+    def seconds(self, steps: int = 12) -> float:
+        """Seconds per step over the next ``steps`` positions."""
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            decode_step(self.model, self.token, self.pos, self.cache, copy=False)
+            self.pos += 1
+        return (time.perf_counter() - t0) / steps
+
+
+def compare(name: str, default, alternative, rounds: int) -> None:
+    """Alternate the two (rotating which goes first), print medians and the median ratio."""
+    a, b = [], []
+    for r in range(rounds + 1):  # the first round warms up
+        pair = [(default, a), (alternative, b)]
+        for fn, out in pair if r % 2 else reversed(pair):
+            seconds = fn()
+            if r:
+                out.append(seconds)
+    ratio = statistics.median(y / x for x, y in zip(a, b, strict=True))
+    print(f"| {name} | {statistics.median(a) * 1e3:.1f} | {statistics.median(b) * 1e3:.1f} | {ratio:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prefill", default="512,2048", help="prompt lengths for the prefill comparison")
+    parser.add_argument("--contexts", default="64,2048,6000", help="prompt lengths before the decode steps")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model(args.model, progress=False)
+    blocked, wide = llmrun.model.blocked_attention, llmrun.fastpath.WIDE_ATTENTION_KEYS
+
+    def with_attention(fn, attention):
+        def run():
+            llmrun.model.blocked_attention = attention
+            try:
+                return fn()
+            finally:
+                llmrun.model.blocked_attention = blocked
+
+        return run
+
+    def with_threshold(fn, keys):
+        def run():
+            llmrun.fastpath.WIDE_ATTENTION_KEYS = keys
+            try:
+                return fn()
+            finally:
+                llmrun.fastpath.WIDE_ATTENTION_KEYS = wide
+
+        return run
+
+    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        model = load_model(model_dir, torch.device("cpu"), DTYPES[dtype], progress=False)
+        print(f"\n{dtype}, {args.threads} threads, medians of {args.rounds} rounds")
+        print("| test | default ms | alternative ms | alternative ÷ default |")
+        print("| --- | ---: | ---: | ---: |")
+        if dtype == "bf16":
+            for n in [int(x) for x in args.prefill.split(",")]:
+                run = functools.partial(prefill_seconds, model, n)
+                compare(f"prefill {n}: blocked vs SDPA", run, with_attention(run, sdpa), args.rounds)
+        for context in [int(x) for x in args.contexts.split(",")] if dtype == "fp32" else []:
+            decoder = Decoder(model, context, room=24 * (args.rounds + 1) + 1)
+            run = decoder.seconds
+            compare(f"decode at {context}: wide vs 1-thread attention", run, with_threshold(run, 1 << 30), args.rounds)
+
+
+if __name__ == "__main__":
+    main()
