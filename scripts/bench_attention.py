@@ -22,6 +22,7 @@ import argparse
 import functools
 import statistics
 import time
+import unittest.mock
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,16 @@ class Decoder:
         return (time.perf_counter() - t0) / steps
 
 
+def patched(fn, module, name: str, value):
+    """``fn`` run with ``module.name`` set to ``value`` (restored after each call)."""
+
+    def run():
+        with unittest.mock.patch.object(module, name, value):
+            return fn()
+
+    return run
+
+
 def compare(name: str, default, alternative, rounds: int) -> None:
     """Alternate the two (rotating which goes first), print medians and the median ratio."""
     a, b = [], []
@@ -90,28 +101,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model, progress=False)
-    blocked, wide = llmrun.model.blocked_attention, llmrun.fastpath.WIDE_ATTENTION_KEYS
-
-    def with_attention(fn, attention):
-        def run():
-            llmrun.model.blocked_attention = attention
-            try:
-                return fn()
-            finally:
-                llmrun.model.blocked_attention = blocked
-
-        return run
-
-    def with_threshold(fn, keys):
-        def run():
-            llmrun.fastpath.WIDE_ATTENTION_KEYS = keys
-            try:
-                return fn()
-            finally:
-                llmrun.fastpath.WIDE_ATTENTION_KEYS = wide
-
-        return run
-
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         model = load_model(model_dir, torch.device("cpu"), DTYPES[dtype], progress=False)
         print(f"\n{dtype}, {args.threads} threads, medians of {args.rounds} rounds")
@@ -120,11 +109,13 @@ def main() -> None:
         if dtype == "bf16":
             for n in [int(x) for x in args.prefill.split(",")]:
                 run = functools.partial(prefill_seconds, model, n)
-                compare(f"prefill {n}: blocked vs SDPA", run, with_attention(run, sdpa), args.rounds)
+                alternative = patched(run, llmrun.model, "blocked_attention", sdpa)
+                compare(f"prefill {n}: blocked vs SDPA", run, alternative, args.rounds)
         for context in [int(x) for x in args.contexts.split(",")] if dtype == "fp32" else []:
             decoder = Decoder(model, context, room=24 * (args.rounds + 1) + 1)
             run = decoder.seconds
-            compare(f"decode at {context}: wide vs 1-thread attention", run, with_threshold(run, 1 << 30), args.rounds)
+            alternative = patched(run, llmrun.fastpath, "WIDE_ATTENTION_KEYS", 1 << 30)
+            compare(f"decode at {context}: wide vs 1-thread attention", run, alternative, args.rounds)
 
 
 if __name__ == "__main__":
