@@ -42,7 +42,7 @@ import llmrun
 from llmrun.devices import DTYPE_NAMES, synchronize
 from llmrun.errors import LlmrunError
 from llmrun.executor import decode_step, make_cache, prefill, prepare_decode
-from llmrun.fastpath import onednn_supported
+from llmrun.fastpath import ConvProducts, onednn_supported
 from llmrun.model import Transformer, fuse_projections
 
 FORMATS = ("md", "csv", "json", "jsonl")
@@ -237,8 +237,9 @@ def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, Callable[[], N
     """Kernel name -> a function running one pass of matrix-vector products over all decode weights.
 
     ``torch.mm`` on the transposed weight into a preallocated output, ``F.linear``, ``torch.mv``
-    (batch 1) and, on a CPU with oneDNN, its linear on plain and on prepacked weights (what the
-    CPU fast path calls: ``llmrun.fastpath.cpu_gemv``). Packing holds a second copy of the weights.
+    (batch 1) and, on a CPU with oneDNN, its linear on plain and on prepacked weights and its 1x1
+    convolution on reordered weights, accumulating into the output (the CPU fast path's choices:
+    ``llmrun.fastpath.cpu_gemv``). Packing or reordering holds a second copy of the weights.
     """
     mats = decode_matrices(model)
     device, dtype = mats[0].device, mats[0].dtype
@@ -273,8 +274,17 @@ def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, Callable[[], N
             for w, p in zip(mats, packed, strict=True):
                 onednn(inputs[w.shape[1]], p, None, "none", [], "")
 
+        conv = ConvProducts(batch)
+        reordered = [conv.pack(w) for w in mats]
+        sums = [torch.zeros_like(out) for out in outs]  # the products add up here, pass after pass
+
+        def onednn_conv() -> None:
+            for w, r, acc in zip(mats, reordered, sums, strict=True):
+                conv.accumulate(acc, inputs[w.shape[1]], r, None)
+
         kernels["oneDNN linear"] = onednn_plain
         kernels["oneDNN linear, prepacked"] = onednn_packed
+        kernels["oneDNN 1x1 conv, reordered"] = onednn_conv
     return kernels
 
 

@@ -15,10 +15,11 @@ buffers allocated once per cache:
   query head j reads key/value head j // (H / H_kv), as transformers' ``repeat_kv`` does, without
   copying K/V (bf16/fp16 on the CPU: in float32 scratch).
 
-On the CPU the matrix-vector products go through oneDNN's linear on prepacked weights
-(``cpu_gemv``: ~1.7x the bandwidth of ``torch.mm``/MKL here), whose outputs are fresh tensors;
-``LLMRUN_CPU_GEMV=mm`` writes them into the buffers instead, and then a step allocates nothing
-(``tests/test_fastpath.py`` counts the CPU allocator's calls). The position is a Python int and
+On the CPU the matrix-vector products go through oneDNN on reordered weights (``cpu_gemv``: ~1.7x
+the bandwidth of ``torch.mm``/MKL here): its 1x1 convolution in fp32, which adds into the residual
+in place, and its linear in bf16, whose outputs are fresh tensors. ``LLMRUN_CPU_GEMV=mm`` writes
+every product into the buffers, and then a step allocates nothing (``tests/test_fastpath.py``
+counts the CPU allocator's calls). The position is a Python int and
 the cache is sliced to the filled positions. On CUDA the position is a device tensor and attention
 covers the whole cache under a mask, so the step has static shapes: it is compiled with
 ``torch.compile`` and captured once in a CUDA graph that every step replays, with no host-device
@@ -39,6 +40,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from llmrun.errors import LlmrunError
 from llmrun.kvcache import KVCache
 from llmrun.model import Transformer, fuse_projections
 
@@ -141,6 +143,7 @@ class StaticDecoder:
         self.o4 = self.o.view(b, n_kv, group, hd)
         self.gate_up = empty(b, 2 * f)
         self.gate, self.up = self.gate_up[:, :f], self.gate_up[:, f:]
+        self.act = empty(b, f)  # silu(gate) * up, contiguous: the down projection's input
         self.logits = torch.empty(b, v, dtype=torch.float32, device=device)
         self._logits_mm = self.logits if dtype == torch.float32 else empty(b, v)
         # RoPE: cos/sin (S_max, D) per position; q's rows carry the 1/sqrt(D) attention scale.
@@ -155,8 +158,9 @@ class StaticDecoder:
         self.head_scale = scale
         self.cos, self.sin = empty(h + n_kv, hd), empty(h + n_kv, hd)
         self.gemv = "mm" if cuda or self.static else cpu_gemv(dtype)
-        pack = _packer(self.gemv, b)
-        self.layers = [_LayerPlan(block, cache.layers[i], b, pack) for i, block in enumerate(model.model.layers)]
+        self.products = _PRODUCTS[self.gemv](b)
+        pack = self.products.pack
+        self.layers = [_LayerPlan(block, cache.layers[i], pack) for i, block in enumerate(model.model.layers)]
         # At batch 1 attention is a 3-d bmm per layer (no reshapes); above, a 4-d matmul.
         self.attn_matmul = torch.bmm if b == 1 else torch.matmul
         self.scores_shape = (n_kv, group) if b == 1 else (b, n_kv, group)
@@ -167,8 +171,7 @@ class StaticDecoder:
         # SDPA's flash kernel costs more at T=1 (67 vs ~25 µs per layer at 65 keys in bf16, 635 vs ~105
         # at 640). Static shapes (CUDA graphs, torch.compile) take SDPA over the whole cache under a mask.
         self.sdpa = self.static
-        self.lm_head_t = model.lm_head.weight.t()
-        self.lm_head_onednn = pack(model.lm_head.weight)
+        self.lm_head = pack(model.lm_head.weight)
         self.narrow_small_ops = True  # run the small ops on one thread (see _run)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.token = torch.zeros(b, dtype=torch.long, device=device)
@@ -274,19 +277,12 @@ class StaticDecoder:
             torch.mul(self.sin_table[pos], self.head_scale, out=self.sin)
             end = pos + 1
         bmm, q, o = self.attn_matmul, self.q_attn, self.o_attn
-        onednn = self.gemv != "mm"
-        linear, linear_add = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._linear_pointwise.binary
-        f = self.gate.shape[-1]
+        product, accumulate = self.products.product, self.products.accumulate
         spans: dict[int | None, tuple] = {}  # window -> views of the scratch buffers for this step's key span
         for plan in self.layers:
             self._norm(x, plan.attn_norm, h)
             set_threads(threads)
-            if onednn:
-                self.qkv.copy_(linear(h, plan.qkv_onednn, plan.bqkv, "none", [], ""))
-            elif plan.bqkv is None:
-                torch.mm(h, plan.wqkv_t, out=self.qkv)
-            else:
-                torch.addmm(plan.bqkv, h, plan.wqkv_t, out=self.qkv)
+            product(self.qkv, h, plan.wqkv, plan.bqkv)
             set_threads(one)
             torch.index_select(self.qk_in, -1, self.perm, out=self.rotated)
             self.rotated.mul_(self.sin)
@@ -321,43 +317,22 @@ class StaticDecoder:
                     bmm(scores, v32, out=o32)
                     o.copy_(o32)
             set_threads(threads)
-            if onednn:
-                x = linear_add(self.o, x, plan.o_onednn, plan.bo, "add")  # x + o W_o^T (+ b) in one kernel
-            else:
-                x.addmm_(self.o, plan.wo_t)
-                if plan.bo is not None:
-                    x.add_(plan.bo)
+            x = accumulate(x, self.o, plan.wo, plan.bo)
             set_threads(one)
             self._norm(x, plan.mlp_norm, h)
             set_threads(threads)
-            if onednn:
-                gate_up = linear(h, plan.gate_up_onednn, plan.bgate_up, "none", [], "")
-                gate, up = gate_up[:, :f], gate_up[:, f:]
-            else:
-                if plan.bgate_up is None:
-                    torch.mm(h, plan.wgate_up_t, out=self.gate_up)
-                else:
-                    torch.addmm(plan.bgate_up, h, plan.wgate_up_t, out=self.gate_up)
-                gate, up = self.gate, self.up
+            product(self.gate_up, h, plan.wgate_up, plan.bgate_up)
             set_threads(one)
-            torch.nn.functional.silu(gate, inplace=True)
-            gate.mul_(up)
+            torch.nn.functional.silu(self.gate, inplace=True)
+            torch.mul(self.gate, self.up, out=self.act)
             set_threads(threads)
-            if onednn:
-                x = linear_add(gate, x, plan.down_onednn, plan.bdown, "add")
-            else:
-                x.addmm_(gate, plan.wdown_t)
-                if plan.bdown is not None:
-                    x.add_(plan.bdown)
+            x = accumulate(x, self.act, plan.wdown, plan.bdown)
             set_threads(one)
         self._norm(x, model.model.norm.weight, h)
         set_threads(threads)
-        if onednn:
-            self.logits.copy_(linear(h, self.lm_head_onednn, None, "none", [], ""))
-        else:
-            torch.mm(h, self.lm_head_t, out=self._logits_mm)
-            if self._logits_mm is not self.logits:
-                self.logits.copy_(self._logits_mm)
+        product(self._logits_mm, h, self.lm_head, None)
+        if self._logits_mm is not self.logits:
+            self.logits.copy_(self._logits_mm)
 
     def _span_views(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Scores ([B,] Hkv, G, n) and, in bf16/fp16, float32 K and V scratch ([B,] Hkv, n, D) for n keys."""
@@ -384,39 +359,42 @@ class StaticDecoder:
 
 
 class _LayerPlan:
-    """One block's weights (transposed views for ``torch.mm``) and its cache buffers."""
+    """One block's weights (as its ``_Products`` multiply by them) and its cache buffers."""
 
-    def __init__(self, block, layer_cache, batch: int, pack) -> None:
+    def __init__(self, block, layer_cache, pack) -> None:
         attn, mlp = block.self_attn, block.mlp
         self.window = attn.window
         self.attn_norm = block.input_layernorm.weight
         self.mlp_norm = block.post_attention_layernorm.weight
-        self.wqkv_t, self.bqkv = attn.wqkv.t(), attn.bqkv
-        self.wo_t, self.bo = attn.o_proj.weight.t(), attn.o_proj.bias
-        self.wgate_up_t, self.bgate_up = mlp.wgate_up.t(), mlp.bgate_up
-        self.wdown_t, self.bdown = mlp.down_proj.weight.t(), mlp.down_proj.bias
-        # oneDNN's linear (``cpu_gemv``): the weights as oneDNN reads them (prepacked or plain), else None
-        self.qkv_onednn, self.o_onednn = pack(attn.wqkv), pack(attn.o_proj.weight)
-        self.gate_up_onednn, self.down_onednn = pack(mlp.wgate_up), pack(mlp.down_proj.weight)
+        self.wqkv, self.bqkv = pack(attn.wqkv), attn.bqkv
+        self.wo, self.bo = pack(attn.o_proj.weight), attn.o_proj.bias
+        self.wgate_up, self.bgate_up = pack(mlp.wgate_up), mlp.bgate_up
+        self.wdown, self.bdown = pack(mlp.down_proj.weight), mlp.down_proj.bias
         self.k, self.v = layer_cache.k, layer_cache.v  # (B, Hkv, S_max, D)
+        batch = layer_cache.k.shape[0]
         k, v = (layer_cache.k[0], layer_cache.v[0]) if batch == 1 else (layer_cache.k, layer_cache.v)
         self.k_t = k.transpose(-1, -2)  # ([B,] Hkv, D, S_max)
         self.k_attn, self.v_attn = k, v  # ([B,] Hkv, S_max, D)
 
 
 def cpu_gemv(dtype: torch.dtype) -> str:
-    """The matrix-vector kernel of CPU decode: ``packed``, ``onednn`` or ``mm`` (``LLMRUN_CPU_GEMV`` overrides).
+    """The matrix-vector kernel of CPU decode: ``conv``, ``packed``, ``onednn`` or ``mm``.
 
-    Measured on the 2-core AMD EPYC of this project, one pass over SmolLM2's weights at batch 1
-    (``scripts/bench_decode_floor.py``): oneDNN's linear on weights it prepacked moves ~21-23 GB/s in
-    fp32 and bf16; on plain weights ~21 GB/s in fp32 but ~12 in bf16; ``torch.mm`` (MKL, or
-    oneDNN without prepacking) ~12 GB/s in both. ``packed`` (the default) holds a second, packed
-    copy of the weights; ``onednn`` keeps none (plain weights, fast in fp32); ``mm`` writes every
-    product into preallocated buffers, the only one whose steps allocate nothing.
+    ``LLMRUN_CPU_GEMV`` chooses; unset (or ``auto``), fp32 takes ``conv`` and bf16 ``packed``, the
+    faster of the two for each here. Measured on the 2-core AMD EPYC of this project, SmolLM2 at
+    batch 1, 2 threads: oneDNN's 1x1 convolution on reordered weights (``conv``) makes a whole fp32
+    decode step 1.13x faster than oneDNN's linear on prepacked weights (``packed``), and a bf16 step
+    1.12x slower (``python scripts/bench_decode_floor.py`` times both kernels over all the weights).
+    Both hold a second, reordered copy of the weights. ``onednn`` is the linear on plain weights (no
+    copy; as fast as ``packed`` in fp32, ~half in bf16); ``mm`` is ``torch.mm`` (MKL), ~12 GB/s. Only
+    ``mm`` lets a step allocate nothing: oneDNN's linear returns fresh outputs, and its convolution
+    takes a fresh 12 KB scratchpad per call.
     """
-    choice = os.environ.get("LLMRUN_CPU_GEMV", "packed")
-    if choice not in ("packed", "onednn", "mm"):
-        raise ValueError(f"LLMRUN_CPU_GEMV={choice!r}: use packed, onednn or mm")
+    choice = os.environ.get("LLMRUN_CPU_GEMV", "auto")
+    if choice == "auto":
+        choice = "conv" if dtype == torch.float32 else "packed"
+    elif choice not in _PRODUCTS:
+        raise LlmrunError(f"LLMRUN_CPU_GEMV={choice!r} is not a kernel: set it to auto, conv, packed, onednn or mm")
     if choice == "mm":
         return choice
     return choice if onednn_supported(dtype) else "mm"
@@ -429,13 +407,79 @@ def onednn_supported(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _packer(gemv: str, batch: int):
-    """A function giving, per weight matrix (N, K), what ``gemv`` multiplies by (None for ``mm``)."""
-    if gemv == "packed":
-        return lambda w: torch.ops.mkldnn._reorder_linear_weight(w, batch)
-    if gemv == "onednn":
-        return lambda w: w
-    return lambda w: None
+class _MatmulProducts:
+    """Products through ``torch.mm``/``addmm`` on transposed weights, into the given buffers (no allocation).
+
+    ``pack(w)`` turns a weight (N, K) into what the products multiply by; ``product(out, x, w, b)``
+    writes x W^T + b (B, N) into ``out``; ``accumulate(acc, x, w, b)`` adds it to ``acc`` and returns
+    the tensor holding the sum (``acc`` itself unless the kernel has no in-place form).
+    """
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()
+
+    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if bias is None:
+            torch.mm(x, w, out=out)
+        else:
+            torch.addmm(bias, x, w, out=out)
+
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+        acc.addmm_(x, w)
+        if bias is not None:
+            acc.add_(bias)
+        return acc
+
+
+class _LinearProducts(_MatmulProducts):
+    """oneDNN's linear on plain weights; its outputs are fresh tensors (the op has no ``out=``)."""
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        out.copy_(torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], ""))
+
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, acc, w, bias, "add")  # acc + x W^T (+ b), one kernel
+
+
+class _PackedLinearProducts(_LinearProducts):
+    """oneDNN's linear on weights it reordered for this batch size (a second copy of the weights)."""
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, self.batch)
+
+
+class ConvProducts(_MatmulProducts):
+    """oneDNN's 1x1 convolution on reordered weights: x (B, K, 1, 1) by W (N, K, 1, 1), accumulated in place.
+
+    The in-place form adds the product to its output tensor, so ``accumulate`` is one kernel and
+    ``product`` zeroes the output first. The weights are a second, reordered copy.
+    """
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        n, k = weight.shape
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            weight.view(n, k, 1, 1), [0, 0], [1, 1], [1, 1], 1, [self.batch, k, 1, 1]
+        )
+
+    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        out.zero_()
+        self.accumulate(out, x, w, bias)
+
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+        torch.ops.mkldnn._convolution_pointwise_(
+            acc.view(*acc.shape, 1, 1), x.view(*x.shape, 1, 1), w, bias,
+            [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None,
+        )  # fmt: skip
+        return acc
+
+
+_PRODUCTS = {"mm": _MatmulProducts, "onednn": _LinearProducts, "packed": _PackedLinearProducts, "conv": ConvProducts}
 
 
 def _no_op(_: int) -> None:

@@ -11,6 +11,7 @@ import torch
 from llmrun.config import ModelArgs
 from llmrun.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from llmrun.errors import LlmrunError
+from llmrun.fastpath import cpu_gemv
 from llmrun.loader import load_model
 from llmrun.model import Transformer
 from llmrun.presets import ByteTokenizer, is_preset, load_preset, random_model
@@ -57,6 +58,8 @@ def open_session(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if torch_device.type == "cpu":
+        cpu_gemv(torch_dtype)  # a bad LLMRUN_CPU_GEMV fails here, before any download or output
     if is_preset(spec):
         preset = load_preset(spec)
         if not random_weights:

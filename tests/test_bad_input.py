@@ -81,6 +81,14 @@ def test_bad_input(case: Case, workdir, monkeypatch, capsys):
     assert leftovers == []
 
 
+def test_unknown_cpu_kernel_choice_fails_before_loading(workdir, monkeypatch, capsys):
+    model, _ = workdir
+    monkeypatch.setenv("LLMRUN_CPU_GEMV", "avx9")
+    code, out, err = _run(gen(model), None, monkeypatch, capsys)
+    assert code == 2 and out == ""
+    check_one_line(err, r"LLMRUN_CPU_GEMV='avx9' is not a kernel: set it to auto, conv, packed, onednn or mm")
+
+
 def test_prompt_longer_than_context_runs_with_truncate(workdir, monkeypatch, capsys):
     model, _ = workdir
     code, out, err = _run([*gen(model, prompt="x y " * 100), "--truncate", "--json"], None, monkeypatch, capsys)

@@ -47,7 +47,7 @@ def _decode_logits(model, tokens: torch.Tensor, n_prompt: int, *, fast: bool) ->
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("gemv", ["packed", "onednn", "mm"])
+@pytest.mark.parametrize("gemv", ["conv", "packed", "onednn", "mm"])
 def test_fast_decode_equals_eager_decode(tiny_factory, monkeypatch, case, batch, gemv):
     monkeypatch.setenv("LLMRUN_CPU_GEMV", gemv)
     model_type, overrides = CASES[case]
@@ -58,7 +58,7 @@ def test_fast_decode_equals_eager_decode(tiny_factory, monkeypatch, case, batch,
     torch.testing.assert_close(fast, eager, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("gemv", ["packed", "mm"])
+@pytest.mark.parametrize("gemv", ["conv", "packed", "mm"])
 def test_fast_decode_in_bf16_is_as_close_to_fp32_as_eager(tiny_factory, monkeypatch, gemv):
     monkeypatch.setenv("LLMRUN_CPU_GEMV", gemv)
     path = tiny_factory("llama", num_key_value_heads=2)
