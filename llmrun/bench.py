@@ -277,6 +277,7 @@ def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, Callable[[], N
         conv = ConvProducts(batch)
         reordered = [conv.pack(w) for w in mats]
         sums = [torch.zeros_like(out) for out in outs]  # the products add up here, pass after pass
+        conv.keep(*inputs.values(), *sums)
 
         def onednn_conv() -> None:
             for w, r, acc in zip(mats, reordered, sums, strict=True):

@@ -172,6 +172,7 @@ class StaticDecoder:
         # at 640). Static shapes (CUDA graphs, torch.compile) take SDPA over the whole cache under a mask.
         self.sdpa = self.static
         self.lm_head = pack(model.lm_head.weight)
+        self.products.keep(self.x, self.h, self.qkv, self.o, self.gate_up, self.act, self._logits_mm)
         self.narrow_small_ops = True  # run the small ops on one thread (see _run)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.token = torch.zeros(b, dtype=torch.long, device=device)
@@ -418,6 +419,9 @@ class _MatmulProducts:
     def __init__(self, batch: int) -> None:
         self.batch = batch
 
+    def keep(self, *buffers: torch.Tensor) -> None:
+        """Prepare for products into and from these buffers, each used in every step (no-op here)."""
+
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t()
 
@@ -458,8 +462,22 @@ class ConvProducts(_MatmulProducts):
     """oneDNN's 1x1 convolution on reordered weights: x (B, K, 1, 1) by W (N, K, 1, 1), accumulated in place.
 
     The in-place form adds the product to its output tensor, so ``accumulate`` is one kernel and
-    ``product`` zeroes the output first. The weights are a second, reordered copy.
+    ``product`` zeroes the output first. The weights are a second, reordered copy. The 4-d views
+    of the buffers given to ``keep`` are made once (a view costs ~1 µs, two per product).
     """
+
+    def __init__(self, batch: int) -> None:
+        super().__init__(batch)
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(buffer) -> (buffer, its 4-d view)
+
+    def keep(self, *buffers: torch.Tensor) -> None:
+        for buffer in buffers:
+            self.views[id(buffer)] = (buffer, buffer.view(*buffer.shape, 1, 1))
+
+    def as_4d(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (B, N) as (B, N, 1, 1): the kept view when ``t`` is a kept buffer, else a new one."""
+        kept = self.views.get(id(t))
+        return kept[1] if kept is not None and kept[0] is t else t.view(*t.shape, 1, 1)
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         n, k = weight.shape
@@ -473,7 +491,7 @@ class ConvProducts(_MatmulProducts):
 
     def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
         torch.ops.mkldnn._convolution_pointwise_(
-            acc.view(*acc.shape, 1, 1), x.view(*x.shape, 1, 1), w, bias,
+            self.as_4d(acc), self.as_4d(x), w, bias,
             [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None,
         )  # fmt: skip
         return acc
