@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from llmrun.errors import LlmrunError
+from llmrun.sampling import SamplingParams
 
 # Requested dtype -> (canonical name written to config.json, torch dtype, safetensors dtype tag).
 _DTYPES: dict[str, tuple[str, torch.dtype, str]] = {
@@ -556,7 +558,7 @@ def _tokenizer_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]
 
 
 def _generation_config(meta: _Metadata) -> dict[str, Any]:
-    """``generation_config.json``: BOS id and every end-of-turn id (eos, eot, eom) generation stops at."""
+    """``generation_config.json``: BOS id, every end-of-turn id (eos, eot, eom), and the file's sampling defaults."""
     eos_ids = []
     for role in ("eos", "eot", "eom"):
         token_id = meta.get(f"tokenizer.ggml.{role}_token_id")
@@ -564,7 +566,49 @@ def _generation_config(meta: _Metadata) -> dict[str, Any]:
             eos_ids.append(token_id)
     if len(eos_ids) == 1:
         eos_ids = eos_ids[0]
-    return {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": eos_ids or None}
+    config = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": eos_ids or None}
+    return {**config, **_sampling_defaults(meta)}
+
+
+# general.sampling.* key -> generation_config.json key (the SamplingParams field of the same name)
+_SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def _sampling_defaults(meta: _Metadata) -> dict[str, Any]:
+    """The sampling defaults a GGUF's publisher set (``general.sampling.*``), as generation_config.json keys.
+
+    llama.cpp's conventions become llmrun's: a temperature <= 0 is greedy (0), a top-k <= 0 is off (0).
+    The repetition penalty is taken only where it covers the whole context (``penalty_last_n`` -1),
+    as llmrun's does; llama.cpp's default window is the last 64 tokens. A value out of range is left
+    out (with a note on stderr): the model still imports, and llmrun's default applies.
+    """
+    defaults: dict[str, Any] = {}
+    for gguf_key, key in _SAMPLING_KEYS.items():
+        value = meta.get(gguf_key)
+        if value is None:
+            continue
+        if key == "repetition_penalty" and meta.get("general.sampling.penalty_last_n") != -1:
+            continue
+        if key == "temperature":
+            value = max(_f32_meta(value), 0.0)
+        elif key == "top_k":
+            value = max(int(value), 0)
+        else:
+            value = _f32_meta(value)
+        try:
+            SamplingParams(**{key: value}).validate()
+        except LlmrunError:
+            print(f"llmrun: note: {gguf_key} = {value} is out of range; left out of generation_config.json",
+                  file=sys.stderr)  # fmt: skip
+            continue
+        defaults[key] = value
+    return defaults
 
 
 # ---------------------------------------------------------------- output

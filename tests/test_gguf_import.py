@@ -24,7 +24,9 @@ from safetensors.torch import load_file as load_torch
 from tokenizers import Tokenizer
 
 from llmrun.errors import LlmrunError
+from llmrun.generation_config import sampling_params
 from llmrun.gguf_import import import_gguf
+from llmrun.sampling import SamplingParams
 
 # ---------------------------------------------------------------- fixtures
 
@@ -104,7 +106,8 @@ def _write_tiny_gguf(
     Layer 0 is F32 except ``v_proj`` (F16); layer 1 stores ``k_proj`` and ``down_proj`` as Q8_0 and
     ``gate_proj`` as BF16, so the expected arrays are the dequantized values. ``kv`` overrides metadata
     (``pre``: pre-tokenizer, ``down_type``: GGML type of layer 1 ``down_proj``, ``rope_scaling``: a
-    ``(gguf.RopeScalingType, factor)`` pair, with an original context of 64).
+    ``(gguf.RopeScalingType, factor)`` pair, with an original context of 64; ``sampling``: a dict of
+    ``general.sampling.*`` keys and values).
     """
     rng = np.random.default_rng(0)
     tokens, types = _tiny_vocab()
@@ -132,6 +135,8 @@ def _write_tiny_gguf(
     writer.add_eos_token_id(vocab - 1)
     writer.add_add_bos_token(kv.get("add_bos", False))
     writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    for key, value in kv.get("sampling", {}).items():  # general.sampling.* -> int or float
+        (writer.add_int32 if isinstance(value, int) else writer.add_float32)(key, value)
 
     expected: dict[str, np.ndarray] = {}
 
@@ -317,6 +322,38 @@ def test_yarn_gguf_is_one_line_exit_2_in_the_cli(tmp_path, capsys, monkeypatch):
         assert err.count("\n") == 1 and err.startswith("llmrun: error: The GGUF file uses 'yarn' rope scaling"), err
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "home" / "models" / "yarn").exists()
+
+
+def test_sampling_defaults_become_generation_config(tmp_path, capsys):
+    """llama.cpp's conventions (temp <= 0 greedy, top-k <= 0 off) carried over; bad or windowed values left out."""
+    path = tmp_path / "sampling.gguf"
+    _write_tiny_gguf(
+        path,
+        sampling={
+            "general.sampling.temp": 0.6,
+            "general.sampling.top_k": -1,
+            "general.sampling.top_p": 0.9,
+            "general.sampling.min_p": 2.0,
+            "general.sampling.penalty_repeat": 1.1,
+            "general.sampling.penalty_last_n": 64,
+        },
+    )
+    out = import_gguf(path, tmp_path / "out", progress=False)
+    written = json.loads((out / "generation_config.json").read_text())
+    assert {k: written[k] for k in ("temperature", "top_k", "top_p")} == {"temperature": 0.6, "top_k": 0, "top_p": 0.9}
+    assert "min_p" not in written and "repetition_penalty" not in written
+    assert "general.sampling.min_p = 2.0 is out of range" in capsys.readouterr().err
+    params = sampling_params({"top_p": 0.5}, out)
+    assert (params.temperature, params.top_k, params.top_p, params.min_p) == (0.6, 0, 0.5, SamplingParams().min_p)
+
+
+def test_whole_context_repetition_penalty_and_greedy_temperature_are_imported(tmp_path):
+    path = tmp_path / "greedy.gguf"
+    sampling = {"general.sampling.temp": -1.0, "general.sampling.penalty_repeat": 1.25}
+    _write_tiny_gguf(path, sampling={**sampling, "general.sampling.penalty_last_n": -1})
+    out = import_gguf(path, tmp_path / "out", progress=False)
+    params = sampling_params({}, out)
+    assert (params.temperature, params.repetition_penalty) == (0.0, 1.25)
 
 
 def test_tiny_model_loads_in_transformers(tiny_gguf, tmp_path):
