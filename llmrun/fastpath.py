@@ -389,7 +389,7 @@ def cpu_gemv(dtype: torch.dtype) -> str:
     Both hold a second, reordered copy of the weights. ``onednn`` is the linear on plain weights (no
     copy; as fast as ``packed`` in fp32, ~half in bf16); ``mm`` is ``torch.mm`` (MKL), ~12 GB/s. Only
     ``mm`` lets a step allocate nothing: oneDNN's linear returns fresh outputs, and its convolution
-    takes a fresh 12 KB scratchpad per call.
+    takes a fresh 12-17 KB scratchpad per call.
     """
     choice = os.environ.get("LLMRUN_CPU_GEMV", "auto")
     if choice == "auto":

@@ -142,7 +142,7 @@ def test_allocation_counter_sees_allocations():
 
 @pytest.mark.parametrize("case", ["llama-gqa", "mistral-window", "qwen2-bias"])
 def test_fp32_decode_step_allocates_nothing_on_cpu(tiny_factory, monkeypatch, case):
-    """With ``LLMRUN_CPU_GEMV=mm`` every product lands in a preallocated buffer (oneDNN's linear has no out=)."""
+    """With ``LLMRUN_CPU_GEMV=mm`` every product lands in a preallocated buffer (oneDNN allocates inside)."""
     monkeypatch.setenv("LLMRUN_CPU_GEMV", "mm")
     model_type, overrides = CASES[case]
     model = load_model(tiny_factory(model_type, **overrides), torch.device("cpu"), torch.float32, progress=False)
