@@ -7,13 +7,16 @@ no reallocated KV cache, and no allocation inside a step (fp32 on the CPU; any d
 
 from __future__ import annotations
 
+import conftest
 import pytest
 import torch
 
+from llmrun.config import ModelArgs
 from llmrun.executor import decode_step, make_cache, prefill, static_decoder
 from llmrun.fastpath import StaticDecoder
 from llmrun.loader import load_model
 from llmrun.model import Transformer, fuse_projections
+from llmrun.presets import random_model
 
 CASES = {
     "llama-gqa": ("llama", dict(num_key_value_heads=2)),
@@ -35,6 +38,15 @@ CASES = {
         ),
     ),
 }
+
+
+def _windowed_gqa_model(device: str, dtype: torch.dtype) -> Transformer:
+    """A tiny Mistral (GQA, sliding window of 6) with random weights, built by llmrun alone.
+
+    The GPU check's machine has no transformers, so its tests cannot use ``tiny_factory``.
+    """
+    raw = {**conftest.TINY, "model_type": "mistral", "num_key_value_heads": 2, "sliding_window": 6}
+    return random_model(ModelArgs.from_dict(raw), torch.device(device), dtype)
 
 
 def _decode_logits(model, tokens: torch.Tensor, n_prompt: int, *, fast: bool) -> torch.Tensor:
@@ -155,11 +167,9 @@ def test_fp32_decode_step_allocates_nothing_on_cpu(tiny_factory, monkeypatch, ca
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_static_shape_step_equals_eager(tiny_factory, compiled):
+def test_static_shape_step_equals_eager(compiled):
     """The GPU's form of the step (tensor position, whole cache under a mask; compiled or not), run on the CPU."""
-    model = load_model(
-        tiny_factory("mistral", num_key_value_heads=2, sliding_window=6), torch.device("cpu"), torch.float32
-    )
+    model = _windowed_gqa_model("cpu", torch.float32)
     tokens = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(10))
     eager = _decode_logits(model, tokens, 4, fast=False)
     cache = make_cache(model, 2, 24)
@@ -208,9 +218,9 @@ def test_smollm2_greedy_tokens_and_logits_equal_eager(smollm2_fp32, monkeypatch)
 @pytest.mark.parametrize(
     ("dtype", "compiled"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
 )
-def test_cuda_graph_decode_equals_eager_and_allocates_nothing(tiny_factory, monkeypatch, dtype, compiled):
+def test_cuda_graph_decode_equals_eager_and_allocates_nothing(monkeypatch, dtype, compiled):
     monkeypatch.setenv("LLMRUN_COMPILE", "1" if compiled else "0")
-    model = load_model(tiny_factory("mistral", num_key_value_heads=2, sliding_window=6), torch.device("cuda"), dtype)
+    model = _windowed_gqa_model("cuda", dtype)
     tokens = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(9)).cuda()
     eager = _decode_logits(model, tokens, 4, fast=False)
     fast = _decode_logits(model, tokens, 4, fast=True)
