@@ -2,7 +2,8 @@
 
 Same logits (fp32: 1e-5 absolute on tiny models, 1e-4 on SmolLM2; bf16: no further from an fp32
 reference than the eager bf16 path is), same greedy tokens, fused weights that change nothing,
-no reallocated KV cache, and no allocation inside a step (fp32 on the CPU; any dtype on CUDA).
+no reallocated KV cache, and no allocation inside a step (fp32 on the CPU with ``LLMRUN_CPU_GEMV=mm``,
+only oneDNN's scratchpads by default; any dtype on CUDA).
 """
 
 from __future__ import annotations
@@ -164,6 +165,23 @@ def test_fp32_decode_step_allocates_nothing_on_cpu(tiny_factory, monkeypatch, ca
     decode_step(model, token, 4, cache, copy=False)  # warm-up: builds the decoder
     for pos in (5, 12):
         assert _allocations(lambda pos=pos: decode_step(model, token, pos, cache, copy=False)) == 0
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "mistral-window", "qwen2-bias"])
+def test_fp32_default_step_allocates_only_onednn_scratchpads(tiny_factory, monkeypatch, case):
+    """The CPU default in fp32 (oneDNN's convolution, accumulating in place) writes every product into
+    llmrun's buffers: what a step still allocates is oneDNN's scratchpad, at most one per product."""
+    monkeypatch.delenv("LLMRUN_CPU_GEMV", raising=False)
+    model_type, overrides = CASES[case]
+    model = load_model(tiny_factory(model_type, **overrides), torch.device("cpu"), torch.float32, progress=False)
+    cache = make_cache(model, 1, 32)
+    token = torch.tensor([7])
+    prefill(model, torch.tensor([[1, 2, 3, 4]]), cache)
+    decode_step(model, token, 4, cache, copy=False)
+    assert static_decoder(model, cache).gemv == "conv"
+    products = 4 * model.args.num_hidden_layers + 1  # q/k/v, o, gate/up, down per layer; the lm_head
+    for pos in (5, 12):
+        assert _allocations(lambda pos=pos: decode_step(model, token, pos, cache, copy=False)) <= products
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
