@@ -622,6 +622,7 @@ _flag_case("min-p-above-one", ("--min-p", "2"), r"--min-p must be in \[0, 1\]")
 _flag_case("penalty-zero", ("--repetition-penalty", "0"), r"--repetition-penalty must be a finite number > 0")
 _flag_case("dtype-unknown", ("--dtype", "int4"), r"--dtype 'int4' is not supported; use auto, bf16, fp16 or fp32")
 _flag_case("device-unknown", ("--device", "tpu"), r"--device 'tpu' is not a device; use auto, cpu, cuda or cuda:N")
+_flag_case("threads-zero", ("--threads", "0"), r"--threads must be at least 1, got 0")
 _flag_case("unknown-option", ("--tempreature", "0"), r"No such option: --tempreature")
 _flag_case("trust-remote-code-does-not-exist", ("--trust-remote-code",), r"No such option: --trust-remote-code")
 

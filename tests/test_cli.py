@@ -52,6 +52,22 @@ def test_generate_ignore_eos_runs_to_max_new_tokens(smollm2_dir, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("command", ["generate", "perplexity"])
+def test_threads_flag_sets_torch_threads(smollm2_dir, tmp_path, capsys, command):
+    import torch
+
+    args = ["Hi", "-n", "2", "--temperature", "0"] if command == "generate" else [str(tmp_path / "t.txt")]
+    (tmp_path / "t.txt").write_text("The capital of France is Paris.", encoding="utf-8")
+    before = torch.get_num_threads()
+    try:
+        code = run([command, *args, "--threads", "1", "--json", "--device", "cpu"])
+        assert code == 0, capsys.readouterr().err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
 def test_stop_string_ends_generation(smollm2_dir, capsys):
     args = ["generate", "Count from 1 to 20, separated by commas.", "--temperature", "0", "-n", "60"]
     code = run([*args, "--stop", "5", "--json", "--device", "cpu"])

@@ -21,7 +21,15 @@ from typing import Annotated
 
 import typer
 
-from llmrun.cli.options import DeviceOption, DtypeOption, ModelOption, RandomWeightsOption, RevisionOption
+from llmrun.cli.options import (
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    RandomWeightsOption,
+    RevisionOption,
+    ThreadsOption,
+    apply_threads,
+)
 from llmrun.errors import LlmrunError
 
 
@@ -45,9 +53,7 @@ def bench(
         list[str] | None, typer.Option("--batch", "-b", help="Batch sizes, e.g. 1,4.", show_default="1")
     ] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Output format: md, csv, json or jsonl.")] = "md",
-    threads: Annotated[
-        int | None, typer.Option("--threads", "-t", help="CPU threads (default: torch's).", show_default=False)
-    ] = None,
+    threads: ThreadsOption = None,
     eager: Annotated[bool, typer.Option("--eager", help="Time the eager decode path, not the fast path.")] = False,
     kernel_floor: Annotated[
         bool, typer.Option("--kernel-floor", help="Also time one GEMV pass over all weights beside each tg row.")
@@ -64,8 +70,6 @@ def bench(
     random_weights: RandomWeightsOption = False,
 ) -> None:
     """Benchmark prefill (pp) and decode (tg) throughput against the speed of light."""
-    import torch
-
     from llmrun.bench import FORMATS, parse_ints, parse_pairs, plan_tests, render, run_bench
     from llmrun.session import open_session
 
@@ -75,10 +79,7 @@ def bench(
         raise LlmrunError(f"--warmup must be at least 0, got {warmup}")
     if repetitions < 1:
         raise LlmrunError(f"--repetitions must be at least 1, got {repetitions}")
-    if threads is not None:
-        if threads < 1:
-            raise LlmrunError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+    apply_threads(threads)
     for flag, value in (("--peak-flops", peak_flops), ("--peak-bandwidth", peak_bandwidth)):
         if value is not None and not value > 0:
             raise LlmrunError(f"{flag} must be a positive number, got {value}")

@@ -26,8 +26,10 @@ from llmrun.cli.options import (
     RevisionOption,
     SeedOption,
     TemperatureOption,
+    ThreadsOption,
     TopKOption,
     TopPOption,
+    apply_threads,
 )
 from llmrun.cli.prompts import sampling_flags
 from llmrun.errors import LlmrunError
@@ -47,6 +49,7 @@ def chat(
     dtype: DtypeOption = "auto",
     revision: RevisionOption = None,
     random_weights: RandomWeightsOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Chat with the model in the terminal."""
     from llmrun.generate import Conversation, GenerationStats, generate_tokens, stream_text
@@ -57,6 +60,7 @@ def chat(
     if max_new_tokens <= 0:
         raise LlmrunError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     given = sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    apply_threads(threads)
     session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
     tokenizer = session.tokenizer
     if not tokenizer.has_chat_template:

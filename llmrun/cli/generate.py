@@ -27,8 +27,10 @@ from llmrun.cli.options import (
     RevisionOption,
     SeedOption,
     TemperatureOption,
+    ThreadsOption,
     TopKOption,
     TopPOption,
+    apply_threads,
 )
 from llmrun.cli.prompts import PromptSettings, build_prompt, read_prompt, sampling_flags
 from llmrun.errors import LlmrunError
@@ -64,6 +66,7 @@ def generate(
     revision: RevisionOption = None,
     random_weights: RandomWeightsOption = False,
     as_json: JsonOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; statistics go to stderr."""
     from llmrun.generate import GenerationStats, generate_tokens, stream_text
@@ -74,6 +77,7 @@ def generate(
     if max_new_tokens <= 0:
         raise LlmrunError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     given = sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    apply_threads(threads)
     text = read_prompt(prompt)
     session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
     settings = PromptSettings(chat=chat, system=system, truncate=truncate)

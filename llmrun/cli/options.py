@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from llmrun.errors import LlmrunError
+
 ModelOption = Annotated[
     str | None,
     typer.Option(
@@ -21,6 +23,10 @@ RevisionOption = Annotated[
     str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).", show_default=False)
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option("--threads", "-t", help="CPU threads. Default: torch's (one per core).", show_default=False),
+]
 RandomWeightsOption = Annotated[
     bool,
     typer.Option(
@@ -65,3 +71,14 @@ RepetitionPenaltyOption = Annotated[
     ),
 ]
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Seed: the same seed gives the same output.")]
+
+
+def apply_threads(threads: int | None) -> None:
+    """Give torch ``--threads`` CPU threads (None: keep torch's default); a count below 1 is an error."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise LlmrunError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

@@ -15,7 +15,16 @@ from typing import Annotated
 
 import typer
 
-from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RandomWeightsOption, RevisionOption
+from llmrun.cli.options import (
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    ModelOption,
+    RandomWeightsOption,
+    RevisionOption,
+    ThreadsOption,
+    apply_threads,
+)
 from llmrun.errors import LlmrunError
 
 
@@ -28,6 +37,7 @@ def perplexity(
     revision: RevisionOption = None,
     random_weights: RandomWeightsOption = False,
     as_json: JsonOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Token-level perplexity (exp of the mean negative log-likelihood) of FILE."""
     from rich.console import Console
@@ -43,6 +53,7 @@ def perplexity(
         raise LlmrunError(f"{file} does not exist") from None
     except (UnicodeDecodeError, IsADirectoryError) as exc:
         raise LlmrunError(f"{file} is not a UTF-8 text file ({type(exc).__name__})") from None
+    apply_threads(threads)
     session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
     ids = session.tokenizer.encode(text)
     console = Console(stderr=True)  # no bar unless a terminal: rich leaves a blank line in pipes and logs

@@ -22,7 +22,15 @@ from typing import Annotated
 
 import typer
 
-from llmrun.cli.options import DeviceOption, DtypeOption, ModelOption, RandomWeightsOption, RevisionOption
+from llmrun.cli.options import (
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    RandomWeightsOption,
+    RevisionOption,
+    ThreadsOption,
+    apply_threads,
+)
 from llmrun.errors import LlmrunError, ThresholdMissed
 
 
@@ -85,6 +93,7 @@ def profile(
         float | None, typer.Option("--peak-bandwidth", help="Override the memory roof (bytes/s, e.g. 4.8e12).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
+    threads: ThreadsOption = None,
 ) -> None:
     """Profile prefill and decode op by op: time, FLOPs, bytes, and % of the roofline."""
     from rich.console import Console
@@ -107,6 +116,7 @@ def profile(
     for flag, path in (("--output", output), ("--plot", plot)):
         if path is not None and not path.parent.is_dir():  # refuse before minutes of measuring, not after
             raise LlmrunError(f"{flag} {path}: the directory {path.parent} does not exist")
+    apply_threads(threads)
     report = run_profile(
         model,
         device,
