@@ -595,6 +595,9 @@ def _sampling_defaults(meta: _Metadata) -> dict[str, Any]:
             continue
         if key == "repetition_penalty" and meta.get("general.sampling.penalty_last_n") != -1:
             continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _left_out(gguf_key, value, "is not a number")
+            continue
         if key == "temperature":
             value = max(_f32_meta(value), 0.0)
         elif key == "top_k":
@@ -604,11 +607,15 @@ def _sampling_defaults(meta: _Metadata) -> dict[str, Any]:
         try:
             SamplingParams(**{key: value}).validate()
         except LlmrunError:
-            print(f"llmrun: note: {gguf_key} = {value} is out of range; left out of generation_config.json",
-                  file=sys.stderr)  # fmt: skip
+            _left_out(gguf_key, value, "is out of range")
             continue
         defaults[key] = value
     return defaults
+
+
+def _left_out(gguf_key: str, value: Any, why: str) -> None:
+    """Say on stderr that a sampling default is not imported, and why."""
+    print(f"llmrun: note: {gguf_key} = {value!r} {why}; left out of generation_config.json", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- output

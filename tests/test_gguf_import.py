@@ -135,8 +135,9 @@ def _write_tiny_gguf(
     writer.add_eos_token_id(vocab - 1)
     writer.add_add_bos_token(kv.get("add_bos", False))
     writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
-    for key, value in kv.get("sampling", {}).items():  # general.sampling.* -> int or float
-        (writer.add_int32 if isinstance(value, int) else writer.add_float32)(key, value)
+    adders = {int: writer.add_int32, float: writer.add_float32, str: writer.add_string}
+    for key, value in kv.get("sampling", {}).items():  # general.sampling.* -> int, float or (wrongly) str
+        adders[type(value)](key, value)
 
     expected: dict[str, np.ndarray] = {}
 
@@ -345,6 +346,14 @@ def test_sampling_defaults_become_generation_config(tmp_path, capsys):
     assert "general.sampling.min_p = 2.0 is out of range" in capsys.readouterr().err
     params = sampling_params({"top_p": 0.5}, out)
     assert (params.temperature, params.top_k, params.top_p, params.min_p) == (0.6, 0, 0.5, SamplingParams().min_p)
+
+
+def test_sampling_default_of_the_wrong_type_is_left_out(tmp_path, capsys):
+    path = tmp_path / "odd.gguf"
+    _write_tiny_gguf(path, sampling={"general.sampling.top_p": "0.9"})  # a string where llama.cpp writes a float
+    out = import_gguf(path, tmp_path / "out", progress=False)
+    assert "top_p" not in json.loads((out / "generation_config.json").read_text())
+    assert "general.sampling.top_p = '0.9' is not a number" in capsys.readouterr().err
 
 
 def test_whole_context_repetition_penalty_and_greedy_temperature_are_imported(tmp_path):
