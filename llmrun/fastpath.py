@@ -79,6 +79,7 @@ class StaticDecoder:
     shapes; ``compile`` runs that step through ``torch.compile`` (``LLMRUN_COMPILE=0`` turns it
     off); ``graph`` captures it in a CUDA graph and replays it. ``prepare_s`` is the seconds spent
     building, compiling and capturing, which callers report apart from any token's latency.
+    ``gemv`` picks the CPU matrix-vector kernel (default: ``cpu_gemv``, i.e. ``LLMRUN_CPU_GEMV``).
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class StaticDecoder:
         graph: bool | None = None,
         compile: bool | None = None,
         static: bool | None = None,
+        gemv: str | None = None,
     ) -> None:
         t0 = time.perf_counter()
         fuse_projections(model)
@@ -157,7 +159,7 @@ class StaticDecoder:
         scale[:h] = 1 / math.sqrt(hd)
         self.head_scale = scale
         self.cos, self.sin = empty(h + n_kv, hd), empty(h + n_kv, hd)
-        self.gemv = "mm" if cuda or self.static else cpu_gemv(dtype)
+        self.gemv = "mm" if cuda or self.static else (gemv or cpu_gemv(dtype))
         self.products = _PRODUCTS[self.gemv](b)
         pack = self.products.pack
         self.layers = [_LayerPlan(block, cache.layers[i], pack) for i, block in enumerate(model.model.layers)]

@@ -1,0 +1,79 @@
+"""The CPU decode step with each matrix-vector kernel choice, in one process, alternating, medians.
+
+Usage: python scripts/bench_cpu_gemv.py [--dtypes fp32,bf16] [--kernels conv,packed] [--threads 2]
+                                        [--rounds 9] [--tokens 16] [--context 64] [--model MODEL_DIR]
+
+Per dtype, one ``llmrun.fastpath.StaticDecoder`` per kernel (``LLMRUN_CPU_GEMV``'s choices: conv,
+packed, onednn, mm), all on the same model and KV cache after a prompt of ``--context`` random
+tokens. Each round, every decoder runs ``--tokens`` steps at the same positions (the order
+rotates every round); a decoder rewrites the cache slots the previous one wrote, with the same
+K/V. Reported: the median ms per step of each kernel and, per round, its time over the first
+kernel's, median over rounds (< 1: faster than the first). The default model unless ``--model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from llmrun.devices import DTYPES
+from llmrun.executor import make_cache, prefill
+from llmrun.fastpath import StaticDecoder
+from llmrun.loader import load_model
+from llmrun.sources import resolve_model
+
+
+def measure(model_dir, dtype: str, kernels: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds per step of each kernel, one sample per round."""
+    model = load_model(model_dir, torch.device("cpu"), DTYPES[dtype], progress=False)
+    cache = make_cache(model, 1, args.context + args.tokens)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.args.vocab_size, (1, args.context), generator=generator)
+    token = torch.tensor([prompt[0, -1].item()])
+    samples: dict[str, list[float]] = {kernel: [] for kernel in kernels}
+    with torch.inference_mode():
+        prefill(model, prompt, cache)
+        decoders = {kernel: StaticDecoder(model, cache, gemv=kernel) for kernel in kernels}
+        positions = range(args.context, args.context + args.tokens)
+        for decoder in decoders.values():  # warm-up
+            for pos in positions:
+                decoder.step(token, pos)
+        for round_ in range(args.rounds):
+            order = kernels[round_ % len(kernels) :] + kernels[: round_ % len(kernels)]
+            for kernel in order:
+                t0 = time.perf_counter()
+                for pos in positions:
+                    decoders[kernel].step(token, pos)
+                samples[kernel].append((time.perf_counter() - t0) / args.tokens)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model directory (default: the default model)")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--kernels", default="conv,packed", help="LLMRUN_CPU_GEMV choices; the first is the base")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--tokens", type=int, default=16, help="decode steps per sample")
+    parser.add_argument("--context", type=int, default=64, help="prompt tokens in the cache before decoding")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model(args.model, progress=False)
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
+        samples = measure(model_dir, dtype, kernels, args)
+        base = samples[kernels[0]]
+        print(f"\n{dtype}, {args.threads} threads, median of {args.rounds} rounds of {args.tokens} steps")
+        print(f"| kernel | ms/step | time ÷ {kernels[0]} |")
+        print("| --- | ---: | ---: |")
+        for kernel, times in samples.items():
+            ratio = statistics.median(t / b for t, b in zip(times, base, strict=True))
+            print(f"| {kernel} | {statistics.median(times) * 1e3:.2f} | {ratio:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
