@@ -387,8 +387,8 @@ def cpu_gemv(dtype: torch.dtype) -> str:
     faster of the two for each here. Measured on the 2-core AMD EPYC of this project, SmolLM2 at
     batch 1, 2 threads: oneDNN's 1x1 convolution on reordered weights (``conv``) makes one pass over
     the fp32 weights 1.08-1.11x faster than oneDNN's linear on prepacked weights (``packed``; both
-    timed by ``python scripts/bench_decode_floor.py``) and a whole fp32 decode step 1.0-1.16x faster
-    (six alternating runs); a bf16 step it made 1.12x slower.
+    timed by ``python scripts/bench_decode_floor.py``) and a whole fp32 decode step ~1.07x faster
+    (median of seven runs of ``python scripts/bench_cpu_gemv.py``); a bf16 step ~1.05x slower.
     Both hold a second, reordered copy of the weights. ``onednn`` is the linear on plain weights (no
     copy; as fast as ``packed`` in fp32, ~half in bf16); ``mm`` is ``torch.mm`` (MKL), ~12 GB/s. Only
     ``mm`` lets a step allocate nothing: oneDNN's linear returns fresh outputs, and its convolution
