@@ -396,7 +396,9 @@ def cpu_gemv(dtype: torch.dtype) -> str:
     """
     choice = os.environ.get("LLMRUN_CPU_GEMV", "auto")
     if choice == "auto":
-        choice = "conv" if dtype == torch.float32 else "packed"
+        # oneDNN on Arm (ACL) does not fuse post-ops such as the convolution's in-place add
+        acl = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_acl_supported()
+        choice = "conv" if dtype == torch.float32 and not acl else "packed"
     elif choice not in _PRODUCTS:
         raise LlmrunError(f"LLMRUN_CPU_GEMV={choice!r} is not a kernel: set it to auto, conv, packed, onednn or mm")
     if choice == "mm":
