@@ -42,7 +42,7 @@ import llmrun
 from llmrun.devices import DTYPE_NAMES, synchronize
 from llmrun.errors import LlmrunError
 from llmrun.executor import decode_step, make_cache, prefill, prepare_decode
-from llmrun.fastpath import ConvProducts, onednn_supported
+from llmrun.fastpath import PRODUCTS, onednn_supported
 from llmrun.model import Transformer, fuse_projections
 
 FORMATS = ("md", "csv", "json", "jsonl")
@@ -221,35 +221,45 @@ def gemv_floor(model: Transformer, batch: int = 1, repeats: int = 5) -> tuple[fl
 
     The matrices are the fused ones the fast path multiplies (q/k/v, o, gate/up, down per layer,
     and the lm_head); the embedding is a row lookup and not counted. Every kernel of
-    ``gemv_kernels`` is tried; the result is the fastest one's median over ``repeats`` passes, so no
-    Python-level path through the same kernels can beat it.
+    ``gemv_kernels`` is tried, one at a time (so at most one packed copy of the weights exists);
+    the result is the fastest one's median over ``repeats`` passes, so no Python-level path
+    through the same kernels can beat it.
     """
     best = {}
     device = model.lm_head.weight.device
     with torch.inference_mode():
-        for name, fn in gemv_kernels(model, batch).items():
-            best[name] = statistics.median(_timed(fn, device, repeats))
+        for name, build in gemv_kernels(model, batch).items():
+            best[name] = statistics.median(_timed(build(), device, repeats))
     name = min(best, key=best.get)
     return best[name], name
 
 
-def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, Callable[[], None]]:
-    """Kernel name -> a function running one pass of matrix-vector products over all decode weights.
+PassBuilder = Callable[[], Callable[[], None]]
+"""Prepares a kernel (packing the weights where it keeps its own copy) and returns one pass of it."""
+
+
+def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, PassBuilder]:
+    """Kernel name -> a builder of one pass of matrix-vector products over all decode weights.
 
     ``torch.mm`` on the transposed weight into a preallocated output, ``F.linear``, ``torch.mv``
-    (batch 1) and, on a CPU with oneDNN, its linear on plain and on prepacked weights and its 1x1
-    convolution on reordered weights, accumulating into the output (the CPU fast path's choices:
-    ``llmrun.fastpath.cpu_gemv``). Packing or reordering holds a second copy of the weights.
+    (batch 1) and, on a CPU with oneDNN, the CPU fast path's oneDNN choices
+    (``llmrun.fastpath.PRODUCTS``), each product added to an output as the fast path's residual
+    adds are: its linear on plain and on prepacked weights, and its 1x1 convolution on reordered
+    weights. A pass's packed copy of the weights lives as long as the pass function.
     """
     mats = decode_matrices(model)
     device, dtype = mats[0].device, mats[0].dtype
     inputs = {k: torch.randn(batch, k, device=device).to(dtype) for k in {w.shape[1] for w in mats}}
-    outs = [torch.empty(batch, w.shape[0], device=device, dtype=dtype) for w in mats]
-    transposed = [w.t() for w in mats]
 
-    def mm() -> None:
-        for w_t, out in zip(transposed, outs, strict=True):
-            torch.mm(inputs[w_t.shape[0]], w_t, out=out)
+    def mm() -> Callable[[], None]:
+        outs = [torch.empty(batch, w.shape[0], device=device, dtype=dtype) for w in mats]
+        transposed = [w.t() for w in mats]
+
+        def one_pass() -> None:
+            for w_t, out in zip(transposed, outs, strict=True):
+                torch.mm(inputs[w_t.shape[0]], w_t, out=out)
+
+        return one_pass
 
     def linear() -> None:
         for w in mats:
@@ -259,33 +269,28 @@ def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, Callable[[], N
         for w in mats:
             torch.mv(w, inputs[w.shape[1]][0])
 
-    kernels: dict[str, Callable[[], None]] = {"torch.mm": mm, "F.linear": linear}
+    def onednn(kernel: str) -> PassBuilder:
+        def build() -> Callable[[], None]:
+            products = PRODUCTS[kernel](batch)
+            packed = [products.pack(w) for w in mats]
+            sums = [torch.zeros(batch, w.shape[0], device=device, dtype=dtype) for w in mats]
+            products.keep(*inputs.values(), *sums)
+
+            def one_pass() -> None:
+                for w, p, acc in zip(mats, packed, sums, strict=True):
+                    products.accumulate(acc, inputs[w.shape[1]], p, None)
+
+            return one_pass
+
+        return build
+
+    kernels: dict[str, PassBuilder] = {"torch.mm": mm, "F.linear": lambda: linear}
     if batch == 1:
-        kernels["torch.mv"] = mv
+        kernels["torch.mv"] = lambda: mv
     if device.type == "cpu" and onednn_supported(dtype):
-        onednn = torch.ops.mkldnn._linear_pointwise
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in mats]
-
-        def onednn_plain() -> None:
-            for w in mats:
-                onednn(inputs[w.shape[1]], w, None, "none", [], "")
-
-        def onednn_packed() -> None:
-            for w, p in zip(mats, packed, strict=True):
-                onednn(inputs[w.shape[1]], p, None, "none", [], "")
-
-        conv = ConvProducts(batch)
-        reordered = [conv.pack(w) for w in mats]
-        sums = [torch.zeros_like(out) for out in outs]  # the products add up here, pass after pass
-        conv.keep(*inputs.values(), *sums)
-
-        def onednn_conv() -> None:
-            for w, r, acc in zip(mats, reordered, sums, strict=True):
-                conv.accumulate(acc, inputs[w.shape[1]], r, None)
-
-        kernels["oneDNN linear"] = onednn_plain
-        kernels["oneDNN linear, prepacked"] = onednn_packed
-        kernels["oneDNN 1x1 conv, reordered"] = onednn_conv
+        kernels["oneDNN linear"] = onednn("onednn")
+        kernels["oneDNN linear, prepacked"] = onednn("packed")
+        kernels["oneDNN 1x1 conv, reordered"] = onednn("conv")
     return kernels
 
 

@@ -16,8 +16,9 @@ buffers allocated once per cache:
   copying K/V (bf16/fp16 on the CPU: in float32 scratch).
 
 On the CPU the matrix-vector products go through oneDNN on reordered weights (``cpu_gemv``: ~1.7x
-the bandwidth of ``torch.mm``/MKL here): its 1x1 convolution in fp32, which adds into the residual
-in place, and its linear in bf16, whose outputs are fresh tensors. ``LLMRUN_CPU_GEMV=mm`` writes
+the bandwidth of ``torch.mm``/MKL here): its 1x1 convolution in fp32 on AVX-512 CPUs, which adds
+into the residual in place, and its linear otherwise, whose outputs are fresh tensors; ``torch.mm``
+where oneDNN cannot run the dtype (fp16). ``LLMRUN_CPU_GEMV=mm`` writes
 every product into the buffers, and then a step allocates nothing (``tests/test_fastpath.py``
 counts the CPU allocator's calls). The position is a Python int and
 the cache is sliced to the filled positions. On CUDA the position is a device tensor and attention
@@ -79,7 +80,8 @@ class StaticDecoder:
     shapes; ``compile`` runs that step through ``torch.compile`` (``LLMRUN_COMPILE=0`` turns it
     off); ``graph`` captures it in a CUDA graph and replays it. ``prepare_s`` is the seconds spent
     building, compiling and capturing, which callers report apart from any token's latency.
-    ``gemv`` picks the CPU matrix-vector kernel (default: ``cpu_gemv``, i.e. ``LLMRUN_CPU_GEMV``).
+    ``gemv`` picks the CPU matrix-vector kernel (``resolve_gemv``; default: ``LLMRUN_CPU_GEMV``); CUDA
+    and static steps always use ``torch.mm``.
     """
 
     def __init__(
@@ -159,8 +161,8 @@ class StaticDecoder:
         scale[:h] = 1 / math.sqrt(hd)
         self.head_scale = scale
         self.cos, self.sin = empty(h + n_kv, hd), empty(h + n_kv, hd)
-        self.gemv = "mm" if cuda or self.static else (gemv or cpu_gemv(dtype))
-        self.products = _PRODUCTS[self.gemv](b)
+        self.gemv = "mm" if cuda or self.static else resolve_gemv(gemv, dtype) if gemv else cpu_gemv(dtype)
+        self.products = PRODUCTS[self.gemv](b)
         pack = self.products.pack
         self.layers = [_LayerPlan(block, cache.layers[i], pack) for i, block in enumerate(model.model.layers)]
         # At batch 1 attention is a 3-d bmm per layer (no reshapes); above, a 4-d matmul.
@@ -362,7 +364,7 @@ class StaticDecoder:
 
 
 class _LayerPlan:
-    """One block's weights (as its ``_Products`` multiply by them) and its cache buffers."""
+    """One block's weights (as the step's ``_Products`` multiply by them) and its cache buffers."""
 
     def __init__(self, block, layer_cache, pack) -> None:
         attn, mlp = block.self_attn, block.mlp
@@ -381,25 +383,35 @@ class _LayerPlan:
 
 
 def cpu_gemv(dtype: torch.dtype) -> str:
-    """The matrix-vector kernel of CPU decode: ``conv``, ``packed``, ``onednn`` or ``mm``.
+    """The matrix-vector kernel of CPU decode in ``dtype``: ``LLMRUN_CPU_GEMV`` (default ``auto``), resolved.
 
-    ``LLMRUN_CPU_GEMV`` chooses; unset (or ``auto``), fp32 takes ``conv`` and bf16 ``packed``, the
-    faster of the two for each here. Measured on the 2-core AMD EPYC of this project, SmolLM2 at
-    batch 1, 2 threads: oneDNN's 1x1 convolution on reordered weights (``conv``) makes one pass over
-    the fp32 weights 1.08-1.11x faster than oneDNN's linear on prepacked weights (``packed``; both
-    timed by ``python scripts/bench_decode_floor.py``) and a whole fp32 decode step ~1.07x faster
-    (median of seven runs of ``python scripts/bench_cpu_gemv.py``); a bf16 step ~1.05x slower.
-    Both hold a second, reordered copy of the weights. ``onednn`` is the linear on plain weights (no
-    copy; as fast as ``packed`` in fp32, ~half in bf16); ``mm`` is ``torch.mm`` (MKL), ~12 GB/s. Only
-    ``mm`` lets a step allocate nothing: oneDNN's linear returns fresh outputs, and its convolution
-    takes a fresh 12-17 KB scratchpad per call.
+    Raises ``LlmrunError`` for a name that is not a kernel (see ``resolve_gemv``).
     """
-    choice = os.environ.get("LLMRUN_CPU_GEMV", "auto")
+    return resolve_gemv(os.environ.get("LLMRUN_CPU_GEMV", "auto"), dtype)
+
+
+def resolve_gemv(choice: str, dtype: torch.dtype) -> str:
+    """``choice`` (``auto``, ``conv``, ``packed``, ``onednn`` or ``mm``) as the kernel that will run ``dtype``.
+
+    ``auto`` takes ``conv`` in fp32 on x86 CPUs with AVX-512 and ``packed`` otherwise: measured on
+    the 2-core AMD EPYC (AVX-512) of this project, SmolLM2 at batch 1, 2 threads, oneDNN's 1x1
+    convolution on reordered weights (``conv``) makes one pass over the fp32 weights 1.08-1.11x
+    faster than oneDNN's linear on prepacked weights (``packed``; both timed by ``python
+    scripts/bench_decode_floor.py``) and a whole fp32 decode step ~1.07x faster (median of seven
+    runs of ``python scripts/bench_cpu_gemv.py``); a bf16 step ~1.05x slower. (oneDNN's fp32 linear
+    falls back to an AVX2 GEMV there, its convolution runs AVX-512; on AVX2-only CPUs and on Arm,
+    whose oneDNN backend does not fuse the convolution's in-place add, the ranking is unmeasured,
+    so they keep ``packed``.) Both hold a second, reordered copy of the weights. ``onednn`` is the
+    linear on plain weights (no copy; as fast as ``packed`` in fp32, ~half in bf16); ``mm`` is
+    ``torch.mm`` (MKL), ~12 GB/s. A oneDNN choice becomes ``mm`` where oneDNN cannot run ``dtype``
+    (fp16; bf16 without CPU support). Only ``mm`` lets a step allocate nothing: oneDNN's linear
+    returns fresh outputs, and its convolution takes a fresh 12-17 KB scratchpad per call.
+    """
     if choice == "auto":
-        # oneDNN on Arm (ACL) does not fuse post-ops such as the convolution's in-place add
+        avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
         acl = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_acl_supported()
-        choice = "conv" if dtype == torch.float32 and not acl else "packed"
-    elif choice not in _PRODUCTS:
+        choice = "conv" if dtype == torch.float32 and avx512 and not acl else "packed"
+    elif choice not in PRODUCTS:
         raise LlmrunError(f"LLMRUN_CPU_GEMV={choice!r} is not a kernel: set it to auto, conv, packed, onednn or mm")
     if choice == "mm":
         return choice
@@ -413,19 +425,33 @@ def onednn_supported(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-class _MatmulProducts:
-    """Products through ``torch.mm``/``addmm`` on transposed weights, into the given buffers (no allocation).
+class _Products:
+    """How a decode step multiplies x (B, K) by its weights, for batch B; one subclass per kernel.
 
     ``pack(w)`` turns a weight (N, K) into what the products multiply by; ``product(out, x, w, b)``
     writes x W^T + b (B, N) into ``out``; ``accumulate(acc, x, w, b)`` adds it to ``acc`` and returns
-    the tensor holding the sum (``acc`` itself unless the kernel has no in-place form).
+    the tensor holding the sum (``acc`` itself unless the kernel has no in-place form). ``keep``
+    names the buffers used in every step, for kernels that prepare something per buffer.
     """
 
     def __init__(self, batch: int) -> None:
         self.batch = batch
 
     def keep(self, *buffers: torch.Tensor) -> None:
-        """Prepare for products into and from these buffers, each used in every step (no-op here)."""
+        """Nothing to prepare unless a kernel says otherwise."""
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+        raise NotImplementedError
+
+
+class _MatmulProducts(_Products):
+    """``torch.mm``/``addmm`` on transposed weights, into the given buffers (no allocation)."""
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t()
@@ -443,7 +469,7 @@ class _MatmulProducts:
         return acc
 
 
-class _LinearProducts(_MatmulProducts):
+class _LinearProducts(_Products):
     """oneDNN's linear on plain weights; its outputs are fresh tensors (the op has no ``out=``)."""
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
@@ -463,7 +489,7 @@ class _PackedLinearProducts(_LinearProducts):
         return torch.ops.mkldnn._reorder_linear_weight(weight, self.batch)
 
 
-class ConvProducts(_MatmulProducts):
+class _ConvProducts(_Products):
     """oneDNN's 1x1 convolution on reordered weights: x (B, K, 1, 1) by W (N, K, 1, 1), accumulated in place.
 
     The in-place form adds the product to its output tensor, so ``accumulate`` is one kernel and
@@ -473,7 +499,8 @@ class ConvProducts(_MatmulProducts):
 
     def __init__(self, batch: int) -> None:
         super().__init__(batch)
-        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(buffer) -> (buffer, its 4-d view)
+        # id(buffer) -> (buffer, its 4-d view); holding the buffer keeps its id from being reused
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(self, *buffers: torch.Tensor) -> None:
         for buffer in buffers:
@@ -482,7 +509,7 @@ class ConvProducts(_MatmulProducts):
     def as_4d(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (B, N) as (B, N, 1, 1): the kept view when ``t`` is a kept buffer, else a new one."""
         kept = self.views.get(id(t))
-        return kept[1] if kept is not None and kept[0] is t else t.view(*t.shape, 1, 1)
+        return kept[1] if kept is not None else t.view(*t.shape, 1, 1)
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         n, k = weight.shape
@@ -502,7 +529,8 @@ class ConvProducts(_MatmulProducts):
         return acc
 
 
-_PRODUCTS = {"mm": _MatmulProducts, "onednn": _LinearProducts, "packed": _PackedLinearProducts, "conv": ConvProducts}
+# LLMRUN_CPU_GEMV's kernel names -> their products
+PRODUCTS = {"mm": _MatmulProducts, "onednn": _LinearProducts, "packed": _PackedLinearProducts, "conv": _ConvProducts}
 
 
 def _no_op(_: int) -> None:

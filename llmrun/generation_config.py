@@ -62,12 +62,22 @@ def sampling_params(given: dict[str, Any], model_dir: Path) -> SamplingParams:
 
 def _checked(path: Path, key: str, value: object, flag: str) -> int | float:
     """``value`` of ``key`` from the file, if it has the right type and is in the flag's range."""
+    problem = value_problem(key, value)
+    if problem is not None:
+        raise LlmrunError(f"{path}: {key} {problem}; fix the file or pass {flag}")
+    return value
+
+
+def value_problem(key: str, value: object) -> str | None:
+    """What is wrong with ``value`` for the sampling setting ``key`` (None: nothing), in words.
+
+    ``top_k`` takes an integer, the others a number; each within the range of its flag.
+    """
     integer = key == "top_k"
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        kind = "an integer" if integer else "a number"
-        raise LlmrunError(f"{path}: {key} must be {kind}, got {value!r}; fix the file or pass {flag}")
+        return f"must be {'an integer' if integer else 'a number'}, got {value!r}"
     try:
         SamplingParams(**{key: value}).validate()
     except LlmrunError as exc:
-        raise LlmrunError(f"{path}: {key} {value!r} is out of range ({exc}); fix the file or pass {flag}") from None
-    return value
+        return f"{value!r} is out of range ({exc})"
+    return None

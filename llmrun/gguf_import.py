@@ -38,7 +38,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from llmrun.errors import LlmrunError
-from llmrun.sampling import SamplingParams
+from llmrun.generation_config import value_problem
 
 # Requested dtype -> (canonical name written to config.json, torch dtype, safetensors dtype tag).
 _DTYPES: dict[str, tuple[str, torch.dtype, str]] = {
@@ -583,39 +583,30 @@ _SAMPLING_KEYS = {
 def _sampling_defaults(meta: _Metadata) -> dict[str, Any]:
     """The sampling defaults a GGUF's publisher set (``general.sampling.*``), as generation_config.json keys.
 
-    llama.cpp's conventions become llmrun's: a temperature <= 0 is greedy (0), a top-k <= 0 is off (0).
-    The repetition penalty is taken only where it covers the whole context (``penalty_last_n`` -1),
-    as llmrun's does; llama.cpp's default window is the last 64 tokens. A value out of range is left
-    out (with a note on stderr): the model still imports, and llmrun's default applies.
+    llama.cpp's conventions become llmrun's: a temperature <= 0 is greedy (0, and ``do_sample``
+    false), a top-k <= 0 is off (0); any default given means sampling (``do_sample`` true) otherwise,
+    as llama.cpp samples. The repetition penalty is taken only where it covers the whole context
+    (``penalty_last_n`` -1), as llmrun's does; llama.cpp's default window is the last 64 tokens. A
+    value of the wrong type or out of range is left out, with a note on stderr: the model still
+    imports, and llmrun's default applies.
     """
     defaults: dict[str, Any] = {}
     for gguf_key, key in _SAMPLING_KEYS.items():
         value = meta.get(gguf_key)
-        if value is None:
+        if value is None or (key == "repetition_penalty" and meta.get("general.sampling.penalty_last_n") != -1):
             continue
-        if key == "repetition_penalty" and meta.get("general.sampling.penalty_last_n") != -1:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _left_out(gguf_key, value, "is not a number")
-            continue
-        if key == "temperature":
-            value = max(_f32_meta(value), 0.0)
-        elif key == "top_k":
-            value = max(int(value), 0)
-        else:
+        if isinstance(value, float):
             value = _f32_meta(value)
-        try:
-            SamplingParams(**{key: value}).validate()
-        except LlmrunError:
-            _left_out(gguf_key, value, "is out of range")
+        if key in ("temperature", "top_k") and isinstance(value, (int, float)) and value <= 0:
+            value = type(value)(0)
+        problem = value_problem(key, value)
+        if problem is not None:
+            print(f"llmrun: note: {gguf_key} {problem}; left out of generation_config.json", file=sys.stderr)
             continue
         defaults[key] = value
+    if defaults:
+        defaults["do_sample"] = defaults.get("temperature", 1) > 0
     return defaults
-
-
-def _left_out(gguf_key: str, value: Any, why: str) -> None:
-    """Say on stderr that a sampling default is not imported, and why."""
-    print(f"llmrun: note: {gguf_key} = {value!r} {why}; left out of generation_config.json", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- output

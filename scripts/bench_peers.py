@@ -154,7 +154,7 @@ class FloorWorker:
         self.torch = torch
         model = load_model(model_dir, torch.device("cpu"), DTYPES[dtype], progress=False)
         self.kernel = gemv_floor(model, 1, repeats=5)[1]
-        self.one_pass = gemv_kernels(model, 1)[self.kernel]
+        self.one_pass = gemv_kernels(model, 1)[self.kernel]()
 
     def pp(self, n: int) -> float:
         return float("nan")

@@ -81,10 +81,12 @@ def test_bad_input(case: Case, workdir, monkeypatch, capsys):
     assert leftovers == []
 
 
-def test_unknown_cpu_kernel_choice_fails_before_loading(workdir, monkeypatch, capsys):
-    model, _ = workdir
+@pytest.mark.parametrize("model_exists", [True, False])
+def test_unknown_cpu_kernel_choice_fails_before_loading(workdir, monkeypatch, capsys, model_exists):
+    """Said first: before the model is even looked for (a missing one would be the error otherwise)."""
+    model, scratch = workdir
     monkeypatch.setenv("LLMRUN_CPU_GEMV", "avx9")
-    code, out, err = _run(gen(model), None, monkeypatch, capsys)
+    code, out, err = _run(gen(model if model_exists else scratch / "no-such-model"), None, monkeypatch, capsys)
     assert code == 2 and out == ""
     check_one_line(err, r"LLMRUN_CPU_GEMV='avx9' is not a kernel: set it to auto, conv, packed, onednn or mm")
 

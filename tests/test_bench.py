@@ -166,7 +166,16 @@ def test_plan_and_bounds(tiny_dir):
     assert kind == "mbu" and tg_s == pytest.approx(row_cost(model, tg)[1] / 2e10)
     assert bound_s(model, both, 1e11, 2e10)[0] > pp_s
     seconds, kernel = gemv_floor(model, 1, repeats=2)
-    assert seconds > 0 and kernel in gemv_kernels(model, 1)
+    kernels = {
+        "torch.mm",
+        "F.linear",
+        "torch.mv",
+        "oneDNN linear",
+        "oneDNN linear, prepacked",
+        "oneDNN 1x1 conv, reordered",
+    }
+    assert seconds > 0 and kernel in kernels
+    assert set(gemv_kernels(model, 1)) <= kernels
 
 
 def test_render_rejects_unknown_format():

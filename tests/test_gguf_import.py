@@ -341,19 +341,24 @@ def test_sampling_defaults_become_generation_config(tmp_path, capsys):
     )
     out = import_gguf(path, tmp_path / "out", progress=False)
     written = json.loads((out / "generation_config.json").read_text())
-    assert {k: written[k] for k in ("temperature", "top_k", "top_p")} == {"temperature": 0.6, "top_k": 0, "top_p": 0.9}
+    sampling = {k: written[k] for k in ("temperature", "top_k", "top_p", "do_sample")}
+    assert sampling == {"temperature": 0.6, "top_k": 0, "top_p": 0.9, "do_sample": True}
     assert "min_p" not in written and "repetition_penalty" not in written
-    assert "general.sampling.min_p = 2.0 is out of range" in capsys.readouterr().err
+    assert "general.sampling.min_p 2.0 is out of range" in capsys.readouterr().err
     params = sampling_params({"top_p": 0.5}, out)
     assert (params.temperature, params.top_k, params.top_p, params.min_p) == (0.6, 0, 0.5, SamplingParams().min_p)
 
 
-def test_sampling_default_of_the_wrong_type_is_left_out(tmp_path, capsys):
+def test_sampling_defaults_of_the_wrong_type_or_not_finite_are_left_out(tmp_path, capsys):
     path = tmp_path / "odd.gguf"
-    _write_tiny_gguf(path, sampling={"general.sampling.top_p": "0.9"})  # a string where llama.cpp writes a float
+    odd = {"general.sampling.top_p": "0.9", "general.sampling.top_k": 40.5, "general.sampling.temp": math.nan}
+    _write_tiny_gguf(path, sampling=odd)
     out = import_gguf(path, tmp_path / "out", progress=False)
-    assert "top_p" not in json.loads((out / "generation_config.json").read_text())
-    assert "general.sampling.top_p = '0.9' is not a number" in capsys.readouterr().err
+    assert json.loads((out / "generation_config.json").read_text()).keys() == {"bos_token_id", "eos_token_id"}
+    err = capsys.readouterr().err
+    assert "general.sampling.top_p must be a number, got '0.9'" in err
+    assert "general.sampling.top_k must be an integer, got 40.5" in err
+    assert "general.sampling.temp nan is out of range" in err
 
 
 def test_whole_context_repetition_penalty_and_greedy_temperature_are_imported(tmp_path):
@@ -363,6 +368,7 @@ def test_whole_context_repetition_penalty_and_greedy_temperature_are_imported(tm
     out = import_gguf(path, tmp_path / "out", progress=False)
     params = sampling_params({}, out)
     assert (params.temperature, params.repetition_penalty) == (0.0, 1.25)
+    assert json.loads((out / "generation_config.json").read_text())["do_sample"] is False
 
 
 def test_tiny_model_loads_in_transformers(tiny_gguf, tmp_path):

@@ -73,12 +73,15 @@ RepetitionPenaltyOption = Annotated[
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Seed: the same seed gives the same output.")]
 
 
+MAX_THREADS = 4096
+
+
 def apply_threads(threads: int | None) -> None:
-    """Give torch ``--threads`` CPU threads (None: keep torch's default); a count below 1 is an error."""
+    """Give torch ``--threads`` CPU threads (None: keep torch's default); outside 1..MAX_THREADS is an error."""
     if threads is None:
         return
-    if threads < 1:
-        raise LlmrunError(f"--threads must be at least 1, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise LlmrunError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
     import torch
 
     torch.set_num_threads(threads)
