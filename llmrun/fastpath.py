@@ -408,9 +408,8 @@ def resolve_gemv(choice: str, dtype: torch.dtype) -> str:
     returns fresh outputs, and its convolution takes a fresh 12-17 KB scratchpad per call.
     """
     if choice == "auto":
-        avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-        acl = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_acl_supported()
-        choice = "conv" if dtype == torch.float32 and avx512 and not acl else "packed"
+        avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # x86 only: never Arm
+        choice = "conv" if dtype == torch.float32 and avx512 else "packed"
     elif choice not in PRODUCTS:
         raise LlmrunError(f"LLMRUN_CPU_GEMV={choice!r} is not a kernel: set it to auto, conv, packed, onednn or mm")
     if choice == "mm":
