@@ -80,7 +80,7 @@ class StaticDecoder:
     shapes; ``compile`` runs that step through ``torch.compile`` (``LLMRUN_COMPILE=0`` turns it
     off); ``graph`` captures it in a CUDA graph and replays it. ``prepare_s`` is the seconds spent
     building, compiling and capturing, which callers report apart from any token's latency.
-    ``gemv`` picks the CPU matrix-vector kernel (``resolve_gemv``; default: ``LLMRUN_CPU_GEMV``); CUDA
+    ``gemv`` picks the CPU matrix-vector kernel (``cpu_gemv``; default: ``LLMRUN_CPU_GEMV``); CUDA
     and static steps always use ``torch.mm``.
     """
 
@@ -161,7 +161,7 @@ class StaticDecoder:
         scale[:h] = 1 / math.sqrt(hd)
         self.head_scale = scale
         self.cos, self.sin = empty(h + n_kv, hd), empty(h + n_kv, hd)
-        self.gemv = "mm" if cuda or self.static else resolve_gemv(gemv, dtype) if gemv else cpu_gemv(dtype)
+        self.gemv = "mm" if cuda or self.static else cpu_gemv(dtype, gemv)
         self.products = PRODUCTS[self.gemv](b)
         pack = self.products.pack
         self.layers = [_LayerPlan(block, cache.layers[i], pack) for i, block in enumerate(model.model.layers)]
@@ -382,31 +382,26 @@ class _LayerPlan:
         self.k_attn, self.v_attn = k, v  # ([B,] Hkv, S_max, D)
 
 
-def cpu_gemv(dtype: torch.dtype) -> str:
-    """The matrix-vector kernel of CPU decode in ``dtype``: ``LLMRUN_CPU_GEMV`` (default ``auto``), resolved.
+def cpu_gemv(dtype: torch.dtype, choice: str | None = None) -> str:
+    """The matrix-vector kernel that will run CPU decode in ``dtype``, for ``choice`` or ``LLMRUN_CPU_GEMV``.
 
-    Raises ``LlmrunError`` for a name that is not a kernel (see ``resolve_gemv``).
+    ``choice`` (default: ``LLMRUN_CPU_GEMV``, else ``auto``) is ``auto``, ``conv``, ``packed``,
+    ``onednn`` or ``mm``; any other name raises ``LlmrunError``.
+
+    ``auto`` takes ``conv`` in fp32 on x86 CPUs with AVX-512 and ``packed`` otherwise: measured on the
+    2-core AMD EPYC (AVX-512) of this project, SmolLM2 at batch 1, 2 threads, oneDNN's 1x1 convolution
+    on reordered weights (``conv``) makes one pass over the fp32 weights 1.08-1.11x faster than oneDNN's
+    linear on prepacked weights (``packed``; both timed by ``python scripts/bench_decode_floor.py``) and
+    a whole fp32 decode step ~1.07x faster (median of seven runs of ``python
+    scripts/bench_cpu_gemv.py``); a bf16 step ~1.05x slower. (oneDNN's fp32 linear falls back to an AVX2
+    GEMV there, its convolution runs AVX-512; on AVX2-only CPUs and on Arm the ranking is unmeasured, so
+    they keep ``packed``.) Both hold a second, reordered copy of the weights. ``onednn`` is the linear
+    on plain weights (no copy; as fast as ``packed`` in fp32, ~half in bf16); ``mm`` is ``torch.mm``
+    (MKL), ~12 GB/s. A oneDNN choice becomes ``mm`` where oneDNN cannot run ``dtype`` (fp16; bf16
+    without CPU support). Only ``mm`` lets a step allocate nothing: oneDNN's linear returns fresh
+    outputs, and its convolution takes a fresh 12-17 KB scratchpad per call.
     """
-    return resolve_gemv(os.environ.get("LLMRUN_CPU_GEMV", "auto"), dtype)
-
-
-def resolve_gemv(choice: str, dtype: torch.dtype) -> str:
-    """``choice`` (``auto``, ``conv``, ``packed``, ``onednn`` or ``mm``) as the kernel that will run ``dtype``.
-
-    ``auto`` takes ``conv`` in fp32 on x86 CPUs with AVX-512 and ``packed`` otherwise: measured on
-    the 2-core AMD EPYC (AVX-512) of this project, SmolLM2 at batch 1, 2 threads, oneDNN's 1x1
-    convolution on reordered weights (``conv``) makes one pass over the fp32 weights 1.08-1.11x
-    faster than oneDNN's linear on prepacked weights (``packed``; both timed by ``python
-    scripts/bench_decode_floor.py``) and a whole fp32 decode step ~1.07x faster (median of seven
-    runs of ``python scripts/bench_cpu_gemv.py``); a bf16 step ~1.05x slower. (oneDNN's fp32 linear
-    falls back to an AVX2 GEMV there, its convolution runs AVX-512; on AVX2-only CPUs and on Arm,
-    whose oneDNN backend does not fuse the convolution's in-place add, the ranking is unmeasured,
-    so they keep ``packed``.) Both hold a second, reordered copy of the weights. ``onednn`` is the
-    linear on plain weights (no copy; as fast as ``packed`` in fp32, ~half in bf16); ``mm`` is
-    ``torch.mm`` (MKL), ~12 GB/s. A oneDNN choice becomes ``mm`` where oneDNN cannot run ``dtype``
-    (fp16; bf16 without CPU support). Only ``mm`` lets a step allocate nothing: oneDNN's linear
-    returns fresh outputs, and its convolution takes a fresh 12-17 KB scratchpad per call.
-    """
+    choice = choice or os.environ.get("LLMRUN_CPU_GEMV", "auto")
     if choice == "auto":
         avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # x86 only: never Arm
         choice = "conv" if dtype == torch.float32 and avx512 else "packed"

@@ -25,7 +25,7 @@ import torch
 
 from llmrun.devices import DTYPES
 from llmrun.executor import make_cache, prefill
-from llmrun.fastpath import PRODUCTS, StaticDecoder, resolve_gemv
+from llmrun.fastpath import PRODUCTS, StaticDecoder, cpu_gemv
 from llmrun.loader import load_model
 from llmrun.sources import resolve_model
 
@@ -62,7 +62,7 @@ def call_overhead(dtype: str, kernels: list[str]) -> dict[str, float]:
     acc = torch.zeros(1, 16, dtype=torch_dtype)
     seconds = {}
     with torch.inference_mode():
-        for kernel in dict.fromkeys(resolve_gemv(k, torch_dtype) for k in kernels):
+        for kernel in dict.fromkeys(cpu_gemv(torch_dtype, k) for k in kernels):
             products = PRODUCTS[kernel](1)
             packed = products.pack(w)
             products.keep(x, acc)
