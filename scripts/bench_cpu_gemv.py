@@ -4,7 +4,7 @@ Usage: python scripts/bench_cpu_gemv.py [--dtypes fp32,bf16] [--kernels conv,pac
                                         [--rounds 9] [--tokens 16] [--context 64] [--model MODEL_DIR]
                                         [--call-overhead]
 
-Per dtype, one ``llmrun.fastpath.StaticDecoder`` per kernel (``LLMRUN_CPU_GEMV``'s choices: conv,
+Per dtype, one ``llmrun.model.fastpath.StaticDecoder`` per kernel (``LLMRUN_CPU_GEMV``'s choices: conv,
 packed, onednn, mm), all on the same model and KV cache after a prompt of ``--context`` random
 tokens. Each round, every decoder runs ``--tokens`` steps at the same positions (the order
 rotates every round); a decoder rewrites the cache slots the previous one wrote, with the same
@@ -24,10 +24,10 @@ import time
 import torch
 
 from llmrun.devices import DTYPES
-from llmrun.executor import make_cache, prefill
-from llmrun.fastpath import PRODUCTS, StaticDecoder, cpu_gemv
-from llmrun.loader import load_model
-from llmrun.sources import resolve_model
+from llmrun.loading.loader import load_model
+from llmrun.loading.sources import resolve_model
+from llmrun.model.executor import make_cache, prefill
+from llmrun.model.fastpath import PRODUCTS, StaticDecoder, cpu_gemv
 
 
 def measure(model_dir, dtype: str, kernels: list[str], args: argparse.Namespace) -> dict[str, list[float]]:

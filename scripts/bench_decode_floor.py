@@ -7,9 +7,9 @@ Per dtype and round, in turn (the order rotates every round):
 
 * ``kernel floor``: one pass of matrix-vector products over every weight matrix a decode step
   reads (fused q/k/v, o, gate/up, down per layer, and the lm_head), timed with every kernel of
-  ``llmrun.bench.gemv_kernels`` in the round and the fastest kept: what no Python-level work
+  ``llmrun.profiler.bench.gemv_kernels`` in the round and the fastest kept: what no Python-level work
   around those kernels can beat;
-* ``fast``: ``llmrun.executor.decode_step`` on its fast path (``llmrun.fastpath``);
+* ``fast``: ``llmrun.model.executor.decode_step`` on its fast path (``llmrun.model.fastpath``);
 * ``eager``: the same step through the eager layer loop (what the profiler times);
 * ``DRAM floor``: the same weight bytes at the memory bandwidth measured in the same round
   (the better of a read-only ``sum`` and a ``copy`` counting read + write, over 512 MiB);
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from llmrun.bench import decode_matrices, gemv_kernels, weight_bytes
 from llmrun.devices import DTYPES
-from llmrun.executor import decode_step, make_cache, prefill
-from llmrun.loader import load_model
-from llmrun.sources import resolve_model
+from llmrun.loading.loader import load_model
+from llmrun.loading.sources import resolve_model
+from llmrun.model.executor import decode_step, make_cache, prefill
+from llmrun.profiler.bench import decode_matrices, gemv_kernels, weight_bytes
 
 
 def bandwidth(buffer: torch.Tensor, scratch: torch.Tensor) -> float:

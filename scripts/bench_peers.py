@@ -6,8 +6,8 @@ Usage:
 
 Runners, each in its own worker process (its own thread pool), on SmolLM2-135M-Instruct:
 
-* ``llmrun``: ``llmrun.executor.prefill`` and ``decode_step`` (the fast path) on the safetensors
-  that llmrun imported from the GGUF (``llmrun.sources``), in the dtype asked.
+* ``llmrun``: ``llmrun.model.executor.prefill`` and ``decode_step`` (the fast path) on the safetensors
+  that llmrun imported from the GGUF (``llmrun.loading.sources``), in the dtype asked.
 * ``hf``: Hugging Face transformers ``AutoModelForCausalLM`` on the same directory, eager PyTorch
   (no torch.compile; its default SDPA attention, a ``DynamicCache``), same dtype.
 * ``llamacpp``: llama.cpp through llama-cpp-python, when ``--llama-python`` (default: this Python)
@@ -15,7 +15,7 @@ Runners, each in its own worker process (its own thread pool), on SmolLM2-135M-I
   written from the Q4_1 source GGUF by dequantizing every tensor (which is also what the llmrun
   import does) into ``$LLMRUN_HOME/peers/``. Checked: its greedy tokens equal llmrun's fp32 ones.
 * ``floor``: one pass of matrix-vector products over all weights per token
-  (``llmrun.bench.gemv_floor``'s fastest kernel): decode's kernel floor, no model around it.
+  (``llmrun.profiler.bench.gemv_floor``'s fastest kernel): decode's kernel floor, no model around it.
 
 Workloads, identical for every runner: ``pp N`` = one forward over N random prompt tokens from an
 empty cache, logits of the last position only; ``tg N`` = N greedy steps of one token from an empty
@@ -47,14 +47,14 @@ class LlmrunWorker:
         import torch
 
         from llmrun.devices import DTYPES
-        from llmrun.loader import load_model
+        from llmrun.loading.loader import load_model
 
         torch.set_num_threads(threads)
         self.torch = torch
         self.model = load_model(model_dir, torch.device("cpu"), DTYPES[dtype], progress=False)
 
     def pp(self, n: int) -> float:
-        from llmrun.executor import make_cache, prefill
+        from llmrun.model.executor import make_cache, prefill
 
         tokens = self.torch.randint(0, self.model.args.vocab_size, (1, n))
         cache = make_cache(self.model, 1, n)
@@ -63,7 +63,7 @@ class LlmrunWorker:
         return time.perf_counter() - t0
 
     def tg(self, n: int) -> float:
-        from llmrun.executor import decode_step, make_cache, prepare_decode
+        from llmrun.model.executor import decode_step, make_cache, prepare_decode
 
         cache = make_cache(self.model, 1, n)
         prepare_decode(self.model, cache)  # building the fast path's buffers: once per cache, not per token
@@ -146,9 +146,9 @@ class FloorWorker:
     def __init__(self, model_dir: Path, dtype: str, threads: int, **_) -> None:
         import torch
 
-        from llmrun.bench import gemv_floor, gemv_kernels
         from llmrun.devices import DTYPES
-        from llmrun.loader import load_model
+        from llmrun.loading.loader import load_model
+        from llmrun.profiler.bench import gemv_floor, gemv_kernels
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -329,7 +329,7 @@ def summarize(dtype: str, samples: dict, kernels: dict) -> dict:
 
 
 def gguf_dir() -> Path:
-    from llmrun.sources import llmrun_home
+    from llmrun.loading.sources import llmrun_home
 
     return llmrun_home() / "peers"
 
@@ -377,7 +377,7 @@ def main() -> None:
     unknown = set(args.runners) - set(RUNNERS)
     if unknown:
         parser.error(f"unknown runners {sorted(unknown)}; choose from {', '.join(RUNNERS)}")
-    from llmrun.sources import resolve_model
+    from llmrun.loading.sources import resolve_model
 
     model_dir = Path(args.model_dir) if args.model_dir else resolve_model(None, progress=False)
     args.gguf = args.gguf or (str(source_gguf()) if source_gguf() else None)

@@ -24,11 +24,11 @@ import time
 import torch
 
 from llmrun.devices import resolve_device, resolve_dtype, synchronize
-from llmrun.executor import decode_step, make_cache, prefill
-from llmrun.loader import load_model
-from llmrun.probe import NULL_PROBE, Probe
+from llmrun.loading.loader import load_model
+from llmrun.loading.sources import resolve_model
+from llmrun.model.executor import decode_step, make_cache, prefill
+from llmrun.model.probe import NULL_PROBE, Probe
 from llmrun.profiler.timers import OpTimer
-from llmrun.sources import resolve_model
 
 
 def main() -> int:

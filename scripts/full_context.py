@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmrun.config import ModelArgs
+from llmrun.model.config import ModelArgs
 
 
 def main() -> int:

@@ -16,10 +16,10 @@ import sys
 import torch
 
 from llmrun.devices import DTYPES
-from llmrun.executor import forward
-from llmrun.loader import load_model
-from llmrun.sources import resolve_model
-from llmrun.weights import checkpoint_files, read_index
+from llmrun.loading.loader import load_model
+from llmrun.loading.safetensors import checkpoint_files, read_index
+from llmrun.loading.sources import resolve_model
+from llmrun.model.executor import forward
 
 
 def peak_rss_bytes() -> int:

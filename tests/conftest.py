@@ -17,7 +17,7 @@ def smollm2_dir() -> Path:
 
     ``.ci/run`` fetches it once before the tests; set ``LLMRUN_SMOLLM2_GGUF`` to a local GGUF to skip pip.
     """
-    from llmrun.sources import resolve_model
+    from llmrun.loading.sources import resolve_model
 
     return resolve_model(None, progress=False)
 
@@ -33,7 +33,7 @@ def smollm2_hf(smollm2_dir):
 @pytest.fixture(scope="session")
 def smollm2_fp32(smollm2_dir):
     """llmrun's model on the same weights, fp32, CPU."""
-    from llmrun.loader import load_model
+    from llmrun.loading.loader import load_model
 
     return load_model(smollm2_dir, torch.device("cpu"), torch.float32, progress=False)
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from llmrun.cli.app import run
-from llmrun.executor import decode_step, forward, make_cache, prefill
-from llmrun.loader import load_model
-from llmrun.perplexity import windows
+from llmrun.generation.perplexity import windows
+from llmrun.loading.loader import load_model
+from llmrun.model.executor import decode_step, forward, make_cache, prefill
 
 ATOL = 1e-3
 SEQ = 40  # longer than every window, original context and max_position_embeddings below
@@ -132,7 +132,7 @@ def test_logits_match_transformers(case):
 
 
 def test_perplexity_cli_matches_transformers(case, tmp_path, capsys):
-    from llmrun.tokenizer import Tokenizer
+    from llmrun.generation.tokenizer import Tokenizer
 
     name, path = case
     text_file = tmp_path / "text.txt"
@@ -157,7 +157,7 @@ def test_perplexity_cli_matches_transformers(case, tmp_path, capsys):
 
 def test_the_features_under_test_are_active(tmp_path):
     """Each case must exercise what it names: a window, rope scaling, >= 3 shards, bias, tying."""
-    from llmrun.config import ModelArgs
+    from llmrun.model.config import ModelArgs
 
     sharded = save_wide(tmp_path / "s", "llama", **CASES["llama3.1-sharded"][1])
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
@@ -252,7 +252,7 @@ def test_index_naming_a_path_outside_the_model_dir(sharded, capsys):
 
 
 def test_shape_disagreeing_with_config_is_refused_before_any_read(sharded, capsys, monkeypatch):
-    from llmrun.weights import MappedFiles
+    from llmrun.loading.safetensors import MappedFiles
 
     config = json.loads((sharded / "config.json").read_text())
     (sharded / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))

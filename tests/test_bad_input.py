@@ -111,12 +111,12 @@ def test_debug_shows_the_traceback(workdir, monkeypatch):
 
 def test_internal_error_is_exit_1_with_a_pointer_to_debug(workdir, monkeypatch, capsys):
     model, _ = workdir
-    import llmrun.generate
+    import llmrun.generation.generate
 
     def broken(*args, **kwargs):
         raise RuntimeError("something inside broke")
 
-    monkeypatch.setattr(llmrun.generate, "prefill", broken)
+    monkeypatch.setattr(llmrun.generation.generate, "prefill", broken)
     code, out, err = _run(gen(model), None, monkeypatch, capsys)
     assert code == 1
     line = check_one_line(err, r"internal error: RuntimeError: something inside broke")

@@ -10,10 +10,19 @@ import statistics
 import pytest
 import torch
 
-from llmrun.bench import BenchTest, bound_s, gemv_floor, gemv_kernels, parse_pairs, plan_tests, render, row_cost
 from llmrun.cli.app import run
 from llmrun.errors import LlmrunError
-from llmrun.loader import load_model
+from llmrun.loading.loader import load_model
+from llmrun.profiler.bench import (
+    BenchTest,
+    bound_s,
+    gemv_floor,
+    gemv_kernels,
+    parse_pairs,
+    plan_tests,
+    render,
+    row_cost,
+)
 
 ROOFS = ["--peak-flops", "1e11", "--peak-bandwidth", "2e10"]  # fixed roofs: nothing is measured in the tests
 ENV_FIELDS = {
@@ -179,7 +188,7 @@ def test_plan_and_bounds(tiny_dir):
 
 
 def test_render_rejects_unknown_format():
-    from llmrun.bench import BenchReport
+    from llmrun.profiler.bench import BenchReport
 
     with pytest.raises(LlmrunError):
         render(BenchReport({}, {}), "xml")

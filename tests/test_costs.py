@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from llmrun.config import ModelArgs
-from llmrun.executor import decode_step, make_cache, prefill
-from llmrun.model import Transformer
-from llmrun.probe import LAYER_OPS, MODEL_OPS, Probe
+from llmrun.model.config import ModelArgs
+from llmrun.model.executor import decode_step, make_cache, prefill
+from llmrun.model.probe import LAYER_OPS, MODEL_OPS, Probe
+from llmrun.model.transformer import Transformer
 from llmrun.profiler import costs as C
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-3.1-8b.json"

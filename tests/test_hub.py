@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from llmrun.cli.app import run
-from llmrun.sources import download
+from llmrun.loading.sources import download
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

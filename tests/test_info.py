@@ -1,4 +1,4 @@
-"""``llmrun info`` and ``llmrun.modelinfo`` against numbers computed by hand from the published shapes."""
+"""``llmrun info`` and ``llmrun.profiler.modelinfo`` against numbers computed by hand from the published shapes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llmrun.cli.app import run
-from llmrun.modelinfo import Roofs, decode_flops, kv_bytes_read, model_info, parameter_counts, prefill_flops
-from llmrun.presets import load_preset
+from llmrun.loading.presets import load_preset
+from llmrun.profiler.modelinfo import Roofs, decode_flops, kv_bytes_read, model_info, parameter_counts, prefill_flops
 
 H200 = Roofs("H200", "cuda", 989e12, 4.8e12, "test")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmrun.executor import decode_step, forward, make_cache, prefill
-from llmrun.loader import load_model
+from llmrun.loading.loader import load_model
+from llmrun.model.executor import decode_step, forward, make_cache, prefill
 
 ATOL = 1e-3
 

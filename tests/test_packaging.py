@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import llmrun
-from llmrun.bundled import configs_dir
-from llmrun.presets import presets_dir
+from llmrun.loading.presets import presets_dir
+from llmrun.paths import configs_dir
 from llmrun.profiler.hardware import table_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_a_wheel_carries_the_configs_and_its_install_finds_them(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("LLMRUN_PRESETS_DIR", "LLMRUN_HARDWARE_TABLE")}
     env["PYTHONPATH"] = str(site)  # ahead of the editable install of the checkout
     probe = (
-        "import llmrun; from llmrun.presets import load_preset, preset_names; "
+        "import llmrun; from llmrun.loading.presets import load_preset, preset_names; "
         "from llmrun.profiler.hardware import load_table; "
         "print(llmrun.__file__); print(len(preset_names())); "
         "print(load_preset('preset:llama-3.1-8b').args.hidden_size); print(len(load_table()))"

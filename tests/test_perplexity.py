@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llmrun.cli.app import run
-from llmrun.perplexity import windows
+from llmrun.generation.perplexity import windows
 
 TEXT = (
     "The roofline model bounds the performance of a kernel by the smaller of two ceilings: the peak "
@@ -34,7 +34,7 @@ def _hf_perplexity(hf_model, ids: list[int], context: int) -> float:
 
 @pytest.mark.slow
 def test_perplexity_cli_matches_transformers(smollm2_dir, smollm2_hf, tmp_path, capsys):
-    from llmrun.tokenizer import Tokenizer
+    from llmrun.generation.tokenizer import Tokenizer
 
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT, encoding="utf-8")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llmrun.cli.app import run
-from llmrun.modelinfo import parameter_counts
-from llmrun.presets import CPU_BLOCK, ByteTokenizer, load_preset, preset_names, presets_dir, random_model
+from llmrun.loading.presets import CPU_BLOCK, ByteTokenizer, load_preset, preset_names, presets_dir, random_model
+from llmrun.profiler.modelinfo import parameter_counts
 
 # Published parameter counts (model cards; Mistral and SmolLM2 from their safetensors sizes).
 PUBLISHED = {
@@ -52,7 +52,7 @@ def test_preset_details_that_change_the_graph():
 
 
 def test_random_model_is_random_in_dtype_and_never_zero():
-    from llmrun.config import ModelArgs
+    from llmrun.model.config import ModelArgs
 
     shape = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2)
     args = ModelArgs(**shape, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from llmrun.cli.app import run
-from llmrun.config import ModelArgs
 from llmrun.errors import LlmrunError
-from llmrun.executor import decode_step, make_cache, prefill
-from llmrun.model import Transformer
-from llmrun.presets import random_model
-from llmrun.probe import LAYER_OPS, NULL_PROBE, Probe
+from llmrun.loading.presets import random_model
+from llmrun.model.config import ModelArgs
+from llmrun.model.executor import decode_step, make_cache, prefill
+from llmrun.model.probe import LAYER_OPS, NULL_PROBE, Probe
+from llmrun.model.transformer import Transformer
 from llmrun.profiler import costs as C
 from llmrun.profiler import report as R
 from llmrun.profiler import roofline

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from llmrun.config import ModelArgs
-from llmrun.executor import decode_step, make_cache, prefill
-from llmrun.presets import load_preset, random_model
-from llmrun.probe import LAYER_OPS, Probe
+from llmrun.loading.presets import load_preset, random_model
+from llmrun.model.config import ModelArgs
+from llmrun.model.executor import decode_step, make_cache, prefill
+from llmrun.model.probe import LAYER_OPS, Probe
 from llmrun.profiler import costs as C
 from llmrun.profiler import hardware, peaks
 from llmrun.profiler.timers import OpTimer

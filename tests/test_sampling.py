@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmrun.errors import LlmrunError
-from llmrun.sampling import Sampler, SamplingParams, apply_repetition_penalty
+from llmrun.generation.sampling import Sampler, SamplingParams, apply_repetition_penalty
 
 PLAIN = dict(top_k=0, top_p=1.0, min_p=0.0)  # no filter: pure softmax sampling
 

@@ -70,8 +70,8 @@ def bench(
     random_weights: RandomWeightsOption = False,
 ) -> None:
     """Benchmark prefill (pp) and decode (tg) throughput against the speed of light."""
-    from llmrun.bench import FORMATS, parse_ints, parse_pairs, plan_tests, render, run_bench
-    from llmrun.session import open_session
+    from llmrun.loading.session import open_session
+    from llmrun.profiler.bench import FORMATS, parse_ints, parse_pairs, plan_tests, render, run_bench
 
     if output not in FORMATS:
         raise LlmrunError(f"-o {output!r} is not a format; use one of {', '.join(FORMATS)}")

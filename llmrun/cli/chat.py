@@ -52,10 +52,10 @@ def chat(
     threads: ThreadsOption = None,
 ) -> None:
     """Chat with the model in the terminal."""
-    from llmrun.generate import Conversation, GenerationStats, generate_tokens, stream_text
-    from llmrun.generation_config import sampling_params
-    from llmrun.sampling import Sampler
-    from llmrun.session import open_session
+    from llmrun.generation.generate import Conversation, GenerationStats, generate_tokens, stream_text
+    from llmrun.generation.generation_config import sampling_params
+    from llmrun.generation.sampling import Sampler
+    from llmrun.loading.session import open_session
 
     if max_new_tokens <= 0:
         raise LlmrunError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")

@@ -36,7 +36,7 @@ from llmrun.cli.prompts import PromptSettings, build_prompt, read_prompt, sampli
 from llmrun.errors import LlmrunError
 
 if TYPE_CHECKING:
-    from llmrun.sampling import SamplingParams
+    from llmrun.generation.sampling import SamplingParams
 
 
 def generate(
@@ -69,10 +69,10 @@ def generate(
     threads: ThreadsOption = None,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; statistics go to stderr."""
-    from llmrun.generate import GenerationStats, generate_tokens, stream_text
-    from llmrun.generation_config import sampling_params
-    from llmrun.sampling import Sampler
-    from llmrun.session import open_session
+    from llmrun.generation.generate import GenerationStats, generate_tokens, stream_text
+    from llmrun.generation.generation_config import sampling_params
+    from llmrun.generation.sampling import Sampler
+    from llmrun.loading.session import open_session
 
     if max_new_tokens <= 0:
         raise LlmrunError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")

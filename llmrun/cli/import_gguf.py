@@ -25,7 +25,7 @@ def import_gguf(
     overwrite: Annotated[bool, typer.Option(help="Replace out_dir if it exists.")] = False,
 ) -> None:
     """Dequantize a GGUF model into config.json, model.safetensors and tokenizer files."""
-    from llmrun.gguf_import import import_gguf as run_import
+    from llmrun.loading.gguf import import_gguf as run_import
 
     if dtype not in _DTYPES:
         raise LlmrunError(f"--dtype {dtype!r} is not supported here; use fp32, bf16 or fp16")

@@ -3,7 +3,7 @@
 Only config.json is read (a hub repo is fetched without its weights), so a 70B model's numbers
 come back in a second. Speed of light is the roofline's lower bound on time on the chosen device:
 decode at batch 1 reads every weight once per token (weight bytes ÷ bandwidth), prefill is
-FLOPs ÷ peak; see ``llmrun.modelinfo``.
+FLOPs ÷ peak; see ``llmrun.profiler.modelinfo``.
 
 Examples:
 
@@ -40,11 +40,11 @@ def info(
     as_json: JsonOption = False,
 ) -> None:
     """Show a model's architecture, sizes and speed-of-light decode/prefill on the current device."""
-    from llmrun.config import ModelArgs
     from llmrun.devices import resolve_device, resolve_dtype
-    from llmrun.modelinfo import device_roofs, model_info
-    from llmrun.presets import is_preset, load_preset
-    from llmrun.sources import DEFAULT_MODEL, resolve_model
+    from llmrun.loading.presets import is_preset, load_preset
+    from llmrun.loading.sources import DEFAULT_MODEL, resolve_model
+    from llmrun.model.config import ModelArgs
+    from llmrun.profiler.modelinfo import device_roofs, model_info
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)

@@ -36,7 +36,7 @@ RandomWeightsOption = Annotated[
 ]
 
 # Sampling flags of generate and chat. None means not given: the model's generation_config.json decides,
-# else llama.cpp's defaults (see llmrun.generation_config and llmrun.sampling.SamplingParams).
+# else llama.cpp's defaults (see llmrun.generation.generation_config and llmrun.generation.sampling.SamplingParams).
 _FROM_MODEL = "Default: the model's generation_config.json, else"
 TemperatureOption = Annotated[
     float | None,

@@ -43,9 +43,9 @@ def perplexity(
     from rich.console import Console
     from rich.progress import Progress
 
-    from llmrun.perplexity import perplexity as score
-    from llmrun.perplexity import windows
-    from llmrun.session import open_session
+    from llmrun.generation.perplexity import perplexity as score
+    from llmrun.generation.perplexity import windows
+    from llmrun.loading.session import open_session
 
     try:
         text = file.read_text(encoding="utf-8")

@@ -168,10 +168,10 @@ def run_profile(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from llmrun.loading.session import open_session
     from llmrun.profiler import costs as C
     from llmrun.profiler import hardware, measure, peaks, roofline
     from llmrun.profiler import report as R
-    from llmrun.session import open_session
 
     session = open_session(model, device, dtype, revision=revision, random_weights=random_weights, with_tokenizer=False)
     args = session.model.args

@@ -48,9 +48,9 @@ def sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed) -
     """The sampling flags given on the command line (None: not given), as ``SamplingParams`` fields.
 
     Validated before anything is loaded, so a bad value fails at once and names its flag; the model's
-    ``generation_config.json`` fills in the rest later (``llmrun.generation_config.sampling_params``).
+    ``generation_config.json`` fills in the rest later (``llmrun.generation.generation_config.sampling_params``).
     """
-    from llmrun.sampling import SamplingParams
+    from llmrun.generation.sampling import SamplingParams
 
     flags = dict(
         temperature=temperature,

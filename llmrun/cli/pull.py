@@ -26,7 +26,7 @@ def pull(
     revision: RevisionOption = None,
 ) -> None:
     """Download ORG/NAME's weights, config and tokenizer; print the local directory."""
-    from llmrun.sources import download, is_hub_id
+    from llmrun.loading.sources import download, is_hub_id
 
     if not is_hub_id(repo_id):
         raise LlmrunError(f"{repo_id!r} is not a hub repo id; expected ORG/NAME (e.g. HuggingFaceTB/SmolLM2-135M)")

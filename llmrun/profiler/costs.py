@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmrun.config import ModelArgs
-from llmrun.probe import LAYER_OPS, MODEL_OPS
+from llmrun.model.config import ModelArgs
+from llmrun.model.probe import LAYER_OPS, MODEL_OPS
 
 LINEAR_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 """The ops that are matrix multiplications with weights (what ``FlopCounterMode`` sees as aten.mm)."""

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from llmrun.bundled import configs_dir
 from llmrun.errors import LlmrunError
+from llmrun.paths import configs_dir
 from llmrun.profiler import peaks
 
 SOURCES = ("measured", "spec", "nvml")

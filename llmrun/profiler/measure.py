@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from llmrun.errors import LlmrunError
-from llmrun.executor import decode_step, make_cache, prefill
-from llmrun.model import Transformer
+from llmrun.model.executor import decode_step, make_cache, prefill
+from llmrun.model.transformer import Transformer
 from llmrun.profiler.timers import OpTimer, StepTiming
 
 

@@ -31,7 +31,7 @@ CONVENTIONS = {
     "attributed_s and unattributed_s are medians over the steps",
     "roofline_fraction": "max(flops/peak_flops, bytes/peak_bytes_per_s) / time_s (speed-of-light time over time)",
     "bound": "compute if intensity >= ridge (peak_flops / peak_bytes_per_s), else memory",
-    "executor": "the eager layer-by-layer path of llmrun.executor, which runs whenever a probe is given "
+    "executor": "the eager layer-by-layer path of llmrun.model.executor, which runs whenever a probe is given "
     "(the decode fast path, without per-op hooks, is not what is timed here)",
 }
 

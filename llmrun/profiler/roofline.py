@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from llmrun.config import ModelArgs
+from llmrun.model.config import ModelArgs
 from llmrun.profiler import costs as C
 from llmrun.profiler.hardware import Roofs
 from llmrun.profiler.measure import PhaseTiming

@@ -24,7 +24,7 @@ from time import perf_counter
 
 import torch
 
-from llmrun.probe import Probe
+from llmrun.model.probe import Probe
 
 OpKey = tuple[str, int | None]
 """(op name, layer index or None for the ops outside the blocks)."""

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmrun.bundled import configs_dir
-from llmrun.config import ModelArgs
 from llmrun.errors import LlmrunError
-from llmrun.model import Transformer, fuse_projections
+from llmrun.model.config import ModelArgs
+from llmrun.model.transformer import Transformer, fuse_projections
+from llmrun.paths import configs_dir
 
 PRESET_PREFIX = "preset:"
 WEIGHT_STD = 0.02  # transformers' default initializer_range for Llama-family configs
@@ -87,7 +87,7 @@ def random_model(
 ) -> Transformer:
     """``Transformer(args)`` with random weights allocated directly on ``device`` in ``dtype``.
 
-    Built on the meta device like ``llmrun.loader.load_model`` (q/k/v and gate/up fused into one
+    Built on the meta device like ``llmrun.loading.loader.load_model`` (q/k/v and gate/up fused into one
     matrix each), then each parameter is created with ``torch.empty`` on the target and filled in
     place: N(0, std^2) for matrices and biases, 1 for norm scales. Peak memory is the model
     itself; nothing passes through the CPU on a GPU run. ``seed`` makes it repeatable.
@@ -127,7 +127,7 @@ def _fill_normal(tensor: torch.Tensor, std: float, generator: torch.Generator) -
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255, for models without a tokenizer (random-weight presets).
 
-    Same interface as ``llmrun.tokenizer.Tokenizer``; there is no chat template, BOS or EOS, so
+    Same interface as ``llmrun.generation.tokenizer.Tokenizer``; there is no chat template, BOS or EOS, so
     generation always runs to ``--max-new-tokens``. Ids of 256 and above have no text and decode
     as ``<N>``.
     """

@@ -1,7 +1,7 @@
 """Sampling defaults a model ships in ``generation_config.json`` (Hugging Face ``GenerationConfig`` fields).
 
 ``sampling_params`` decides each setting in this order: the flag given on the command line, else the
-model's ``generation_config.json``, else llama.cpp's default (``llmrun.sampling.SamplingParams``).
+model's ``generation_config.json``, else llama.cpp's default (``llmrun.generation.sampling.SamplingParams``).
 The file's ``temperature``, ``top_k``, ``top_p``, ``min_p`` and ``repetition_penalty`` mean what the
 flags of the same names mean; ``do_sample: false`` means greedy decoding (temperature 0), as in
 transformers' ``generate``. A file without ``do_sample`` (or without the file) keeps sampling with
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from llmrun.errors import LlmrunError
+from llmrun.generation.sampling import SamplingParams
 from llmrun.jsonfiles import read_json_object
-from llmrun.sampling import SamplingParams
 
 FILE_NAME = "generation_config.json"
 # generation_config.json key (also the SamplingParams field) -> the flag that overrides it.

@@ -2,9 +2,9 @@
 
 ``prefill`` runs every prompt token through each layer in one pass and fills the KV cache;
 ``decode_step`` runs one new token per sequence. Both return float32 logits; neither samples
-nor prints. A ``Probe`` (``llmrun.probe``) sees every named op; the default one records nothing.
+nor prints. A ``Probe`` (``llmrun.model.probe``) sees every named op; the default one records nothing.
 
-Decode has a fast path (``llmrun.fastpath.StaticDecoder``: preallocated buffers, fused kernels,
+Decode has a fast path (``llmrun.model.fastpath.StaticDecoder``: preallocated buffers, fused kernels,
 CUDA graphs on a GPU) that computes the same logits. ``decode_step`` takes it whenever no probe
 is given; a probe always gets the eager ops it can time. ``LLMRUN_FAST=0`` turns it off.
 """
@@ -15,10 +15,10 @@ import os
 
 import torch
 
-from llmrun.fastpath import StaticDecoder, supported
-from llmrun.kvcache import KVCache
-from llmrun.model import Transformer
-from llmrun.probe import NULL_PROBE, Probe
+from llmrun.model.fastpath import StaticDecoder, supported
+from llmrun.model.kvcache import KVCache
+from llmrun.model.probe import NULL_PROBE, Probe
+from llmrun.model.transformer import Transformer
 
 
 @torch.inference_mode()

@@ -14,9 +14,9 @@ import torch
 
 from llmrun.devices import oom_guard, synchronize
 from llmrun.errors import LlmrunError
-from llmrun.executor import decode_step, make_cache, prefill, prepare_decode
-from llmrun.kvcache import KVCache
-from llmrun.model import Transformer
+from llmrun.model.executor import decode_step, make_cache, prefill, prepare_decode
+from llmrun.model.kvcache import KVCache
+from llmrun.model.transformer import Transformer
 
 Sampler = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 

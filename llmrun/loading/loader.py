@@ -5,7 +5,7 @@ against the shapes the config implies before anything is allocated, then each te
 from a memory map of its file and moved/cast to the target device and dtype. On the CPU in the
 checkpoint's own dtype that is zero-copy: the parameters are the mapped pages. The q/k/v and
 gate/up projections are the exception: they are copied into one fused matrix per block
-(``llmrun.model.fuse_projections``), and their mapped pages are released after the copy, so the
+(``llmrun.model.transformer.fuse_projections``), and their mapped pages are released after the copy, so the
 resident total stays one copy of the weights.
 """
 
@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from llmrun.config import ModelArgs
 from llmrun.devices import oom_guard
 from llmrun.errors import LlmrunError
-from llmrun.model import Transformer, fuse_projections
-from llmrun.weights import MappedFiles, TensorEntry, checkpoint_files, read_index
+from llmrun.loading.safetensors import MappedFiles, TensorEntry, checkpoint_files, read_index
+from llmrun.model.config import ModelArgs
+from llmrun.model.transformer import Transformer, fuse_projections
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

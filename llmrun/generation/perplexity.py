@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from llmrun.errors import LlmrunError
-from llmrun.executor import forward
-from llmrun.generate import check_token_ids
-from llmrun.model import Transformer
+from llmrun.generation.generate import check_token_ids
+from llmrun.model.executor import forward
+from llmrun.model.transformer import Transformer
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from llmrun.errors import LlmrunError
-from llmrun.generation_config import value_problem
+from llmrun.generation.generation_config import value_problem
 
 # Requested dtype -> (canonical name written to config.json, torch dtype, safetensors dtype tag).
 _DTYPES: dict[str, tuple[str, torch.dtype, str]] = {

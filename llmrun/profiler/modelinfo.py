@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llmrun.config import ModelArgs
 from llmrun.devices import DTYPE_NAMES
-from llmrun.model import Transformer
+from llmrun.model.config import ModelArgs
+from llmrun.model.transformer import Transformer
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 
 At batch 1 a decode step reads every weight once, so its floor is the time of one pass of
 matrix-vector products over the weights (``scripts/bench_decode_floor.py`` measures it). What
-the eager path (``llmrun.model.Block``) adds on top is per-op work: ~50 dispatches per layer, each
+the eager path (``llmrun.model.transformer.Block``) adds on top is per-op work: ~50 dispatches per layer, each
 allocating its output. ``StaticDecoder`` runs the same math with ~30 dispatches per layer into
 buffers allocated once per cache:
 
-* q/k/v and gate/up are one matrix each (``llmrun.model.fuse_projections``);
+* q/k/v and gate/up are one matrix each (``llmrun.model.transformer.fuse_projections``);
 * the residual adds ride on the o/down projections (x += o W_o^T in one kernel);
 * RoPE is three ops for q and k together (rotate-half is an ``index_select`` with a fixed
   permutation), with 1/sqrt(head_dim) folded into q's cos/sin row, which is built once per step;
@@ -27,7 +27,7 @@ covers the whole cache under a mask, so the step has static shapes: it is compil
 synchronisation and no allocation inside a step. The logits a step returns live in a buffer that
 the next step overwrites.
 
-The profiler never sees this path: a probe needs the eager ops (``llmrun.executor`` runs eager
+The profiler never sees this path: a probe needs the eager ops (``llmrun.model.executor`` runs eager
 whenever a probe is given), and ``llmrun bench`` reports this path's speed beside it.
 """
 
@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from llmrun.errors import LlmrunError
-from llmrun.kvcache import KVCache
-from llmrun.model import Transformer, fuse_projections
+from llmrun.model.kvcache import KVCache
+from llmrun.model.transformer import Transformer, fuse_projections
 
 # Keys from which float32 decode attention runs on all threads on the CPU (below, on one, like the other
 # small ops). Measured here (bmm, softmax, bmm per layer, 3 K/V heads of 64): equal at 128 keys, 2 threads
@@ -347,7 +347,7 @@ class StaticDecoder:
         return scores, self.attn32[0][..., :n, :], self.attn32[1][..., :n, :]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-        """RMSNorm as ``llmrun.model.RMSNorm``: float32 statistics, cast to the model dtype, then the weight."""
+        """RMSNorm as ``llmrun.model.transformer.RMSNorm``: float32 statistics, cast to the model dtype, then the weight."""
         rstd, x32 = self.rstd, self.x32
         if x32 is not None:  # bf16/fp16: the statistics and the scaling in float32, as the eager path
             x32.copy_(x)

@@ -5,8 +5,8 @@ tests compare against), with module attributes named like the checkpoint keys
 (``model.layers.0.self_attn.q_proj``) so that loading is a direct mapping. Qwen2 (bias on q/k/v)
 and Mistral are the same graph with other constants.
 
-The layer loop lives in ``llmrun.executor``; a ``Block`` computes one layer and marks each named
-op on the probe it is given (see ``llmrun.probe``). Nothing here times anything.
+The layer loop lives in ``llmrun.model.executor``; a ``Block`` computes one layer and marks each named
+op on the probe it is given (see ``llmrun.model.probe``). Nothing here times anything.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmrun.config import ROPE_TYPES, ModelArgs
 from llmrun.errors import LlmrunError
-from llmrun.kvcache import LayerCache
-from llmrun.probe import Probe
+from llmrun.model.config import ROPE_TYPES, ModelArgs
+from llmrun.model.kvcache import LayerCache
+from llmrun.model.probe import Probe
 
 
 class RMSNorm(nn.Module):

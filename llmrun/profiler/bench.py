@@ -10,7 +10,7 @@ Tests, as in llama-bench:
 
 Each test runs ``warmup`` untimed repetitions, then ``repetitions`` timed ones; a row reports the
 mean and standard deviation of the per-repetition tok/s. Decode goes through
-``llmrun.executor.decode_step`` (the fast path unless ``fast=False``); building that path (CUDA
+``llmrun.model.executor.decode_step`` (the fast path unless ``fast=False``); building that path (CUDA
 graph capture) is timed once per row as ``prepare_s``, never inside a repetition.
 
 Speed of light per row: the analytical FLOPs and bytes of the row's steps
@@ -41,9 +41,9 @@ import torch.nn.functional as F
 import llmrun
 from llmrun.devices import DTYPE_NAMES, synchronize
 from llmrun.errors import LlmrunError
-from llmrun.executor import decode_step, make_cache, prefill, prepare_decode
-from llmrun.fastpath import PRODUCTS, onednn_supported
-from llmrun.model import Transformer, fuse_projections
+from llmrun.model.executor import decode_step, make_cache, prefill, prepare_decode
+from llmrun.model.fastpath import PRODUCTS, onednn_supported
+from llmrun.model.transformer import Transformer, fuse_projections
 
 FORMATS = ("md", "csv", "json", "jsonl")
 
@@ -243,7 +243,7 @@ def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, PassBuilder]:
 
     ``torch.mm`` on the transposed weight into a preallocated output, ``F.linear``, ``torch.mv``
     (batch 1) and, on a CPU with oneDNN, the CPU fast path's oneDNN choices
-    (``llmrun.fastpath.PRODUCTS``), each product added to an output as the fast path's residual
+    (``llmrun.model.fastpath.PRODUCTS``), each product added to an output as the fast path's residual
     adds are: its linear on plain and on prepacked weights, and its 1x1 convolution on reordered
     weights. A pass's packed copy of the weights lives as long as the pass function.
     """
