@@ -53,7 +53,7 @@ class Decoder:
     """Fast-path decode steps continuing one prompt of ``context`` tokens (prefilled once)."""
 
     def __init__(self, model, context: int, room: int) -> None:
-        self.model, self.pos = model, context
+        self.model = model
         self.cache = make_cache(model, 1, context + room)
         prefill(model, torch.randint(0, model.args.vocab_size, (1, context)), self.cache)
         self.token = torch.tensor([1])
@@ -62,8 +62,7 @@ class Decoder:
         """Seconds per step over the next ``steps`` positions."""
         t0 = time.perf_counter()
         for _ in range(steps):
-            decode_step(self.model, self.token, self.pos, self.cache, copy=False)
-            self.pos += 1
+            decode_step(self.model, self.token, self.cache, copy=False)
         return (time.perf_counter() - t0) / steps
 
 

@@ -41,16 +41,17 @@ def measure(model_dir, dtype: str, kernels: list[str], args: argparse.Namespace)
     with torch.inference_mode():
         prefill(model, prompt, cache)
         decoders = {kernel: StaticDecoder(model, cache, gemv=kernel) for kernel in kernels}
-        positions = range(args.context, args.context + args.tokens)
         for decoder in decoders.values():  # warm-up
-            for pos in positions:
-                decoder.step(token, pos)
+            cache.trim(args.context)
+            for _ in range(args.tokens):
+                decoder.step(token)
         for round_ in range(args.rounds):
             order = kernels[round_ % len(kernels) :] + kernels[: round_ % len(kernels)]
             for kernel in order:
+                cache.trim(args.context)
                 t0 = time.perf_counter()
-                for pos in positions:
-                    decoders[kernel].step(token, pos)
+                for _ in range(args.tokens):
+                    decoders[kernel].step(token)
                 samples[kernel].append((time.perf_counter() - t0) / args.tokens)
     return samples
 

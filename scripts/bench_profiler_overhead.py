@@ -61,9 +61,9 @@ def main() -> int:
             t0 = time.perf_counter()
             if profiled:
                 with timer.step():
-                    token = decode_step(model, token, opts.prompt_len + j, cache, timer).argmax(-1)
+                    token = decode_step(model, token, cache, timer).argmax(-1)
             else:
-                token = decode_step(model, token, opts.prompt_len + j, cache, hooks_only).argmax(-1)
+                token = decode_step(model, token, cache, hooks_only).argmax(-1)
             synchronize(device)
             times.append((profiled, time.perf_counter() - t0))
         timer.reset()

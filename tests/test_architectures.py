@@ -107,7 +107,7 @@ def _prefill_then_decode(model, tokens: torch.Tensor, n_prompt: int) -> torch.Te
     cache = make_cache(model, tokens.shape[0], tokens.shape[1])
     out = [prefill(model, tokens[:, :n_prompt], cache)]
     for pos in range(n_prompt, tokens.shape[1]):
-        out.append(decode_step(model, tokens[:, pos], pos, cache))
+        out.append(decode_step(model, tokens[:, pos], cache))
     return torch.stack(out, dim=1)
 
 

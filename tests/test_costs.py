@@ -46,7 +46,7 @@ def check_against_flop_counter(model: Transformer, batch: int, prompt_len: int, 
     got = counted(lambda: prefill(model, tokens, cache))
     expected = linear_flops(C.prefill_costs(args, batch, prompt_len, widths))
     assert got.get("aten.mm", 0) + got.get("aten.addmm", 0) == expected
-    got = counted(lambda: decode_step(model, tokens[:, -1], prompt_len, cache, Probe()))
+    got = counted(lambda: decode_step(model, tokens[:, -1], cache, Probe()))
     step = C.decode_costs(args, batch, prompt_len, 1, widths)
     assert got.get("aten.mm", 0) + got.get("aten.addmm", 0) == linear_flops(step)
     # Decode attention has one query, so the causal count is the full count. SDPA on the meta device

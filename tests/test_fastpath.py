@@ -54,7 +54,7 @@ def _decode_logits(model, tokens: torch.Tensor, n_prompt: int, *, fast: bool) ->
     """Logits (B, T - n_prompt, V) of decode steps after a prefill of ``n_prompt`` tokens."""
     cache = make_cache(model, tokens.shape[0], tokens.shape[1])
     prefill(model, tokens[:, :n_prompt], cache)
-    steps = [decode_step(model, tokens[:, pos], pos, cache, fast=fast) for pos in range(n_prompt, tokens.shape[1])]
+    steps = [decode_step(model, tokens[:, pos], cache, fast=fast) for pos in range(n_prompt, tokens.shape[1])]
     return torch.stack(steps, dim=1)
 
 
@@ -132,11 +132,18 @@ def test_decode_reuses_the_static_cache_and_buffers(tiny_factory):
     cache = make_cache(model, 1, 16)
     pointers = [(layer.k.data_ptr(), layer.v.data_ptr()) for layer in cache.layers]
     prefill(model, torch.tensor([[1, 2, 3]]), cache)
-    first = decode_step(model, torch.tensor([4]), 3, cache, copy=False)
-    second = decode_step(model, torch.tensor([5]), 4, cache, copy=False)
+    first = decode_step(model, torch.tensor([4]), cache, copy=False)
+    second = decode_step(model, torch.tensor([5]), cache, copy=False)
     assert first.data_ptr() == second.data_ptr()  # the decoder's own logits buffer, overwritten each step
     assert [(layer.k.data_ptr(), layer.v.data_ptr()) for layer in cache.layers] == pointers
     assert static_decoder(model, cache) is cache.decoder
+
+
+def _fill_to(model, cache, token: torch.Tensor, length: int) -> None:
+    """Decode ``token`` until the cache holds ``length`` positions (or trim it back to them)."""
+    cache.trim(length)
+    while cache.length < length:
+        decode_step(model, token, cache, copy=False)
 
 
 def _allocations(fn) -> int:
@@ -162,9 +169,10 @@ def test_fp32_decode_step_allocates_nothing_on_cpu(tiny_factory, monkeypatch, ca
     cache = make_cache(model, 1, 32)
     token = torch.tensor([7])
     prefill(model, torch.tensor([[1, 2, 3, 4]]), cache)
-    decode_step(model, token, 4, cache, copy=False)  # warm-up: builds the decoder
-    for pos in (5, 12):
-        assert _allocations(lambda pos=pos: decode_step(model, token, pos, cache, copy=False)) == 0
+    decode_step(model, token, cache, copy=False)  # warm-up: builds the decoder
+    for length in (5, 12):  # a short and a longer attention span
+        _fill_to(model, cache, token, length)
+        assert _allocations(lambda: decode_step(model, token, cache, copy=False)) == 0
 
 
 @pytest.mark.parametrize("case", ["llama-gqa", "mistral-window", "qwen2-bias"])
@@ -177,11 +185,12 @@ def test_fp32_default_step_allocates_only_onednn_scratchpads(tiny_factory, monke
     cache = make_cache(model, 1, 32)
     token = torch.tensor([7])
     prefill(model, torch.tensor([[1, 2, 3, 4]]), cache)
-    decode_step(model, token, 4, cache, copy=False)
+    decode_step(model, token, cache, copy=False)
     assert static_decoder(model, cache).gemv == "conv"
     products = 4 * model.args.num_hidden_layers + 1  # q/k/v, o, gate/up, down per layer; the lm_head
-    for pos in (5, 12):
-        assert _allocations(lambda pos=pos: decode_step(model, token, pos, cache, copy=False)) <= products
+    for length in (5, 12):
+        _fill_to(model, cache, token, length)
+        assert _allocations(lambda: decode_step(model, token, cache, copy=False)) <= products
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -194,7 +203,7 @@ def test_static_shape_step_equals_eager(compiled):
     prefill(model, tokens[:, :4], cache)
     decoder = StaticDecoder(model, cache, graph=False, compile=compiled, static=True)
     assert decoder.static and decoder.compiled == compiled, decoder.compile_error
-    steps = [decoder.step(tokens[:, pos], pos).clone() for pos in range(4, 24)]
+    steps = [decoder.step(tokens[:, pos]).clone() for pos in range(4, 24)]
     torch.testing.assert_close(torch.stack(steps, dim=1), eager, atol=1e-5, rtol=0)
 
 
@@ -247,10 +256,10 @@ def test_cuda_graph_decode_equals_eager_and_allocates_nothing(monkeypatch, dtype
     cache = make_cache(model, 2, 24)
     decoder = static_decoder(model, cache)
     assert decoder is not None and decoder.graphed and decoder.compiled == compiled, decoder.compile_error
-    decode_step(model, tokens[:, 0], 0, cache, copy=False)
+    decode_step(model, tokens[:, 0], cache, copy=False)
     torch.cuda.synchronize()
     before = torch.cuda.memory_stats()["allocation.all.allocated"]
     for pos in range(1, 8):
-        decode_step(model, tokens[:, pos], pos, cache, copy=False)
+        decode_step(model, tokens[:, pos], cache, copy=False)
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before

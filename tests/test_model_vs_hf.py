@@ -27,7 +27,7 @@ def _prefill_then_decode(model, tokens: torch.Tensor, n_prompt: int) -> torch.Te
     cache = make_cache(model, tokens.shape[0], tokens.shape[1])
     out = [prefill(model, tokens[:, :n_prompt], cache)]
     for pos in range(n_prompt, tokens.shape[1]):
-        out.append(decode_step(model, tokens[:, pos], pos, cache))
+        out.append(decode_step(model, tokens[:, pos], cache))
     return torch.stack(out, dim=1)
 
 
@@ -74,7 +74,7 @@ def test_chunked_prefill_equals_one_prefill(tiny_factory):
     tokens = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(3))
     cache = make_cache(model, 1, 30)
     prefill(model, tokens[:, :11], cache)
-    rest = forward(model, tokens[:, 11:], 11, cache)
+    rest = forward(model, tokens[:, 11:], cache)
     torch.testing.assert_close(rest, forward(model, tokens)[:, 11:], atol=1e-5, rtol=0)
 
 

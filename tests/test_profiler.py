@@ -67,8 +67,8 @@ def test_profiling_does_not_change_the_logits():
         a = prefill(model, tokens, timed, timer)
     torch.testing.assert_close(a, prefill(model, tokens, plain, NULL_PROBE), rtol=0, atol=0)
     with timer.step():
-        a = decode_step(model, tokens[:, 0], 7, timed, timer)
-    torch.testing.assert_close(a, decode_step(model, tokens[:, 0], 7, plain, Probe()), rtol=0, atol=0)
+        a = decode_step(model, tokens[:, 0], timed, timer)
+    torch.testing.assert_close(a, decode_step(model, tokens[:, 0], plain, Probe()), rtol=0, atol=0)
     assert len(timer.steps) == 2
 
 

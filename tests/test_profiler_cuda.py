@@ -67,12 +67,13 @@ def test_cuda_timer_records_every_op_without_synchronizing():
     cache = make_cache(model, 2, 80)
     tokens = torch.randint(0, model.args.vocab_size, (2, 64), device="cuda")
     prefill(model, tokens, cache, Probe())  # warm-up: kernels, RoPE tables on the device
+    cache.reset()
     timer = OpTimer(torch.device("cuda"))
     with timer.step(), _no_sync():
         token = prefill(model, tokens, cache, timer).argmax(-1)
     for j in range(3):
         with timer.step(), _no_sync():
-            token = decode_step(model, token, 64 + j, cache, timer).argmax(-1)
+            token = decode_step(model, token, cache, timer).argmax(-1)
     expected = {("embed", None), ("final_norm", None), ("lm_head", None)}
     expected |= {(op, i) for i in range(3) for op in LAYER_OPS}
     for step in timer.steps:
@@ -90,8 +91,8 @@ def test_cuda_profiling_does_not_change_the_logits():
         a = prefill(model, tokens, timed, timer)
     torch.testing.assert_close(a, prefill(model, tokens, plain, Probe()), rtol=0, atol=0)
     with timer.step():
-        a = decode_step(model, tokens[:, 0], 33, timed, timer)
-    torch.testing.assert_close(a, decode_step(model, tokens[:, 0], 33, plain, Probe()), rtol=0, atol=0)
+        a = decode_step(model, tokens[:, 0], timed, timer)
+    torch.testing.assert_close(a, decode_step(model, tokens[:, 0], plain, Probe()), rtol=0, atol=0)
 
 
 def test_cuda_linear_flops_match_flop_counter_on_llama31_8b_shapes():
@@ -105,7 +106,7 @@ def test_cuda_linear_flops_match_flop_counter_on_llama31_8b_shapes():
     tokens = torch.randint(0, args.vocab_size, (2, 128), device="cuda")
     for fn, costs in (
         (lambda: prefill(model, tokens, cache, Probe()), C.prefill_costs(args, 2, 128, widths)),
-        (lambda: decode_step(model, tokens[:, 0], 128, cache, Probe()), C.decode_costs(args, 2, 128, 1, widths)),
+        (lambda: decode_step(model, tokens[:, 0], cache, Probe()), C.decode_costs(args, 2, 128, 1, widths)),
     ):
         with FlopCounterMode(display=False) as counter:
             fn()

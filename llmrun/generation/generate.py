@@ -139,7 +139,8 @@ def _generate_tokens(
     conversation.tokens = list(prompt)
 
     t0 = time.perf_counter()
-    logits = prefill(model, history[:, start : len(prompt)], conversation.cache, start=start)
+    conversation.cache.trim(start)
+    logits = prefill(model, history[:, start : len(prompt)], conversation.cache)
     synchronize(device)
     stats.prefill_s = time.perf_counter() - t0
     pos = len(prompt)  # position of the token sampled next
@@ -166,7 +167,7 @@ def _generate_tokens(
             if step == 0:  # build the decode fast path after the first token, timed apart from decode_s
                 stats.prepare_s = prepare_decode(model, conversation.cache)
                 t_first += stats.prepare_s
-            logits = decode_step(model, token, pos, conversation.cache, copy=False)  # a buffer reused next step
+            logits = decode_step(model, token, conversation.cache, copy=False)  # a buffer reused next step
             pos += 1
     finally:
         if t_first is not None:

@@ -25,23 +25,26 @@ from llmrun.model.transformer import Transformer
 def forward(
     model: Transformer,
     tokens: torch.Tensor,
-    start: int = 0,
     cache: KVCache | None = None,
     probe: Probe = NULL_PROBE,
     *,
     last_only: bool = False,
 ) -> torch.Tensor:
-    """tokens (B, T) int64 at positions start..start+T-1 -> logits (B, T, V) float32.
+    """tokens (B, T) int64 -> logits (B, T, V) float32.
 
-    With ``last_only`` the lm_head runs on the last position alone and the result is (B, 1, V).
-    Without a cache, attention sees only these T tokens (``start`` must be 0).
+    With a cache the tokens take the next T positions (from ``cache.length``, which then grows by T)
+    and attend to everything before them; without one they are positions 0..T-1 and attend only to
+    each other. With ``last_only`` the lm_head runs on the last position alone: (B, 1, V).
     """
+    start = cache.reserve(tokens.shape[1]) if cache is not None else 0
     decoder = model.model
     with probe.region("embed"):
         x = decoder.embed_tokens(tokens)  # (B, T, d)
     rope = model.rotary.angles(start, tokens.shape[1], x.device, x.dtype)
     for i, block in enumerate(decoder.layers):
         x = block(x, rope, start, cache.layers[i] if cache is not None else None, probe)
+    if cache is not None:
+        cache.length = start + tokens.shape[1]
     if last_only:
         x = x[:, -1:]
     with probe.region("final_norm"):
@@ -50,24 +53,21 @@ def forward(
         return model.lm_head(x).float()
 
 
-def prefill(
-    model: Transformer, tokens: torch.Tensor, cache: KVCache, probe: Probe = NULL_PROBE, *, start: int = 0
-) -> torch.Tensor:
-    """Run prompt tokens (B, T) from position ``start`` through all layers; logits of the last (B, V)."""
-    return forward(model, tokens, start, cache, probe, last_only=True)[:, -1]
+def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache, probe: Probe = NULL_PROBE) -> torch.Tensor:
+    """Run prompt tokens (B, T) through all layers after the cache's filled positions; logits of the last (B, V)."""
+    return forward(model, tokens, cache, probe, last_only=True)[:, -1]
 
 
 def decode_step(
     model: Transformer,
     token: torch.Tensor,
-    pos: int,
     cache: KVCache,
     probe: Probe = NULL_PROBE,
     *,
     fast: bool | None = None,
     copy: bool = True,
 ) -> torch.Tensor:
-    """One new token per sequence, token (B,) or (B, 1) at position ``pos``; logits (B, V) float32.
+    """One new token per sequence, token (B,) or (B, 1), at position ``cache.length``; logits (B, V) float32.
 
     ``fast`` None takes the fast path when no probe is given (and ``LLMRUN_FAST`` is not 0); True
     asks for it, False forces the eager ops. With ``copy=False`` the fast path returns its own
@@ -76,9 +76,9 @@ def decode_step(
     if probe is NULL_PROBE and fast is not False and (fast or fast_enabled()):
         decoder = static_decoder(model, cache)
         if decoder is not None:
-            logits = decoder.step(token, pos)
+            logits = decoder.step(token)
             return logits.clone() if copy else logits
-    return forward(model, token.view(-1, 1), pos, cache, probe)[:, -1]
+    return forward(model, token.view(-1, 1), cache, probe)[:, -1]
 
 
 def fast_enabled() -> bool:

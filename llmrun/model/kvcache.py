@@ -1,8 +1,10 @@
-"""A static key/value cache: per-layer buffers preallocated once, written in place.
+"""A static key/value cache that knows how far it is filled.
 
-Shapes: each layer holds k and v of shape (B, H_kv, S_max, D). Nothing is reallocated while
-generating: ``update`` copies the new positions into the buffers and returns views of the
-filled prefix.
+Each layer holds k and v buffers of shape (B, H_kv, S_max, D), preallocated once and written in
+place; nothing is reallocated while generating. ``length`` is the number of positions filled
+(the same for every sequence of the batch): the executor writes new tokens at ``length`` and
+advances it, so callers never pass positions. ``trim`` forgets the positions past a prefix (a
+chat turn that shares the start of the conversation), ``reset`` empties the cache.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class LayerCache:
 
 
 class KVCache:
-    """One ``LayerCache`` per layer, all of capacity ``max_seq_len`` positions."""
+    """One ``LayerCache`` per layer, all of capacity ``max_seq_len`` positions, filled to ``length``."""
 
     def __init__(
         self,
@@ -40,11 +42,36 @@ class KVCache:
     ) -> None:
         shape = (batch, n_kv_heads, max_seq_len, head_dim)
         self.max_seq_len = max_seq_len
-        self.decoder = None  # the llmrun.model.fastpath.StaticDecoder bound to these buffers, built on first use
+        self.length = 0
+        self.decoder = None  # the fast decoder bound to these buffers (llmrun.model.fastpath), built on first use
         self.layers = [
             LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(n_layers)
         ]
+
+    @property
+    def batch(self) -> int:
+        """Sequences the cache holds."""
+        return self.layers[0].k.shape[0]
+
+    @property
+    def free(self) -> int:
+        """Positions still empty."""
+        return self.max_seq_len - self.length
+
+    def reserve(self, tokens: int) -> int:
+        """The position where ``tokens`` new positions start; ValueError if they do not fit."""
+        if tokens > self.free:
+            raise ValueError(f"{tokens} new positions do not fit: the cache holds {self.length} of {self.max_seq_len}")
+        return self.length
+
+    def trim(self, length: int) -> None:
+        """Keep the first ``length`` positions (at most those filled) and forget the rest."""
+        self.length = max(0, min(self.length, length))
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are overwritten by the next tokens)."""
+        self.length = 0
 
     @property
     def nbytes(self) -> int:

@@ -167,10 +167,11 @@ def time_test(
     prepare_s = prepare_decode(model, cache) if fast and test.n_gen else 0.0
 
     def once() -> None:
+        cache.reset()
         if test.n_prompt:
             prefill(model, prompt, cache)
         for j in range(test.n_gen):
-            decode_step(model, steps[:, j], test.n_prompt + j, cache, fast=fast, copy=False)
+            decode_step(model, steps[:, j], cache, fast=fast, copy=False)
 
     times = []
     for r in range(warmup + repetitions):

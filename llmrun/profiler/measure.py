@@ -69,11 +69,12 @@ def measure_config(
     decode_steps: list[StepTiming] = []
     for repeat in range(warmup + repeats):
         timer.reset()
+        cache.reset()
         with timer.step():
             token = _sample(prefill(model, tokens, cache, timer), timer)
         for j in range(decode_tokens):
             with timer.step():
-                token = _sample(decode_step(model, token, prompt_len + j, cache, timer), timer)
+                token = _sample(decode_step(model, token, cache, timer), timer)
             if on_step:
                 on_step()
         if repeat >= warmup:

@@ -191,10 +191,12 @@ class StaticDecoder:
         self.prepare_s = time.perf_counter() - t0
 
     @torch.inference_mode()
-    def step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        """Token ids (B,) or (B, 1) at position ``pos`` -> logits (B, V) float32 (a reused buffer)."""
-        if not 0 <= pos < self.max_seq_len:
-            raise ValueError(f"position {pos} is outside the cache's {self.max_seq_len} positions")
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Token ids (B,) or (B, 1) at position ``cache.length`` -> logits (B, V) float32 (a reused buffer).
+
+        The cache grows by one position.
+        """
+        pos = self.cache.reserve(1)
         self.pos.fill_(pos)
         if self._graph is not None:
             self.token.copy_(token.view(-1))
@@ -204,6 +206,7 @@ class StaticDecoder:
             self._static_run()
         else:
             self._run(token.view(-1), pos)
+        self.cache.length = pos + 1
         return self.logits
 
     _graph: torch.cuda.CUDAGraph | None = None
