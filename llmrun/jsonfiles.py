@@ -1,4 +1,5 @@
-"""Reading the JSON files that sit beside a model's weights (tokenizer and generation configs)."""
+"""The one reader of llmrun's JSON files: model configs, tokenizer and generation configs, presets,
+shard indexes, cached roofs, the GPU spec table and profile reports."""
 
 from __future__ import annotations
 
@@ -8,19 +9,41 @@ from typing import Any
 
 from llmrun.errors import LlmrunError
 
+REDOWNLOAD = "re-download or re-import the model"
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``, or {} when the file does not exist.
+
+def read_json_object(path: Path, *, missing: str | None = None, fix: str = REDOWNLOAD) -> dict[str, Any]:
+    """The JSON object in ``path``.
+
+    Args:
+        path: the file.
+        missing: None lets an absent file read as {}; otherwise an absent file is an error, and this
+            text says what to do about it.
+        fix: what to do about a file that is not a UTF-8 JSON object, for the error message.
 
     Raises:
-        LlmrunError: the file is not UTF-8 JSON, or holds something other than an object.
+        LlmrunError: the file is absent (when ``missing`` is given), unreadable, not UTF-8 JSON, or
+            holds something other than an object.
     """
+    path = Path(path)
     if not path.is_file():
-        return {}
+        if missing is None:
+            return {}
+        raise LlmrunError(f"{path} is missing: {missing}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise LlmrunError(f"cannot read {path}: {exc.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LlmrunError(f"{path} is corrupt ({exc}): re-download or re-import the model.") from None
+        raise LlmrunError(f"{path} is corrupt ({exc}): {fix}.") from None
     if not isinstance(data, dict):
-        raise LlmrunError(f"{path} is corrupt (not a JSON object): re-download or re-import the model.")
+        raise LlmrunError(f"{path} is corrupt (not a JSON object): {fix}.")
     return data
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write ``data`` as indented UTF-8 JSON to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)

@@ -6,7 +6,7 @@ Usage: python scripts/bench_attention.py [--threads 2] [--rounds 5] [--prefill 5
 Two measurements on the default model (or ``--model``), each where llmrun makes the choice:
 
 * bf16 ``prefill``: one prefill of N random tokens from an empty cache with
-  ``llmrun.model.transformer.blocked_attention`` (what bf16 on the CPU uses) and with SDPA's causal kernel in its place;
+  ``llmrun.model.attention.blocked_attention`` (what bf16 on the CPU uses) and with SDPA's causal kernel in its place;
 * fp32 ``decode``: 12 fast-path decode steps continuing a prompt of C tokens, with attention over 256+
   keys on all threads (``llmrun.model.fastpath.WIDE_ATTENTION_KEYS``, the default) and with attention always
   on one thread (bf16 decode attention always runs on one); the two take turns on the same cache, so
@@ -27,8 +27,8 @@ import unittest.mock
 import torch
 import torch.nn.functional as F
 
+import llmrun.model.attention
 import llmrun.model.fastpath
-import llmrun.model.transformer
 from llmrun.devices import DTYPES
 from llmrun.loading.loader import load_model
 from llmrun.loading.sources import resolve_model
@@ -108,7 +108,7 @@ def main() -> None:
         if dtype == "bf16":
             for n in [int(x) for x in args.prefill.split(",")]:
                 run = functools.partial(prefill_seconds, model, n)
-                alternative = patched(run, llmrun.model.transformer, "blocked_attention", sdpa)
+                alternative = patched(run, llmrun.model.attention, "blocked_attention", sdpa)
                 compare(f"prefill {n}: blocked vs SDPA", run, alternative, args.rounds)
         for context in [int(x) for x in args.contexts.split(",")] if dtype == "fp32" else []:
             decoder = Decoder(model, context, room=24 * (args.rounds + 1) + 1)

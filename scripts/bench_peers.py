@@ -329,7 +329,7 @@ def summarize(dtype: str, samples: dict, kernels: dict) -> dict:
 
 
 def gguf_dir() -> Path:
-    from llmrun.loading.sources import llmrun_home
+    from llmrun.paths import llmrun_home
 
     return llmrun_home() / "peers"
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import conftest
 import gguf
+import helpers
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
@@ -32,7 +32,7 @@ CHATML = (
 )
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
 # The tiny model: a vocabulary a little larger than the tokenizer's (as real checkpoints pad theirs).
-TINY_CONFIG = {**conftest.TINY, "num_key_value_heads": 2, "bos_token_id": 259, "eos_token_id": 261}
+TINY_CONFIG = {**helpers.TINY, "num_key_value_heads": 2, "bos_token_id": 259, "eos_token_id": 261}
 
 
 # ---------------------------------------------------------------- the valid model

@@ -1,4 +1,7 @@
-"""Shared fixtures: the real default model (SmolLM2-135M-Instruct) and tiny checkpoints saved by transformers."""
+"""Shared fixtures: the real default model (SmolLM2-135M-Instruct) and tiny checkpoints saved by transformers.
+
+Plain helpers (shapes, checkpoint writers) live in ``helpers``, which tests import directly.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_tiny
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -36,38 +40,6 @@ def smollm2_fp32(smollm2_dir):
     from llmrun.loading.loader import load_model
 
     return load_model(smollm2_dir, torch.device("cpu"), torch.float32, progress=False)
-
-
-TINY = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-)
-
-
-def save_tiny(
-    path: Path, model_type: str = "llama", seed: int = 0, max_shard_size: str | None = None, **overrides
-) -> Path:
-    """Save a random-weight checkpoint of ``model_type`` with transformers itself; returns ``path``.
-
-    ``max_shard_size`` (e.g. ``"40KB"``) makes transformers write a sharded checkpoint with an index.
-    """
-    import transformers
-
-    torch.manual_seed(seed)
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[model_type]
-    config = config_cls(**{**TINY, **overrides})
-    shard = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model_cls(config).eval().save_pretrained(path, **shard)
-    return path
 
 
 @pytest.fixture

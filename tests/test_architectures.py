@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-import conftest
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,8 @@ from llmrun.model.executor import decode_step, forward, make_cache, prefill
 
 ATOL = 1e-3
 SEQ = 40  # longer than every window, original context and max_position_embeddings below
-# conftest's tiny shape with GQA and weights large enough that a wrong op moves logits visibly.
-TINY = {**conftest.TINY, "num_key_value_heads": 2, "initializer_range": 0.2}
+# helpers' tiny shape with GQA and weights large enough that a wrong op moves logits visibly.
+TINY = {**helpers.TINY, "num_key_value_heads": 2, "initializer_range": 0.2}
 LLAMA31_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,

@@ -1,4 +1,4 @@
-"""The CPU bf16 prefill attention (``llmrun.model.transformer.blocked_attention``) against exact references.
+"""The CPU bf16 prefill attention (``llmrun.model.attention.blocked_attention``) against exact references.
 
 The reference is SDPA in float64 on the same bf16 inputs. bf16 carries 8 bits of mantissa
 (relative rounding 2^-8 ≈ 3.9e-3): SDPA's own bf16 kernel lands within about that of the
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llmrun.model.transformer
+import llmrun.model.attention
 from llmrun.loading.loader import load_model
 from llmrun.model.executor import make_cache, prefill
 
@@ -50,12 +50,12 @@ def _sdpa(q, k, v, start, *, window=None, dtype=None):
     ],
 )
 def test_blocked_attention_matches_float64_sdpa(monkeypatch, batch, heads, kv_heads, t, start, window):
-    monkeypatch.setattr(llmrun.model.transformer, "ATTENTION_BLOCK", 8)
+    monkeypatch.setattr(llmrun.model.attention, "ATTENTION_BLOCK", 8)
     gen = torch.Generator().manual_seed(t + start)
     q = torch.randn(batch, heads, t, 16, generator=gen).bfloat16()
     k = torch.randn(batch, kv_heads, start + t, 16, generator=gen).bfloat16()
     v = torch.randn(batch, kv_heads, start + t, 16, generator=gen).bfloat16()
-    got = llmrun.model.transformer.blocked_attention(q, k, v, start, window=window)
+    got = llmrun.model.attention.blocked_attention(q, k, v, start, window=window)
     assert got.shape == q.shape and got.dtype == torch.bfloat16
     exact = _sdpa(q.double(), k.double(), v.double(), start, window=window)
     sdpa_err = (_sdpa(q, k, v, start, window=window).double() - exact).abs().max()
@@ -65,8 +65,8 @@ def test_blocked_attention_matches_float64_sdpa(monkeypatch, batch, heads, kv_he
 
 def test_bf16_prefill_takes_the_blocked_path_and_fp32_does_not(tiny_factory, monkeypatch):
     calls = []
-    real = llmrun.model.transformer.blocked_attention
-    monkeypatch.setattr(llmrun.model.transformer, "blocked_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = llmrun.model.attention.blocked_attention
+    monkeypatch.setattr(llmrun.model.attention, "blocked_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     path = tiny_factory("llama", num_key_value_heads=2)
     tokens = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
     for dtype in (torch.float32, torch.bfloat16):
@@ -86,6 +86,6 @@ def test_smollm2_bf16_prefill_is_as_close_to_fp32_as_with_sdpa(smollm2_dir, smol
 
     reference = last_logits(smollm2_fp32)
     blocked_err = (last_logits(model) - reference).abs().max()
-    monkeypatch.setattr(llmrun.model.transformer, "blocked_attention", _sdpa)
+    monkeypatch.setattr(llmrun.model.attention, "blocked_attention", _sdpa)
     sdpa_err = (last_logits(model) - reference).abs().max()
     assert blocked_err <= 1.5 * sdpa_err, (blocked_err, sdpa_err)

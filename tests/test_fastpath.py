@@ -8,7 +8,7 @@ only oneDNN's scratchpads by default; any dtype on CUDA).
 
 from __future__ import annotations
 
-import conftest
+import helpers
 import pytest
 import torch
 
@@ -46,7 +46,7 @@ def _windowed_gqa_model(device: str, dtype: torch.dtype) -> Transformer:
 
     The GPU check's machine has no transformers, so its tests cannot use ``tiny_factory``.
     """
-    raw = {**conftest.TINY, "model_type": "mistral", "num_key_value_heads": 2, "sliding_window": 6}
+    raw = {**helpers.TINY, "model_type": "mistral", "num_key_value_heads": 2, "sliding_window": 6}
     return random_model(ModelArgs.from_dict(raw), torch.device(device), dtype)
 
 

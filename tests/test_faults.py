@@ -332,7 +332,10 @@ def test_host_oom_is_translated_and_other_errors_pass():
 
 @pytest.mark.parametrize(
     ("target", "doing"),
-    [((llmrun.loading.safetensors.MappedFiles, "tensor"), "loading the weights"), ((llmrun.generation.generate, "prefill"), "generating")],
+    [
+        ((llmrun.loading.safetensors.MappedFiles, "tensor"), "loading the weights"),
+        ((llmrun.generation.generate, "prefill"), "generating"),
+    ],
     ids=["load", "generate"],
 )
 def test_cli_reports_cuda_oom_as_one_line(long_model, monkeypatch, capsys, target, doing):

@@ -71,7 +71,7 @@ def test_cuda_timer_records_every_op_without_synchronizing():
     timer = OpTimer(torch.device("cuda"))
     with timer.step(), _no_sync():
         token = prefill(model, tokens, cache, timer).argmax(-1)
-    for j in range(3):
+    for _ in range(3):
         with timer.step(), _no_sync():
             token = decode_step(model, token, cache, timer).argmax(-1)
     expected = {("embed", None), ("final_norm", None), ("lm_head", None)}

@@ -25,7 +25,6 @@ from llmrun.model.config import ModelArgs
 from llmrun.model.transformer import Transformer, fuse_projections
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, *, progress: bool = True) -> Transformer:
@@ -56,17 +55,14 @@ def _load(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: b
                 target.copy_(tensor)
                 mapped.release(entries[name])
             bar.advance(task, tensor.nbytes)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
     return model.eval()
 
 
 def _validated(model: Transformer, entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
     """Drop tensors the model ignores; refuse missing, unexpected, misshapen or non-float ones."""
     expected = model.expected_tensors()
-    entries = {n: e for n, e in entries.items() if not n.endswith(IGNORED_SUFFIXES)}
-    if model.args.tie_word_embeddings:
-        entries.pop("lm_head.weight", None)
+    entries = {n: e for n, e in entries.items() if not model.ignores_tensor(n)}
     missing = sorted(expected.keys() - entries.keys())
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

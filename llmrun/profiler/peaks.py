@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from llmrun.devices import DTYPES, synchronize
-from llmrun.loading.sources import llmrun_home
+from llmrun.paths import llmrun_home
 
 CPU_DTYPES = ("fp32", "bf16")
 CUDA_DTYPES = ("bf16", "fp16", "fp32", "tf32")
