@@ -27,7 +27,8 @@ from llmrun.devices import DTYPES
 from llmrun.loading.loader import load_model
 from llmrun.loading.sources import resolve_model
 from llmrun.model.executor import make_cache, prefill
-from llmrun.model.fastpath import PRODUCTS, StaticDecoder, cpu_gemv
+from llmrun.model.fastpath import StaticDecoder
+from llmrun.model.fastpath.gemv import PRODUCTS, cpu_gemv
 
 
 def measure(model_dir, dtype: str, kernels: list[str], args: argparse.Namespace) -> dict[str, list[float]]:

@@ -14,7 +14,7 @@ from llmrun.loading.loader import load_model
 from llmrun.loading.presets import ByteTokenizer, is_preset, load_preset, random_model
 from llmrun.loading.sources import DEFAULT_MODEL, resolve_model
 from llmrun.model.config import ModelArgs
-from llmrun.model.fastpath import cpu_gemv
+from llmrun.model.fastpath.gemv import cpu_gemv
 from llmrun.model.transformer import Transformer
 
 if TYPE_CHECKING:

@@ -42,7 +42,7 @@ import llmrun
 from llmrun.devices import DTYPE_NAMES, synchronize
 from llmrun.errors import LlmrunError
 from llmrun.model.executor import decode_step, make_cache, prefill, prepare_decode
-from llmrun.model.fastpath import PRODUCTS, onednn_supported
+from llmrun.model.fastpath.gemv import PRODUCTS, onednn_supported
 from llmrun.model.transformer import Transformer, fuse_projections
 
 FORMATS = ("md", "csv", "json", "jsonl")

@@ -1,0 +1,159 @@
+"""The matrix-vector kernels of CPU decode: one small class per kernel, chosen by name.
+
+Each ``_Products`` subclass multiplies a decode step's activations x (B, K) by its weights
+(N, K), through ``torch.mm`` or oneDNN (linear, prepacked linear, 1x1 convolution on reordered
+weights). ``PRODUCTS`` maps the names ``LLMRUN_CPU_GEMV`` accepts to them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llmrun.errors import LlmrunError
+
+
+def cpu_gemv(dtype: torch.dtype, choice: str | None = None) -> str:
+    """The matrix-vector kernel that will run CPU decode in ``dtype``, for ``choice`` or ``LLMRUN_CPU_GEMV``.
+
+    ``choice`` (default: ``LLMRUN_CPU_GEMV``, else ``auto``) is ``auto``, ``conv``, ``packed``,
+    ``onednn`` or ``mm``; any other name raises ``LlmrunError``.
+
+    ``auto`` takes ``conv`` in fp32 on x86 CPUs with AVX-512 and ``packed`` otherwise: measured on the
+    2-core AMD EPYC (AVX-512) of this project, SmolLM2 at batch 1, 2 threads, oneDNN's 1x1 convolution
+    on reordered weights (``conv``) makes one pass over the fp32 weights 1.08-1.11x faster than oneDNN's
+    linear on prepacked weights (``packed``; both timed by ``python scripts/bench_decode_floor.py``) and
+    a whole fp32 decode step ~1.07x faster (median of seven runs of ``python
+    scripts/bench_cpu_gemv.py``); a bf16 step ~1.05x slower. (oneDNN's fp32 linear falls back to an AVX2
+    GEMV there, its convolution runs AVX-512; on AVX2-only CPUs and on Arm the ranking is unmeasured, so
+    they keep ``packed``.) Both hold a second, reordered copy of the weights. ``onednn`` is the linear
+    on plain weights (no copy; as fast as ``packed`` in fp32, ~half in bf16); ``mm`` is ``torch.mm``
+    (MKL), ~12 GB/s. A oneDNN choice becomes ``mm`` where oneDNN cannot run ``dtype`` (fp16; bf16
+    without CPU support). Only ``mm`` lets a step allocate nothing: oneDNN's linear returns fresh
+    outputs, and its convolution takes a fresh 12-17 KB scratchpad per call.
+    """
+    choice = choice or os.environ.get("LLMRUN_CPU_GEMV", "auto")
+    if choice == "auto":
+        avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # x86 only: never Arm
+        choice = "conv" if dtype == torch.float32 and avx512 else "packed"
+    elif choice not in PRODUCTS:
+        raise LlmrunError(f"LLMRUN_CPU_GEMV={choice!r} is not a kernel: set it to auto, conv, packed, onednn or mm")
+    if choice == "mm":
+        return choice
+    return choice if onednn_supported(dtype) else "mm"
+
+
+def onednn_supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's CPU linear runs ``dtype`` here (fp32 always with oneDNN; bf16 with CPU support)."""
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class _Products:
+    """How a decode step multiplies x (B, K) by its weights, for batch B; one subclass per kernel.
+
+    ``pack(w)`` turns a weight (N, K) into what the products multiply by; ``product(out, x, w, b)``
+    writes x W^T + b (B, N) into ``out``; ``accumulate(acc, x, w, b)`` adds it to ``acc`` and returns
+    the tensor holding the sum (``acc`` itself unless the kernel has no in-place form). ``keep``
+    names the buffers used in every step, for kernels that prepare something per buffer.
+    """
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def keep(self, *buffers: torch.Tensor) -> None:
+        """Nothing to prepare unless a kernel says otherwise."""
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+        raise NotImplementedError
+
+
+class _MatmulProducts(_Products):
+    """``torch.mm``/``addmm`` on transposed weights, into the given buffers (no allocation)."""
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()
+
+    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if bias is None:
+            torch.mm(x, w, out=out)
+        else:
+            torch.addmm(bias, x, w, out=out)
+
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+        acc.addmm_(x, w)
+        if bias is not None:
+            acc.add_(bias)
+        return acc
+
+
+class _LinearProducts(_Products):
+    """oneDNN's linear on plain weights; its outputs are fresh tensors (the op has no ``out=``)."""
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        out.copy_(torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], ""))
+
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, acc, w, bias, "add")  # acc + x W^T (+ b), one kernel
+
+
+class _PackedLinearProducts(_LinearProducts):
+    """oneDNN's linear on weights it reordered for this batch size (a second copy of the weights)."""
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, self.batch)
+
+
+class _ConvProducts(_Products):
+    """oneDNN's 1x1 convolution on reordered weights: x (B, K, 1, 1) by W (N, K, 1, 1), accumulated in place.
+
+    The in-place form adds the product to its output tensor, so ``accumulate`` is one kernel and
+    ``product`` zeroes the output first. The weights are a second, reordered copy. The 4-d views
+    of the buffers given to ``keep`` are made once (a view costs ~1 µs, two per product).
+    """
+
+    def __init__(self, batch: int) -> None:
+        super().__init__(batch)
+        # id(buffer) -> (buffer, its 4-d view); holding the buffer keeps its id from being reused
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(self, *buffers: torch.Tensor) -> None:
+        for buffer in buffers:
+            self.views[id(buffer)] = (buffer, buffer.view(*buffer.shape, 1, 1))
+
+    def as_4d(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (B, N) as (B, N, 1, 1): the kept view when ``t`` is a kept buffer, else a new one."""
+        kept = self.views.get(id(t))
+        return kept[1] if kept is not None else t.view(*t.shape, 1, 1)
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        n, k = weight.shape
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            weight.view(n, k, 1, 1), [0, 0], [1, 1], [1, 1], 1, [self.batch, k, 1, 1]
+        )
+
+    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        out.zero_()
+        self.accumulate(out, x, w, bias)
+
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+        torch.ops.mkldnn._convolution_pointwise_(
+            self.as_4d(acc), self.as_4d(x), w, bias,
+            [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None,
+        )  # fmt: skip
+        return acc
+
+
+# LLMRUN_CPU_GEMV's kernel names -> their products
+PRODUCTS = {"mm": _MatmulProducts, "onednn": _LinearProducts, "packed": _PackedLinearProducts, "conv": _ConvProducts}
