@@ -5,6 +5,7 @@ Also turns running out of memory (CUDA or host) into an ``LlmrunError`` that giv
 
 from __future__ import annotations
 
+import platform
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,7 +53,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     """``auto`` is bf16 on a GPU that supports it (else fp16), fp32 on the CPU.
 
     fp32 is the CPU default because it is exact against the reference implementation; bf16 halves
-    the bytes and decodes faster on the fast path (README, "Speed") at bf16's precision.
+    the bytes and decodes faster on the fast path at bf16's precision (docs/performance.md).
     """
     spec = spec.strip().lower()
     if spec == "auto":
@@ -62,6 +63,17 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     if spec not in DTYPES:
         raise LlmrunError(f"--dtype {spec!r} is not supported; use auto, bf16, fp16 or fp32")
     return DTYPES[spec]
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name: ``model name`` of /proc/cpuinfo (Linux), else ``platform.processor()``, else "CPU"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
 
 
 def synchronize(device: torch.device) -> None:
@@ -79,7 +91,7 @@ _CPU_OOM = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes
 _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 OOM_ADVICE = (
     "try --dtype bf16 or fp16 (half the bytes of fp32), a shorter prompt or --max-new-tokens "
-    "(the KV cache grows with the context), or a smaller model"
+    "(the KV cache grows with the context), a smaller batch, or a smaller model"
 )
 
 
@@ -107,7 +119,7 @@ def out_of_memory_error(exc: BaseException, device: torch.device | None, doing: 
     if not isinstance(exc, torch.OutOfMemoryError):  # the host allocator's RuntimeError
         cpu = _CPU_OOM.search(text)
         needed = int(cpu.group(1)) if cpu is not None else None
-        free, total, where = _host_memory(), None, "the CPU"
+        free, total, where = available_memory(), None, "the CPU"
     else:
         gpu = device if device is not None and device.type == "cuda" else None
         needed = _parse_bytes(_CUDA_NEEDED.search(text))
@@ -122,8 +134,29 @@ def out_of_memory_error(exc: BaseException, device: torch.device | None, doing: 
     return LlmrunError(f"out of memory on {where} while {doing}: {need}, {have}; {OOM_ADVICE}")
 
 
+def check_fits(nbytes: int, device: torch.device, doing: str) -> None:
+    """Refuse, before allocating, ``nbytes`` that ``device`` does not have free (``doing``: what needs them).
+
+    Free is ``MemAvailable`` on the CPU and the driver's free bytes on a GPU; where it cannot be
+    known nothing is refused (the allocator's own error still becomes one line, ``oom_guard``).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = _cuda_memory(device)
+        where = str(device)
+    else:
+        free, total, where = available_memory(), None, "the CPU"
+    if free is None or nbytes <= free:
+        return
+    have = f"{format_bytes(free)} free" + (f" of {format_bytes(total)}" if total is not None else "")
+    need = f"it needs {format_bytes(nbytes)}"
+    raise LlmrunError(f"not enough memory on {where} for {doing}: {need}, {have}; {OOM_ADVICE}")
+
+
 def format_bytes(n: int) -> str:
     """``n`` bytes as GiB (or MiB below 1 GiB) with two decimals, e.g. ``2.50 GiB``."""
+    if n >= 2**40:
+        return f"{n / 2**40:.2f} TiB"
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
@@ -140,7 +173,7 @@ def _cuda_memory(device: torch.device | None) -> tuple[int | None, int | None]:
     return int(free), int(total)
 
 
-def _host_memory() -> int | None:
+def available_memory() -> int | None:
     """Bytes of host memory available to new allocations (Linux ``MemAvailable``), or None elsewhere."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

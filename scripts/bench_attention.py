@@ -8,7 +8,7 @@ Two measurements on the default model (or ``--model``), each where llmrun makes 
 * bf16 ``prefill``: one prefill of N random tokens from an empty cache with
   ``llmrun.model.attention.blocked_attention`` (what bf16 on the CPU uses) and with SDPA's causal kernel in its place;
 * fp32 ``decode``: 12 fast-path decode steps continuing a prompt of C tokens, with attention over 256+
-  keys on all threads (``llmrun.model.fastpath.WIDE_ATTENTION_KEYS``, the default) and with attention always
+  keys on all threads (``llmrun.model.fastpath.cpu.WIDE_ATTENTION_KEYS``, the default) and with attention always
   on one thread (bf16 decode attention always runs on one); the two take turns on the same cache, so
   the context grows by 24 tokens a round.
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import llmrun.model.attention
-import llmrun.model.fastpath
+import llmrun.model.fastpath.cpu
 from llmrun.devices import DTYPES
 from llmrun.loading.loader import load_model
 from llmrun.loading.sources import resolve_model
@@ -113,7 +113,7 @@ def main() -> None:
         for context in [int(x) for x in args.contexts.split(",")] if dtype == "fp32" else []:
             decoder = Decoder(model, context, room=24 * (args.rounds + 1) + 1)
             run = decoder.seconds
-            alternative = patched(run, llmrun.model.fastpath, "WIDE_ATTENTION_KEYS", 1 << 30)
+            alternative = patched(run, llmrun.model.fastpath.cpu, "WIDE_ATTENTION_KEYS", 1 << 30)
             compare(f"decode at {context}: wide vs 1-thread attention", run, alternative, args.rounds)
 
 

@@ -4,7 +4,7 @@ Usage: python scripts/bench_cpu_gemv.py [--dtypes fp32,bf16] [--kernels conv,pac
                                         [--rounds 9] [--tokens 16] [--context 64] [--model MODEL_DIR]
                                         [--call-overhead]
 
-Per dtype, one ``llmrun.model.fastpath.StaticDecoder`` per kernel (``LLMRUN_CPU_GEMV``'s choices: conv,
+Per dtype, one ``llmrun.model.fastpath.CpuDecoder`` per kernel (``LLMRUN_CPU_GEMV``'s choices: conv,
 packed, onednn, mm), all on the same model and KV cache after a prompt of ``--context`` random
 tokens. Each round, every decoder runs ``--tokens`` steps at the same positions (the order
 rotates every round); a decoder rewrites the cache slots the previous one wrote, with the same
@@ -27,7 +27,7 @@ from llmrun.devices import DTYPES
 from llmrun.loading.loader import load_model
 from llmrun.loading.sources import resolve_model
 from llmrun.model.executor import make_cache, prefill
-from llmrun.model.fastpath import StaticDecoder
+from llmrun.model.fastpath import CpuDecoder
 from llmrun.model.fastpath.gemv import PRODUCTS, cpu_gemv
 
 
@@ -41,7 +41,7 @@ def measure(model_dir, dtype: str, kernels: list[str], args: argparse.Namespace)
     samples: dict[str, list[float]] = {kernel: [] for kernel in kernels}
     with torch.inference_mode():
         prefill(model, prompt, cache)
-        decoders = {kernel: StaticDecoder(model, cache, gemv=kernel) for kernel in kernels}
+        decoders = {kernel: CpuDecoder(model, cache, gemv=kernel) for kernel in kernels}
         for decoder in decoders.values():  # warm-up
             cache.trim(args.context)
             for _ in range(args.tokens):

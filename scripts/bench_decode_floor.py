@@ -7,12 +7,14 @@ Per dtype and round, in turn (the order rotates every round):
 
 * ``kernel floor``: one pass of matrix-vector products over every weight matrix a decode step
   reads (fused q/k/v, o, gate/up, down per layer, and the lm_head), timed with every kernel of
-  ``llmrun.profiler.bench.gemv_kernels`` in the round and the fastest kept: what no Python-level work
-  around those kernels can beat;
+  ``llmrun.profiler.kernel_floor.gemv_kernels`` in the round and the fastest kept: what no
+  Python-level work around those kernels can beat;
 * ``fast``: ``llmrun.model.executor.decode_step`` on its fast path (``llmrun.model.fastpath``);
 * ``eager``: the same step through the eager layer loop (what the profiler times);
-* ``DRAM floor``: the same weight bytes at the memory bandwidth measured in the same round
-  (the better of a read-only ``sum`` and a ``copy`` counting read + write, over 512 MiB);
+* ``DRAM floor``: the bytes of the weights a decode step reads (the cost model's
+  ``decode_weight_bytes``: these matrices plus the norms and one embedding row) at the memory
+  bandwidth measured in the same round (the better of a read-only ``sum`` and a ``copy``
+  counting read + write, over 512 MiB);
 * ``int8 floor`` (bf16 only, for information): the same pass with the weights quantized to int8
   per output row, through ``torch._weight_int8pack_mm`` with bf16 activations: what int8 weights
   would bring (another precision, so no ratio is taken against it).
@@ -35,7 +37,8 @@ from llmrun.devices import DTYPES
 from llmrun.loading.loader import load_model
 from llmrun.loading.sources import resolve_model
 from llmrun.model.executor import decode_step, make_cache, prefill
-from llmrun.profiler.bench import decode_matrices, gemv_kernels, weight_bytes
+from llmrun.profiler.costs import decode_weight_bytes
+from llmrun.profiler.kernel_floor import decode_matrices, gemv_kernels
 
 
 def bandwidth(buffer: torch.Tensor, scratch: torch.Tensor) -> float:
@@ -71,7 +74,7 @@ def int8_pass(model, tokens: int):
 
 def measure(model_dir: Path, dtype: str, args: argparse.Namespace) -> dict:
     model = load_model(model_dir, torch.device("cpu"), DTYPES[dtype], progress=False)
-    nbytes = weight_bytes(model)
+    nbytes = decode_weight_bytes(model.args, DTYPES[dtype].itemsize)
     kernels = {name: build() for name, build in gemv_kernels(model, 1).items()}  # every copy at once
     context = args.context + args.tokens * (args.warmup + args.rounds) * 2 + 1
     caches = {"fast": make_cache(model, 1, context), "eager": make_cache(model, 1, context)}

@@ -15,7 +15,7 @@ Runners, each in its own worker process (its own thread pool), on SmolLM2-135M-I
   written from the Q4_1 source GGUF by dequantizing every tensor (which is also what the llmrun
   import does) into ``$LLMRUN_HOME/peers/``. Checked: its greedy tokens equal llmrun's fp32 ones.
 * ``floor``: one pass of matrix-vector products over all weights per token
-  (``llmrun.profiler.bench.gemv_floor``'s fastest kernel): decode's kernel floor, no model around it.
+  (``llmrun.profiler.kernel_floor.gemv_floor``'s fastest kernel): decode's kernel floor, no model around it.
 
 Workloads, identical for every runner: ``pp N`` = one forward over N random prompt tokens from an
 empty cache, logits of the last position only; ``tg N`` = N greedy steps of one token from an empty
@@ -148,7 +148,7 @@ class FloorWorker:
 
         from llmrun.devices import DTYPES
         from llmrun.loading.loader import load_model
-        from llmrun.profiler.bench import gemv_floor, gemv_kernels
+        from llmrun.profiler.kernel_floor import gemv_floor, gemv_kernels
 
         torch.set_num_threads(threads)
         self.torch = torch

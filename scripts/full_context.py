@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmrun.model.config import ModelArgs
+from llmrun.loading.loader import read_model_args
 
 
 def main() -> int:
@@ -46,7 +46,7 @@ def main() -> int:
         print(f"FAIL: exit code {proc.returncode}\n{proc.stderr}", file=sys.stderr)
         return 1
     result = json.loads(proc.stdout)
-    context = ModelArgs.from_json(Path(result["model_dir"]) / "config.json").context_length
+    context = read_model_args(Path(result["model_dir"]) / "config.json").context_length
     total = result["prompt_tokens"] + result["generated_tokens"]
     print(
         f"model {result['model']} on {result['device']} ({result['dtype']}), context {context} tokens: "

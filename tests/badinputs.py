@@ -660,7 +660,7 @@ def _(model: Path, tmp: Path) -> list[str]:
     return ["import-gguf", str(tmp / "nope.gguf"), str(tmp / "out")]
 
 
-@case("gguf-truncated-as-model", 2, r"is not a readable GGUF file \(truncated or corrupt", outputs=("home/models/bad",))
+@case("gguf-truncated-as-model", 2, r"is not a readable GGUF file \(truncated or corrupt", outputs=("home/models",))
 def _(model: Path, tmp: Path) -> list[str]:
     raw = write_gguf(tmp / "good.gguf").read_bytes()
     (tmp / "bad.gguf").write_bytes(raw[: len(raw) - 512])
@@ -673,7 +673,7 @@ def _(model: Path, tmp: Path) -> list[str]:
     return ["import-gguf", str(tmp / "gemma.gguf"), str(tmp / "out")]
 
 
-@case("gguf-out-dir-occupied", 2, r"out already exists and is not empty; use --overwrite")
+@case("gguf-out-dir-occupied", 2, r"out already exists and is not empty, and it is not a directory llmrun imported")
 def _(model: Path, tmp: Path) -> list[str]:
     write_gguf(tmp / "good.gguf")
     (tmp / "out").mkdir()
@@ -681,7 +681,49 @@ def _(model: Path, tmp: Path) -> list[str]:
     return ["import-gguf", str(tmp / "good.gguf"), str(tmp / "out")]
 
 
-@case("gguf-bad-dtype", 2, r"--dtype 'int8' is not supported here; use fp32, bf16 or fp16", outputs=("out",))
+@case(
+    "gguf-overwrite-a-directory-of-notes", 2, r"out already exists and is not empty, and it is not a directory llmrun"
+)
+def _(model: Path, tmp: Path) -> list[str]:
+    write_gguf(tmp / "good.gguf")
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("mine")
+    return ["import-gguf", str(tmp / "good.gguf"), str(tmp / "out"), "--overwrite"]
+
+
+@case("gguf-overwrite-a-file", 2, r"out exists and is a file or a link, not a directory; an import never replaces it")
+def _(model: Path, tmp: Path) -> list[str]:
+    write_gguf(tmp / "good.gguf")
+    (tmp / "out").write_text("mine")
+    return ["import-gguf", str(tmp / "good.gguf"), str(tmp / "out"), "--overwrite"]
+
+
+@case("gguf-out-dir-holds-an-import", 2, r"out already holds an earlier import; pass --overwrite to replace it")
+def _(model: Path, tmp: Path) -> list[str]:
+    from llmrun.loading.gguf import import_gguf
+
+    import_gguf(write_gguf(tmp / "good.gguf"), tmp / "out", progress=False)
+    return ["import-gguf", str(tmp / "good.gguf"), str(tmp / "out")]
+
+
+@case("gguf-is-a-directory", 2, r"dir\.gguf is a directory, not a GGUF file", outputs=("out",))
+def _(model: Path, tmp: Path) -> list[str]:
+    (tmp / "dir.gguf").mkdir()
+    return ["import-gguf", str(tmp / "dir.gguf"), str(tmp / "out")]
+
+
+@case("gguf-cache-dir-occupied", 2, r"models/good-[0-9a-f]{12} already exists and is not empty, and it is not a dir")
+def _(model: Path, tmp: Path) -> list[str]:
+    from llmrun.loading.sources import imported_dir
+
+    gguf_file = write_gguf(tmp / "good.gguf")
+    occupied = tmp / "home" / "models" / imported_dir("good", str(gguf_file.resolve())).name
+    occupied.mkdir(parents=True)
+    (occupied / "keep.txt").write_text("mine")
+    return gen(gguf_file)
+
+
+@case("gguf-bad-dtype", 2, r"Unsupported dtype 'int8' for a GGUF import; use fp32, bf16 or fp16", outputs=("out",))
 def _(model: Path, tmp: Path) -> list[str]:
     return ["import-gguf", str(write_gguf(tmp / "good.gguf")), str(tmp / "out"), "--dtype", "int8"]
 
@@ -732,6 +774,28 @@ def _(model: Path, tmp: Path) -> list[str]:
 @case("profile-fail-under-unknown-metric", 2, r"--fail-under 'speed=0\.5': expected .*METRIC=FRACTION")
 def _(model: Path, tmp: Path) -> list[str]:
     return ["profile", "--model", str(model), "--device", "cpu", "--fail-under", "speed=0.5"]
+
+
+# --- more memory than there is (refused before allocating, from the shapes)
+
+
+@case(
+    "memory-weights-of-100000-layers",
+    2,
+    r"not enough memory on the CPU for random weights in fp32: it needs [\d.]+ TiB",
+)
+def _(model: Path, tmp: Path) -> list[str]:
+    _config(model, num_hidden_layers=100000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32)
+    return [*gen(model), "--random-weights"]
+
+
+@case(
+    "memory-kv-cache-of-a-huge-batch",
+    2,
+    r"not enough memory on the CPU for pp16 at batch 10000000 \(KV cache and activations\)",
+)
+def _(model: Path, tmp: Path) -> list[str]:
+    return ["bench", "--model", str(model), "--device", "cpu", "-p", "16", "-n", "0", "-r", "1", "-b", "10000000"]
 
 
 def check_one_line(stderr: str, message: str) -> str:

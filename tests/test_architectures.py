@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from llmrun.cli.app import run
 from llmrun.generation.perplexity import windows
-from llmrun.loading.loader import load_model
+from llmrun.loading.loader import load_model, read_model_args
 from llmrun.model.executor import decode_step, forward, make_cache, prefill
 
 ATOL = 1e-3
@@ -162,7 +162,7 @@ def test_the_features_under_test_are_active(tmp_path):
     sharded = save_wide(tmp_path / "s", "llama", **CASES["llama3.1-sharded"][1])
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 3
-    args = ModelArgs.from_json(sharded / "config.json")
+    args = read_model_args(sharded / "config.json")
     assert args.rope_type == "llama3" and args.rope_theta == 500000.0  # from transformers 5's rope_parameters
     mistral = load_model(save_wide(tmp_path / "m", "mistral", sliding_window=8), torch.device("cpu"), torch.float32)
     assert [b.self_attn.window for b in mistral.model.layers] == [8, 8]

@@ -11,20 +11,20 @@ import pytest
 import torch
 
 from llmrun.cli.app import run
+from llmrun.cli.bench import parse_pairs
 from llmrun.errors import LlmrunError
-from llmrun.loading.loader import load_model
-from llmrun.profiler.bench import (
-    BenchTest,
-    bound_s,
-    gemv_floor,
-    gemv_kernels,
-    parse_pairs,
-    plan_tests,
-    render,
-    row_cost,
-)
+from llmrun.loading.loader import load_model, read_model_args
+from llmrun.model.fastpath.gemv import PRODUCTS
+from llmrun.profiler.bench.plan import BenchTest, plan_tests
+from llmrun.profiler.bench.render import render
+from llmrun.profiler.bench.run import BenchReport, phase_costs, speed_of_light
+from llmrun.profiler.costs import Widths, decode_weight_bytes
+from llmrun.profiler.kernel_floor import fastest_gemv, gemv_floor, gemv_kernels
+from llmrun.profiler.roofs import Roofs
 
-ROOFS = ["--peak-flops", "1e11", "--peak-bandwidth", "2e10"]  # fixed roofs: nothing is measured in the tests
+# Fixed roofs, so nothing is measured in the tests. Their ridge (1 FLOP/byte) lies between the tiny
+# model's fp32 prefill of 8 or 16 tokens (2.4 and 3.8 FLOP/byte: compute binds) and its decode (0.5).
+ROOFS = ["--peak-flops", "1e11", "--peak-bandwidth", "1e11"]
 ENV_FIELDS = {
     "llmrun_version",
     "git_commit",
@@ -84,7 +84,8 @@ def test_json_has_the_documented_fields(capsys, tiny_dir):
     assert set(report["env"]) >= ENV_FIELDS
     assert report["env"]["threads"] == torch.get_num_threads() and report["env"]["dtype"] == "fp32"
     assert report["env"]["fast_path"] is True
-    assert report["roofs"] == {"peak_flops": 1e11, "peak_bytes_per_s": 2e10, "source": "override"}
+    assert report["roofs"] == {"peak_flops": 1e11, "peak_bytes_per_s": 1e11, "source": "override"}
+    assert report["env"]["weight_bytes"] == decode_weight_bytes(read_model_args(tiny_dir / "config.json"), 4)
     rows = report["rows"]
     assert [(r["test"], r["batch"]) for r in rows] == [
         ("pp16", 1),
@@ -166,14 +167,25 @@ def test_plan_and_bounds(tiny_dir):
     assert [t.name for t in tests] == ["pp512", "tg128", "pp512+tg128"]
     with pytest.raises(LlmrunError):
         parse_pairs(["1,2,3"], "-pg")
-    model = load_model(tiny_dir, torch.device("cpu"), torch.float32, progress=False)
+    args = read_model_args(tiny_dir / "config.json")
+    widths = Widths.uniform(4)
     pp, tg, both = BenchTest(16, 0), BenchTest(0, 8), BenchTest(16, 8)
-    flops, _, _ = row_cost(model, pp)
-    pp_s, kind = bound_s(model, pp, 1e11, 2e10)
-    assert kind == "mfu" and pp_s == pytest.approx(flops / 1e11)
-    tg_s, kind = bound_s(model, tg, 1e11, 2e10)
-    assert kind == "mbu" and tg_s == pytest.approx(row_cost(model, tg)[1] / 2e10)
-    assert bound_s(model, both, 1e11, 2e10)[0] > pp_s
+    (pp_cost,) = phase_costs(args, pp, widths)
+    (tg_cost,) = phase_costs(args, tg, widths)
+    low, high = Roofs(1e11, 1e11, "test"), Roofs(1e11, 2e10, "test")  # ridge 1 and 5 FLOP/byte
+    # One phase: the slower roof is the bound, and the fraction is named after it.
+    assert speed_of_light([pp_cost], low) == (pp_cost.flops / 1e11, "mfu")
+    assert speed_of_light([pp_cost], high) == (pp_cost.bytes / 2e10, "mbu")  # 3.8 FLOP/byte < 5
+    assert speed_of_light([tg_cost], low) == (tg_cost.bytes / 1e11, "mbu")
+    # pp+tg: the bounds of its two phases (the decode after the prompt) add up.
+    pp_part, tg_part = phase_costs(args, both, widths)
+    assert pp_part == pp_cost and tg_part.bytes > tg_cost.bytes  # decode attends to the prompt too
+    seconds, kind = speed_of_light([pp_part, tg_part], low)
+    assert kind == "sol" and seconds == pytest.approx(pp_cost.flops / 1e11 + tg_part.bytes / 1e11)
+
+
+def test_kernel_floor_and_fastest_gemv(tiny_dir):
+    model = load_model(tiny_dir, torch.device("cpu"), torch.float32, progress=False)
     seconds, kernel = gemv_floor(model, 1, repeats=2)
     kernels = {
         "torch.mm",
@@ -185,10 +197,11 @@ def test_plan_and_bounds(tiny_dir):
     }
     assert seconds > 0 and kernel in kernels
     assert set(gemv_kernels(model, 1)) <= kernels
+    name, by_kernel = fastest_gemv(model, 2, repeats=2)
+    assert "mm" in by_kernel and set(by_kernel) <= set(PRODUCTS)
+    assert by_kernel[name] == min(by_kernel.values()) > 0
 
 
 def test_render_rejects_unknown_format():
-    from llmrun.profiler.bench import BenchReport
-
     with pytest.raises(LlmrunError):
-        render(BenchReport({}, {}), "xml")
+        render(BenchReport({}, Roofs(1e11, 1e11, "test")), "xml")

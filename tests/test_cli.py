@@ -74,6 +74,8 @@ def test_stop_string_ends_generation(smollm2_dir, capsys):
     result = json.loads(capsys.readouterr().out)
     assert code == 0
     assert result["finish_reason"] == "stop" and "5" not in result["text"] and "4" in result["text"]
+    # the statistics are read at the stop string, before the token generator is finalised
+    assert result["generated_tokens"] > 2 and result["decode_s"] > 0 and result["decode_tok_s"] > 0
 
 
 @pytest.mark.slow
@@ -112,3 +114,15 @@ def test_cuda_without_gpu_is_refused(capsys):
         pytest.skip("a GPU is present")
     assert run(["generate", "hi", "--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_version_and_short_help(capsys):
+    import llmrun
+
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"llmrun {llmrun.__version__}"
+    for command in ("generate", "chat", "perplexity", "info", "profile", "bench", "compare", "peaks"):
+        assert run([command, "-h"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"Usage: llmrun {command}"), out[:200]
+        assert f"Examples:\n\n  llmrun {command}" in out  # the module docstring's examples, unwrapped

@@ -80,11 +80,15 @@ def test_compare_cli(files, capsys):
 def test_compare_cli_bad_files(files, tmp_path, capsys):
     good = files("a.json", report())
     assert run(["compare", good, str(tmp_path / "missing.json")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing.json is missing: write one with llmrun profile --format json" in err and err.count("\n") == 1
     assert run(["compare", good, files("x.json", {"text": "hi"})]) == 2
     assert "not a profile report" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{")
     assert run(["compare", good, str(tmp_path / "bad.json")]) == 2
+    assert "is not a JSON profile report" in capsys.readouterr().err
+    assert run(["compare", good, files("l.json", {"runs": [1]})]) == 2
+    assert "a run lacks phase" in capsys.readouterr().err
     other = report()
     for r in other["runs"]:
         r["batch"] = 8

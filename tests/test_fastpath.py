@@ -12,11 +12,11 @@ import helpers
 import pytest
 import torch
 
-from llmrun.loading.loader import load_model
+from llmrun.loading.loader import load_model, read_model_args
 from llmrun.loading.presets import random_model
 from llmrun.model.config import ModelArgs
-from llmrun.model.executor import decode_step, make_cache, prefill, static_decoder
-from llmrun.model.fastpath import StaticDecoder
+from llmrun.model.executor import decode_step, make_cache, prefill
+from llmrun.model.fastpath import CpuDecoder, StaticDecoder, fast_decoder
 from llmrun.model.transformer import Transformer, fuse_projections
 
 CASES = {
@@ -87,11 +87,9 @@ def test_fast_decode_in_bf16_is_as_close_to_fp32_as_eager(tiny_factory, monkeypa
 def test_fusion_keeps_parameters_names_and_values(tiny_factory):
     from safetensors.torch import load_file
 
-    from llmrun.model.config import ModelArgs
-
     path = tiny_factory("qwen2", num_key_value_heads=2)
     with torch.device("meta"):
-        plain = Transformer(ModelArgs.from_json(path / "config.json"))
+        plain = Transformer(read_model_args(path / "config.json"))
     model = load_model(path, torch.device("cpu"), torch.float32, progress=False)
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
@@ -136,7 +134,7 @@ def test_decode_reuses_the_static_cache_and_buffers(tiny_factory):
     second = decode_step(model, torch.tensor([5]), cache, copy=False)
     assert first.data_ptr() == second.data_ptr()  # the decoder's own logits buffer, overwritten each step
     assert [(layer.k.data_ptr(), layer.v.data_ptr()) for layer in cache.layers] == pointers
-    assert static_decoder(model, cache) is cache.decoder
+    assert fast_decoder(model, cache) is cache.decoder
 
 
 def _fill_to(model, cache, token: torch.Tensor, length: int) -> None:
@@ -176,21 +174,39 @@ def test_fp32_decode_step_allocates_nothing_on_cpu(tiny_factory, monkeypatch, ca
 
 
 @pytest.mark.parametrize("case", ["llama-gqa", "mistral-window", "qwen2-bias"])
-def test_fp32_default_step_allocates_only_onednn_scratchpads(tiny_factory, monkeypatch, case):
-    """The CPU default in fp32 (oneDNN's convolution, accumulating in place) writes every product into
-    llmrun's buffers: what a step still allocates is oneDNN's scratchpad, at most one per product."""
+def test_fp32_conv_step_allocates_only_onednn_scratchpads(tiny_factory, monkeypatch, case):
+    """oneDNN's convolution in fp32 (accumulating in place) writes every product into llmrun's buffers:
+    what a step still allocates is oneDNN's scratchpad, at most one per product."""
     monkeypatch.delenv("LLMRUN_CPU_GEMV", raising=False)
     model_type, overrides = CASES[case]
     model = load_model(tiny_factory(model_type, **overrides), torch.device("cpu"), torch.float32, progress=False)
+    model.decode_gemv = "conv"  # as if measured the fastest here
     cache = make_cache(model, 1, 32)
     token = torch.tensor([7])
     prefill(model, torch.tensor([[1, 2, 3, 4]]), cache)
     decode_step(model, token, cache, copy=False)
-    assert static_decoder(model, cache).gemv == "conv"
+    assert fast_decoder(model, cache).gemv == "conv"
     products = 4 * model.args.num_hidden_layers + 1  # q/k/v, o, gate/up, down per layer; the lm_head
     for length in (5, 12):
         _fill_to(model, cache, token, length)
         assert _allocations(lambda: decode_step(model, token, cache, copy=False)) <= products
+
+
+def test_cpu_step_runs_small_ops_on_one_thread_and_restores_the_count(tiny_factory):
+    model = load_model(tiny_factory("llama", num_key_value_heads=2), torch.device("cpu"), torch.float32, progress=False)
+    cache = make_cache(model, 1, 8)
+    decoder = fast_decoder(model, cache)
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        decoder.products._product = lambda *args: seen.append(torch.get_num_threads())  # a product: on all threads
+        decoder._norm = lambda *args: seen.append(torch.get_num_threads())  # a small op: on one
+        decoder.step(torch.tensor([1]))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen[:3] == [1, 2, 1]  # attention norm, q/k/v product, MLP norm
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -201,8 +217,8 @@ def test_static_shape_step_equals_eager(compiled):
     eager = _decode_logits(model, tokens, 4, fast=False)
     cache = make_cache(model, 2, 24)
     prefill(model, tokens[:, :4], cache)
-    decoder = StaticDecoder(model, cache, graph=False, compile=compiled, static=True)
-    assert decoder.static and decoder.compiled == compiled, decoder.compile_error
+    decoder = StaticDecoder(model, cache, graph=False, compile=compiled)
+    assert decoder.compiled == compiled, decoder.compile_error
     steps = [decoder.step(tokens[:, pos]).clone() for pos in range(4, 24)]
     torch.testing.assert_close(torch.stack(steps, dim=1), eager, atol=1e-5, rtol=0)
 
@@ -212,8 +228,8 @@ def test_dynamic_rope_past_the_trained_context_falls_back_to_eager(tiny_factory)
         "llama", num_key_value_heads=2, max_position_embeddings=16, rope_scaling=dict(rope_type="dynamic", factor=2.0)
     )
     model = load_model(path, torch.device("cpu"), torch.float32, progress=False)
-    assert static_decoder(model, make_cache(model, 1, 40)) is None
-    assert isinstance(static_decoder(model, make_cache(model, 1, 16)), StaticDecoder)
+    assert fast_decoder(model, make_cache(model, 1, 40)) is None
+    assert isinstance(fast_decoder(model, make_cache(model, 1, 16)), CpuDecoder)
     tokens = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(
         _decode_logits(model, tokens, 4, fast=True), _decode_logits(model, tokens, 4, fast=False), atol=0, rtol=0
@@ -254,7 +270,7 @@ def test_cuda_graph_decode_equals_eager_and_allocates_nothing(monkeypatch, dtype
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(fast, eager, atol=tol, rtol=0)
     cache = make_cache(model, 2, 24)
-    decoder = static_decoder(model, cache)
+    decoder = fast_decoder(model, cache)
     assert decoder is not None and decoder.graphed and decoder.compiled == compiled, decoder.compile_error
     decode_step(model, tokens[:, 0], cache, copy=False)
     torch.cuda.synchronize()

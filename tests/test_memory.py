@@ -22,3 +22,22 @@ def test_fp32_load_peak_memory_under_1_5x_weights(smollm2_dir):
     assert result["weight_bytes"] > 500e6  # 134.5 M parameters x 4 bytes
     # Growth of peak RSS across load + one forward pass (which touches every weight page).
     assert result["ratio"] < 1.5, result
+
+
+def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path):
+    """A config of 100000 layers (over a TiB in fp32) is one line, exit 2, and the process stays small."""
+    config = json.loads((Path(__file__).resolve().parents[1] / "configs/models/smollm2-135m.json").read_text())
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 100000}))
+    code = (
+        "import resource, sys\n"
+        "from llmrun.cli.app import run\n"
+        "code = run(sys.argv[1:])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    args = ["generate", "hi", "-m", str(tmp_path / "big"), "--random-weights", "--device", "cpu", "-n", "2"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    message, peak = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "not enough memory on the CPU" in message
+    assert int(peak) < 1 * 2**30  # torch and the CLI, nothing of the 1.3 TiB asked for

@@ -85,3 +85,24 @@ def test_batch_of_two_equals_two_single_runs(tiny_factory):
     for row in range(2):
         single = _prefill_then_decode(model, tokens[row : row + 1], 6)
         torch.testing.assert_close(both[row : row + 1], single, atol=1e-5, rtol=0)
+
+
+def test_cache_fill_trim_and_reset(tiny_factory):
+    """The cache's ``length`` places new tokens: trimming back to a shared prefix and going on equals
+    a fresh run, a reset cache equals a new one, and tokens past the capacity are refused."""
+    model = load_model(tiny_factory("llama", num_key_value_heads=2), torch.device("cpu"), torch.float32, progress=False)
+    tokens = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(5))
+    other = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(6))
+    cache = make_cache(model, 1, 16)
+    prefill(model, tokens[:, :10], cache)
+    assert (cache.length, cache.free) == (10, 6)
+    cache.trim(4)  # keep the first 4 positions, continue with other tokens
+    assert cache.length == 4
+    continued = prefill(model, other, cache)
+    expected = forward(model, torch.cat([tokens[:, :4], other], dim=1))[:, -1]
+    torch.testing.assert_close(continued, expected, atol=1e-5, rtol=0)
+    cache.reset()
+    torch.testing.assert_close(prefill(model, tokens, cache), forward(model, tokens)[:, -1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        decode_step(model, tokens[:, 0], cache, fast=False)
+    assert cache.length == 16  # a refused step changes nothing

@@ -14,7 +14,7 @@ import pytest
 import llmrun
 from llmrun.loading.presets import presets_dir
 from llmrun.paths import configs_dir
-from llmrun.profiler.hardware import table_path
+from llmrun.profiler.roofs import table_path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(llmrun.__file__).parent
@@ -60,7 +60,7 @@ def test_a_wheel_carries_the_configs_and_its_install_finds_them(tmp_path):
     env["PYTHONPATH"] = str(site)  # ahead of the editable install of the checkout
     probe = (
         "import llmrun; from llmrun.loading.presets import load_preset, preset_names; "
-        "from llmrun.profiler.hardware import load_table; "
+        "from llmrun.profiler.roofs import load_table; "
         "print(llmrun.__file__); print(len(preset_names())); "
         "print(load_preset('preset:llama-3.1-8b').args.hidden_size); print(len(load_table()))"
     )

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from llmrun.cli.app import run
-from llmrun.loading.presets import CPU_BLOCK, ByteTokenizer, load_preset, preset_names, presets_dir, random_model
-from llmrun.profiler.modelinfo import parameter_counts
+from llmrun.generation.byte_tokenizer import ByteTokenizer
+from llmrun.loading.presets import CPU_BLOCK, load_preset, preset_names, presets_dir, random_model
+from llmrun.model.memory import parameter_counts
 
 # Published parameter counts (model cards; Mistral and SmolLM2 from their safetensors sizes).
 PUBLISHED = {
@@ -128,3 +129,18 @@ def test_byte_tokenizer_round_trips_and_streams():
     assert "".join(pieces) == text
     assert "" in pieces  # the llama's four bytes are held back until complete
     assert not tok.has_chat_template and tok.eos_ids == frozenset()
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "qwen2.5-7b", "mistral-7b-v0.1", "smollm2-135m"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_parameter_counts_by_shape_equal_the_modules(name, bias):
+    """``parameter_counts`` (closed form, no modules) counts exactly the parameters ``Transformer`` builds."""
+    import dataclasses
+
+    from llmrun.model.transformer import Transformer
+
+    args = load_preset(name).args
+    args = dataclasses.replace(args, num_hidden_layers=2, attention_bias=bias or args.attention_bias, mlp_bias=bias)
+    with torch.device("meta"):
+        model = Transformer(args)
+    assert parameter_counts(args).total == sum(p.numel() for p in model.parameters())

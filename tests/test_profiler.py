@@ -13,6 +13,7 @@ import torch
 
 from llmrun.cli.app import run
 from llmrun.errors import LlmrunError
+from llmrun.loading.loader import read_model_args
 from llmrun.loading.presets import random_model
 from llmrun.model.config import ModelArgs
 from llmrun.model.executor import decode_step, make_cache, prefill
@@ -21,8 +22,9 @@ from llmrun.model.transformer import Transformer
 from llmrun.profiler import costs as C
 from llmrun.profiler import report as R
 from llmrun.profiler import roofline
-from llmrun.profiler.hardware import Roofs
 from llmrun.profiler.measure import PhaseTiming, measure_config
+from llmrun.profiler.profile import ProfileSettings, run_profile
+from llmrun.profiler.roofs import Roofs
 from llmrun.profiler.schema import SCHEMA, schema_text
 from llmrun.profiler.timers import OpTimer, StepTiming
 
@@ -125,12 +127,34 @@ def test_smollm2_decode_matmuls_are_memory_bound_and_prefill_512_compute_bound(s
 
     measured = peaks.measure(torch.device("cpu"), ("fp32",), repeats=3)
     roofs = Roofs(measured.flops["fp32"], measured.bytes_per_s, "measured", [])
-    args = ModelArgs.from_json(smollm2_dir / "config.json")
+    args = read_model_args(smollm2_dir / "config.json")
     layer_matmuls = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
     decode = _bounds(args, "decode", 512, roofs)
     prefill_ = _bounds(args, "prefill", 512, roofs)
     assert all(decode[op] == "memory" for op in (*layer_matmuls, "lm_head")), (roofs.ridge, decode)
     assert all(prefill_[op] == "compute" for op in layer_matmuls), (roofs.ridge, prefill_)
+
+
+def test_run_profile_on_a_loaded_model():
+    model = tiny_model()
+    settings = ProfileSettings(
+        prompt_lens=(4, 6), decode_tokens=2, repeats=1, warmup=0, peak_flops=1e11, peak_bandwidth=2e10
+    )
+    steps = []
+    report = run_profile(model, "tiny", settings, on_step=lambda: steps.append(1))
+    assert len(steps) == settings.steps == 2 * 3
+    assert (report["model"], report["dtype"], report["device"]["kind"]) == ("tiny", "fp32", "cpu")
+    assert report["roofs"]["source"] == "override"
+    assert report["settings"]["prompt_lens"] == [4, 6] and report["settings"]["threads"] == torch.get_num_threads()
+    assert [(r["phase"], r["prompt_len"]) for r in report["runs"]] == [
+        ("prefill", 4),
+        ("prefill", 6),
+        ("decode", 4),
+        ("decode", 6),
+    ]
+    too_long = ProfileSettings(prompt_lens=(4, 127), decode_tokens=2, peak_flops=1e11, peak_bandwidth=2e10)
+    with pytest.raises(LlmrunError, match="--prompt-len 127 plus --decode-tokens 2 exceeds the model's context"):
+        run_profile(model, "tiny", too_long, on_step=lambda: pytest.fail("measured before checking the context"))
 
 
 @pytest.fixture

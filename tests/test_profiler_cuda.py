@@ -19,7 +19,8 @@ from llmrun.model.config import ModelArgs
 from llmrun.model.executor import decode_step, make_cache, prefill
 from llmrun.model.probe import LAYER_OPS, Probe
 from llmrun.profiler import costs as C
-from llmrun.profiler import hardware, peaks
+from llmrun.profiler import peaks
+from llmrun.profiler.roofs import nvml_roof, spec_roof
 from llmrun.profiler.timers import OpTimer
 
 try:
@@ -118,9 +119,9 @@ def test_cuda_linear_flops_match_flop_counter_on_llama31_8b_shapes():
 def test_cuda_peaks_nvml_and_spec_agree():
     cuda = torch.device("cuda")
     measured = peaks.measure(cuda, ("bf16",), repeats=3)
-    nvml = hardware.nvml_roof(cuda)
+    nvml = nvml_roof(cuda)
     assert nvml.peak_bytes_per_s is not None, nvml.note
-    spec = hardware.spec_roof(str(nvml.detail["name"]), "bf16")
+    spec = spec_roof(str(nvml.detail["name"]), "bf16")
     print(
         f"{nvml.detail['name']}: measured bf16 {measured.flops['bf16'] / 1e12:.0f} TFLOP/s, "
         f"{measured.bytes_per_s / 1e12:.2f} TB/s; NVML {nvml.peak_bytes_per_s / 1e12:.2f} TB/s; "

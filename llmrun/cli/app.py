@@ -11,6 +11,7 @@ import sys
 
 import typer
 
+from llmrun import __version__
 from llmrun.cli import bench, chat, compare, generate, import_gguf, info, peaks, perplexity, profile, pull
 from llmrun.errors import LlmrunError, ThresholdMissed
 
@@ -20,17 +21,50 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
 )
-app.command("generate")(generate.generate)
-app.command("chat")(chat.chat)
-app.command("perplexity")(perplexity.perplexity)
-app.command("import-gguf")(import_gguf.import_gguf)
-app.command("info")(info.info)
-app.command("pull")(pull.pull)
-app.command("profile")(profile.profile)
-app.command("peaks")(peaks.peaks)
-app.command("compare")(compare.compare)
-app.command("bench")(bench.bench)
+COMMANDS = {
+    "generate": generate.generate,
+    "chat": chat.chat,
+    "perplexity": perplexity.perplexity,
+    "import-gguf": import_gguf.import_gguf,
+    "info": info.info,
+    "pull": pull.pull,
+    "profile": profile.profile,
+    "peaks": peaks.peaks,
+    "compare": compare.compare,
+    "bench": bench.bench,
+}
+
+
+def _examples(command) -> str | None:
+    """The "Examples:" block of a command module's docstring, for the end of its ``--help``."""
+    doc = sys.modules[command.__module__].__doc__ or ""
+    _, found, rest = doc.partition("Examples:")
+    if not found:
+        return None
+    lines = [line.strip() for line in rest.strip().split("\n\n")[0].splitlines() if line.strip()]
+    return "Examples:\n\n\b\n" + "\n".join(lines)  # \b: click keeps the lines as they are
+
+
+for _name, _command in COMMANDS.items():
+    app.command(_name, epilog=_examples(_command))(_command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"llmrun {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print llmrun's version and exit."
+    ),
+) -> None:
+    """Run Llama-family models from the terminal and profile them against the roofline."""
 
 
 def _fail(message: str, code: int) -> int:

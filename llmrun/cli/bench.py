@@ -10,13 +10,15 @@ Examples:
 
 Each row: mean ± standard deviation of tok/s over the repetitions, the speed of light from the
 device roofs (measured once and cached, as ``llmrun profile`` uses) and the fraction reached:
-MFU for prefill (pp), MBU for decode (tg). ``--eager`` times the plain eager path instead of the
-fast path (preallocated buffers; CUDA graphs on a GPU), whose build time is ``prepare_s``.
+MFU when the compute roof binds (pp, on most devices), MBU when the memory roof binds (tg), SOL
+for pp+tg (docs/roofline.md). ``--eager`` times the plain eager path instead of the fast path
+(preallocated buffers; CUDA graphs on a GPU), whose build time is ``prepare_s``.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Annotated
 
 import typer
@@ -29,8 +31,32 @@ from llmrun.cli.options import (
     RevisionOption,
     ThreadsOption,
     apply_threads,
+    check_at_least,
+    check_positive,
+    parse_int_list,
 )
 from llmrun.errors import LlmrunError
+
+
+def _tests(n_prompt: list[str] | None, n_gen: list[str] | None, pg: list[str] | None, batch: list[str] | None):
+    """The bench tests the -p, -n, -pg and --batch values ask for (llama-bench's defaults: pp512, tg128, batch 1)."""
+    from llmrun.profiler.bench.plan import plan_tests
+
+    prompts = parse_int_list(n_prompt, "-p", minimum=0) if n_prompt is not None else [512]
+    gens = parse_int_list(n_gen, "-n", minimum=0) if n_gen is not None else [128]
+    batches = parse_int_list(batch, "--batch") if batch else [1]
+    return plan_tests(prompts, gens, parse_pairs(pg, "-pg"), batches)
+
+
+def parse_pairs(values: Sequence[str] | None, flag: str) -> list[tuple[int, int]]:
+    """``["512,128"]`` -> [(512, 128)]: a prompt length and a generation length per value."""
+    pairs = []
+    for value in values or ():
+        numbers = parse_int_list(value, flag, minimum=0)
+        if len(numbers) != 2:
+            raise LlmrunError(f"{flag} expects PROMPT,GEN (e.g. 512,128), got {value!r}")
+        pairs.append((numbers[0], numbers[1]))
+    return pairs
 
 
 def bench(
@@ -71,36 +97,45 @@ def bench(
 ) -> None:
     """Benchmark prefill (pp) and decode (tg) throughput against the speed of light."""
     from llmrun.loading.session import open_session
-    from llmrun.profiler.bench import FORMATS, parse_ints, parse_pairs, plan_tests, render, run_bench
+    from llmrun.profiler.bench.plan import check_tests
+    from llmrun.profiler.bench.render import FORMATS, render
+    from llmrun.profiler.bench.run import run_bench
+    from llmrun.profiler.roofs import select_roofs
+    from llmrun.profiler.tuning import tune_decode
 
     if output not in FORMATS:
         raise LlmrunError(f"-o {output!r} is not a format; use one of {', '.join(FORMATS)}")
-    if warmup < 0:
-        raise LlmrunError(f"--warmup must be at least 0, got {warmup}")
-    if repetitions < 1:
-        raise LlmrunError(f"--repetitions must be at least 1, got {repetitions}")
+    check_at_least(warmup, "--warmup", 0)
+    check_at_least(repetitions, "--repetitions", 1)
     apply_threads(threads)
-    for flag, value in (("--peak-flops", peak_flops), ("--peak-bandwidth", peak_bandwidth)):
-        if value is not None and not value > 0:
-            raise LlmrunError(f"{flag} must be a positive number, got {value}")
-    prompts = parse_ints(n_prompt, "-p") if n_prompt is not None else [512]
-    gens = parse_ints(n_gen, "-n") if n_gen is not None else [128]
-    tests = plan_tests(prompts, gens, parse_pairs(pg, "-pg"), parse_ints(batch, "--batch") if batch else [1])
+    check_positive(peak_flops, "--peak-flops")
+    check_positive(peak_bandwidth, "--peak-bandwidth")
+    tests = _tests(n_prompt, n_gen, pg, batch)
     session = open_session(model, device, dtype, revision=revision, random_weights=random_weights, with_tokenizer=False)
+    check_tests(session.model, tests)  # before the roofs are measured
+    roofs = select_roofs(
+        session.device,
+        session.dtype_name,
+        peak_flops=peak_flops,
+        peak_bandwidth=peak_bandwidth,
+        on_measure=lambda name: print(f"measuring the roofs of {name} (once; cached)", file=sys.stderr),
+    )
+    choice = None if eager else tune_decode(session.model)
     report = run_bench(
         session.model,
         tests,
+        roofs,
         model_name=session.name,
         repetitions=repetitions,
         warmup=warmup,
         fast=not eager,
         kernel_floor=kernel_floor,
-        peak_flops=peak_flops,
-        peak_bandwidth=peak_bandwidth,
         on_row=lambda row: print(
             f"{row.test} b{row.batch}: {row.tok_s:.2f} ± {row.tok_s_std:.2f} tok/s "
             f"({row.fraction:.1%} {row.fraction_kind.upper()})",
             file=sys.stderr,
         ),
     )
+    if choice is not None:
+        report.env["cpu_gemv"] = choice.to_json()
     print(render(report, output))

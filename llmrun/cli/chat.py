@@ -29,10 +29,11 @@ from llmrun.cli.options import (
     ThreadsOption,
     TopKOption,
     TopPOption,
-    apply_threads,
 )
-from llmrun.cli.prompts import sampling_flags
+from llmrun.cli.prompts import generation_flags, open_for_generation
 from llmrun.errors import LlmrunError
+
+DEFAULT_CTX_SIZE = 4096  # tokens a chat keeps, at most the model's context
 
 
 def chat(
@@ -52,23 +53,22 @@ def chat(
     threads: ThreadsOption = None,
 ) -> None:
     """Chat with the model in the terminal."""
-    from llmrun.generation.generate import Conversation, GenerationStats, generate_tokens, stream_text
-    from llmrun.generation.generation_config import sampling_params
+    from llmrun.generation.chat import ChatSession
     from llmrun.generation.sampling import Sampler
-    from llmrun.loading.session import open_session
 
-    if max_new_tokens <= 0:
-        raise LlmrunError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    given = sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    apply_threads(threads)
-    session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
+    given = generation_flags(
+        max_new_tokens, threads, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )  # fmt: skip
+    session, sampling = open_for_generation(
+        model, device, dtype, given, revision=revision, random_weights=random_weights
+    )
     tokenizer = session.tokenizer
     if not tokenizer.has_chat_template:
         raise LlmrunError(f"{session.name} has no chat template; use 'llmrun generate --no-chat' instead")
-    sampler = Sampler(sampling_params(given, session.model_dir), session.device)
-    conversation = Conversation(session.model, session.model.args.context_length)
-    start = [{"role": "system", "content": system}] if system else []
-    messages = list(start)
+    sampler = Sampler(sampling, session.device)
+    ctx_size = min(session.model.args.context_length, DEFAULT_CTX_SIZE)
+    chat_session = ChatSession(session.model, tokenizer, ctx_size, max_new_tokens, system)
     print("llmrun chat: /reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
     while True:
         try:
@@ -79,33 +79,50 @@ def chat(
         if line.strip() in ("/exit", "/quit"):
             return
         if line.strip() == "/reset":
-            messages = list(start)
+            chat_session.reset()
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
-        ids = tokenizer.encode_chat(messages)
-        stats = GenerationStats()
-        tokens = generate_tokens(
-            session.model,
-            ids,
-            sampler,
-            max_new_tokens=max_new_tokens,
-            stop_ids=tokenizer.eos_ids,
-            stats=stats,
-            conversation=conversation,
-        )
-        answer = []
         try:
-            for chunk in stream_text(tokens, tokenizer.stream_decoder(), (), stats):
-                answer.append(chunk)
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            stats.finish_reason = "interrupted"
-        print()
-        messages.append({"role": "assistant", "content": "".join(answer)})
-        print(
-            f"[{stats.generated_tokens} tok, {stats.decode_tok_s:.1f} tok/s, {stats.reused_tokens} cached prompt tok]",
-            file=sys.stderr,
-        )
+            prompt = chat_session.prompt(line)
+        except LlmrunError as exc:  # this message does not fit; the conversation goes on without it
+            print(f"llmrun: error: {exc}", file=sys.stderr)
+            continue
+        if prompt.dropped_turns:
+            print(
+                f"llmrun: the conversation filled the {ctx_size}-token context; "
+                f"dropped the {prompt.dropped_turns} oldest turn(s)",
+                file=sys.stderr,
+            )
+        _answer(session, chat_session, prompt.ids, sampler, max_new_tokens)
+
+
+def _answer(session, chat_session, ids: list[int], sampler, max_new_tokens: int) -> None:
+    """Stream the model's answer to ``ids``, record it in the conversation, and print the turn's statistics."""
+    from llmrun.generation.generate import GenerationStats, generate_tokens, stream_text
+
+    tokenizer = session.tokenizer
+    stats = GenerationStats()
+    tokens = generate_tokens(
+        session.model,
+        ids,
+        sampler,
+        max_new_tokens=max_new_tokens,
+        stop_ids=tokenizer.eos_ids,
+        stats=stats,
+        conversation=chat_session.conversation,
+    )
+    answer = []
+    try:
+        for chunk in stream_text(tokens, tokenizer.stream_decoder(), (), stats):
+            answer.append(chunk)
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stats.finish_reason = "interrupted"
+    print()
+    chat_session.answered("".join(answer))
+    print(
+        f"[{stats.generated_tokens} tok, {stats.decode_tok_s:.1f} tok/s, {stats.reused_tokens} cached prompt tok]",
+        file=sys.stderr,
+    )

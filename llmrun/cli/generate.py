@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -30,10 +31,8 @@ from llmrun.cli.options import (
     ThreadsOption,
     TopKOption,
     TopPOption,
-    apply_threads,
 )
-from llmrun.cli.prompts import PromptSettings, build_prompt, read_prompt, sampling_flags
-from llmrun.errors import LlmrunError
+from llmrun.cli.prompts import check_utf8, generation_flags, open_for_generation, read_prompt
 
 if TYPE_CHECKING:
     from llmrun.generation.sampling import SamplingParams
@@ -70,20 +69,20 @@ def generate(
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; statistics go to stderr."""
     from llmrun.generation.generate import GenerationStats, generate_tokens, stream_text
-    from llmrun.generation.generation_config import sampling_params
+    from llmrun.generation.prompt import PromptSettings, prompt_ids
     from llmrun.generation.sampling import Sampler
-    from llmrun.loading.session import open_session
 
-    if max_new_tokens <= 0:
-        raise LlmrunError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    given = sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    apply_threads(threads)
+    given = generation_flags(
+        max_new_tokens, threads, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )  # fmt: skip
     text = read_prompt(prompt)
-    session = open_session(model, device, dtype, revision=revision, random_weights=random_weights)
-    settings = PromptSettings(chat=chat, system=system, truncate=truncate)
-    ids = build_prompt(session, text, settings, max_new_tokens)
+    session, sampling = open_for_generation(
+        model, device, dtype, given, revision=revision, random_weights=random_weights
+    )
+    settings = PromptSettings(chat=chat, system=check_utf8(system, "--system") if system else None, truncate=truncate)
+    ids = prompt_ids(session.tokenizer, text, settings, session.model.args.context_length, session.name)
     stats = GenerationStats()
-    sampling = sampling_params(given, session.model_dir)
     tokens = generate_tokens(
         session.model,
         ids,
@@ -93,25 +92,38 @@ def generate(
         stats=stats,
     )
     generated: list[int] = []
-    recorded = (generated.append(t) or t for t in tokens)
-    chunks = stream_text(recorded, session.tokenizer.stream_decoder(), stop or (), stats)
-    if as_json:
-        output = "".join(chunks)
-        print(json.dumps(_json_result(session, output, generated, stats, sampling), ensure_ascii=False))
-        return
+    chunks = stream_text(_recorded(tokens, generated), session.tokenizer.stream_decoder(), stop or (), stats)
+    pieces: list[str] = []
     try:
         for chunk in chunks:
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+            pieces.append(chunk)
+            if not as_json:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
     except KeyboardInterrupt:
         stats.finish_reason = "interrupted"
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        _print_stats(stats)
+        _finish(session, "".join(pieces), generated, stats, sampling, as_json)
         raise
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    _print_stats(stats)
+    _finish(session, "".join(pieces), generated, stats, sampling, as_json)
+
+
+def _recorded(tokens: Iterator[int], generated: list[int]) -> Iterator[int]:
+    """``tokens``, each also appended to ``generated``; closing this closes ``tokens`` (its stats end there)."""
+    try:
+        for token in tokens:
+            generated.append(token)
+            yield token
+    finally:
+        tokens.close()
+
+
+def _finish(session, text: str, generated: list[int], stats, sampling: SamplingParams, as_json: bool) -> None:
+    """The JSON object on stdout (``--json``), or the end of the streamed text and the statistics line on stderr."""
+    if as_json:
+        print(json.dumps(_json_result(session, text, generated, stats, sampling), ensure_ascii=False), flush=True)
+    else:
+        print(flush=True)
+        _print_stats(stats)
 
 
 def _json_result(session, text: str, generated: list[int], stats, sampling: SamplingParams) -> dict:

@@ -2,8 +2,10 @@
 
 Only config.json is read (a hub repo is fetched without its weights), so a 70B model's numbers
 come back in a second. Speed of light is the roofline's lower bound on time on the chosen device:
-decode at batch 1 reads every weight once per token (weight bytes ÷ bandwidth), prefill is
-FLOPs ÷ peak; see ``llmrun.profiler.modelinfo``.
+per phase, the slower of FLOPs ÷ peak FLOP/s and bytes ÷ bandwidth, from the profiler's cost
+model (``llmrun.profiler.modelinfo``, docs/roofline.md). The roofs are measured the first time
+on a device without any (once; cached), as ``llmrun profile`` does; a GPU in the spec table uses
+its datasheet figures until measured.
 
 Examples:
 
@@ -15,11 +17,12 @@ Examples:
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import typer
 
-from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RevisionOption
+from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RevisionOption, check_at_least
 from llmrun.errors import LlmrunError
 
 
@@ -35,34 +38,39 @@ def info(
         ),
     ] = None,
     measure: Annotated[
-        bool, typer.Option("--measure", help="Measure this device's roofs first (seconds; cached for later runs).")
+        bool, typer.Option("--measure", help="Measure this device's roofs again (seconds; cached for later runs).")
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Show a model's architecture, sizes and speed-of-light decode/prefill on the current device."""
-    from llmrun.devices import resolve_device, resolve_dtype
+    from llmrun.devices import DTYPE_NAMES, resolve_device, resolve_dtype
+    from llmrun.loading.loader import read_model_args
     from llmrun.loading.presets import is_preset, load_preset
     from llmrun.loading.sources import DEFAULT_MODEL, resolve_model
-    from llmrun.model.config import ModelArgs
-    from llmrun.profiler.modelinfo import device_roofs, model_info
+    from llmrun.profiler.modelinfo import model_info
+    from llmrun.profiler.roofs import device_info, select_roofs
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if prompt_len is not None and prompt_len < 1:
-        raise LlmrunError(f"--prompt-len must be at least 1, got {prompt_len}")
+    if prompt_len is not None:
+        check_at_least(prompt_len, "--prompt-len", 1)
     if is_preset(model):
         preset = load_preset(model)
         args, source = preset.args, preset.source
     else:
         model_dir = resolve_model(model, revision=revision, weights=False)
-        args, source = ModelArgs.from_json(model_dir / "config.json"), str(model_dir)
+        args, source = read_model_args(model_dir / "config.json"), str(model_dir)
     if prompt_len is None:
         prompt_len = min(512, args.context_length)
     elif prompt_len > args.context_length:
         raise LlmrunError(f"--prompt-len {prompt_len} exceeds the model's context of {args.context_length}")
-    result = model_info(
-        args, torch_dtype, device_roofs(torch_device, torch_dtype, measure=measure), prompt_len=prompt_len
+    roofs = select_roofs(
+        torch_device,
+        DTYPE_NAMES[torch_dtype],
+        measure="again" if measure else "fallback",
+        on_measure=lambda name: print(f"measuring the roofs of {name} (once; cached)", file=sys.stderr),
     )
+    result = model_info(args, torch_dtype, roofs, device_info(torch_device), prompt_len=prompt_len)
     fields = {"model": model or DEFAULT_MODEL, "source": source, **result.to_json()}
     if as_json:
         print(json.dumps(fields))

@@ -1,7 +1,8 @@
-"""Option types shared by the commands that load a model."""
+"""Option types shared by the commands that load a model, and the checks of their values."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated
 
 import typer
@@ -85,3 +86,35 @@ def apply_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def parse_int_list(values: str | Sequence[str], flag: str, *, minimum: int = 1) -> list[int]:
+    """``"1,4,16"`` or ``["512,1024", "128"]`` -> [1, 4, 16] or [512, 1024, 128], in order.
+
+    Each comma-separated part must be an integer of at least ``minimum``, and there must be one;
+    otherwise ``LlmrunError`` naming ``flag`` and the value given.
+    """
+    texts = [values] if isinstance(values, str) else list(values)
+    numbers = []
+    for text in texts:
+        for part in filter(None, (p.strip() for p in str(text).split(","))):
+            try:
+                numbers.append(int(part))
+            except ValueError:
+                raise LlmrunError(f"{flag} {text!r}: expected integers separated by commas, e.g. 128,512") from None
+    if not numbers or min(numbers) < minimum:
+        shown = texts[0] if len(texts) == 1 else ",".join(map(str, texts))
+        raise LlmrunError(f"{flag} {shown!r}: give one or more integers of at least {minimum}")
+    return numbers
+
+
+def check_at_least(value: int, flag: str, minimum: int) -> None:
+    """``LlmrunError`` "{flag} must be at least {minimum}, got {value}" unless ``value >= minimum``."""
+    if value < minimum:
+        raise LlmrunError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def check_positive(value: float | None, flag: str) -> None:
+    """``LlmrunError`` "{flag} must be a positive number, got {value}" unless ``value`` is None or above 0."""
+    if value is not None and not value > 0:
+        raise LlmrunError(f"{flag} must be a positive number, got {value}")

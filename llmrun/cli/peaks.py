@@ -28,7 +28,9 @@ def peaks(
         str | None,
         typer.Option("--dtype", help="Also measure these dtypes, e.g. fp16 (default: fp32,bf16 on CPU; all on GPU)."),
     ] = None,
-    refresh: Annotated[bool, typer.Option("--refresh", help="Measure again instead of using the cache.")] = False,
+    refresh: Annotated[
+        bool, typer.Option("--refresh", help="Measure again (the decode kernels too) instead of using the cache.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Measured, spec-sheet and NVML roofs of a device."""
@@ -36,8 +38,9 @@ def peaks(
     from rich.table import Table
 
     from llmrun.devices import resolve_device
-    from llmrun.profiler import hardware
     from llmrun.profiler import peaks as P
+    from llmrun.profiler.roofs import device_info, nvml_roof, spec_roof
+    from llmrun.profiler.tuning import forget as forget_kernel_choices
 
     torch_device = resolve_device(device)
     wanted = tuple(d.strip().lower() for d in (dtype or "").split(",") if d.strip())
@@ -45,17 +48,22 @@ def peaks(
     for name in wanted:
         if name not in allowed:
             raise LlmrunError(f"--dtype {name!r}: on {torch_device.type} use one of {', '.join(allowed)}")
-    if refresh or P.load_cached(torch_device) is None:
-        Console(stderr=True).print(f"measuring {P.device_name(torch_device)}…", highlight=False)
-    measured, _ = P.get(torch_device, wanted, refresh=refresh)
-    nvml = hardware.nvml_roof(torch_device)
+    if refresh:
+        forget_kernel_choices()
+    measured, _ = P.get(
+        torch_device,
+        tuple(dict.fromkeys((*P.default_dtypes(torch_device), *wanted))),
+        refresh=refresh,
+        on_measure=lambda name: Console(stderr=True).print(f"measuring {name}…", highlight=False),
+    )
+    nvml = nvml_roof(torch_device)
     name = str(nvml.detail.get("name", measured.device))
-    specs = {d: hardware.spec_roof(name, d) for d in measured.flops} if torch_device.type == "cuda" else {}
+    specs = {d: spec_roof(name, d) for d in measured.flops} if torch_device.type == "cuda" else {}
     if as_json:
         print(
             json.dumps(
                 {
-                    "device": hardware.device_info(torch_device),
+                    "device": device_info(torch_device),
                     "cache": str(P.cache_path(torch_device)),
                     "measured": measured.to_json(),
                     "spec": {d: r.to_json() for d, r in specs.items()},

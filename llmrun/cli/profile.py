@@ -18,7 +18,7 @@ import io
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -30,8 +30,14 @@ from llmrun.cli.options import (
     RevisionOption,
     ThreadsOption,
     apply_threads,
+    check_at_least,
+    check_positive,
+    parse_int_list,
 )
 from llmrun.errors import LlmrunError, ThresholdMissed
+
+if TYPE_CHECKING:
+    from llmrun.profiler.profile import ProfileSettings
 
 
 class Format(str, Enum):
@@ -49,17 +55,6 @@ class RoofSource(str, Enum):
     measured = "measured"
     spec = "spec"
     nvml = "nvml"
-
-
-def parse_int_list(text: str, flag: str) -> list[int]:
-    """'1,4,16' -> [1, 4, 16], each at least 1; LlmrunError naming ``flag`` otherwise."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise LlmrunError(f"{flag} {text!r}: expected integers separated by commas, e.g. 128,512") from None
-    if not values or min(values) < 1:
-        raise LlmrunError(f"{flag} {text!r}: give one or more integers of at least 1")
-    return list(dict.fromkeys(values))
 
 
 def profile(
@@ -99,14 +94,26 @@ def profile(
     from rich.console import Console
 
     from llmrun.profiler import report as R
+    from llmrun.profiler.profile import ProfileSettings
 
-    prompt_lens = parse_int_list(prompt_len, "--prompt-len")
-    batches = parse_int_list(batch, "--batch")
-    if repeats < 1 or warmup < 0 or decode_tokens < 0:
-        raise LlmrunError("--repeats must be at least 1, --warmup and --decode-tokens at least 0")
-    for flag, value in (("--peak-flops", peak_flops), ("--peak-bandwidth", peak_bandwidth)):
-        if value is not None and not value > 0:
-            raise LlmrunError(f"{flag} must be a positive number, got {value}")
+    settings = ProfileSettings(
+        prompt_lens=tuple(dict.fromkeys(parse_int_list(prompt_len, "--prompt-len"))),
+        batches=tuple(dict.fromkeys(parse_int_list(batch, "--batch"))),
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        warmup=warmup,
+        per_layer=per_layer,
+        seed=seed,
+        roofs=roofs.value,
+        peak_flops=peak_flops,
+        peak_bandwidth=peak_bandwidth,
+        random_weights=random_weights,
+    )
+    check_at_least(repeats, "--repeats", 1)
+    check_at_least(warmup, "--warmup", 0)
+    check_at_least(decode_tokens, "--decode-tokens", 0)
+    check_positive(peak_flops, "--peak-flops")
+    check_positive(peak_bandwidth, "--peak-bandwidth")
     try:
         gates = R.parse_fail_under(fail_under) if fail_under else []
     except ValueError as exc:
@@ -117,23 +124,7 @@ def profile(
         if path is not None and not path.parent.is_dir():  # refuse before minutes of measuring, not after
             raise LlmrunError(f"{flag} {path}: the directory {path.parent} does not exist")
     apply_threads(threads)
-    report = run_profile(
-        model,
-        device,
-        dtype,
-        revision=revision,
-        random_weights=random_weights,
-        prompt_lens=prompt_lens,
-        batches=batches,
-        decode_tokens=decode_tokens,
-        repeats=repeats,
-        warmup=warmup,
-        per_layer=per_layer,
-        roofs=roofs.value,
-        peak_flops=peak_flops,
-        peak_bandwidth=peak_bandwidth,
-        seed=seed,
-    )
+    report = _measure(model, device, dtype, revision, settings)
     _write(report, fmt, output)
     if plot is not None:
         from llmrun.profiler.plot import plot_roofline
@@ -145,86 +136,28 @@ def profile(
         raise ThresholdMissed("; ".join(missed))
 
 
-def run_profile(
-    model: str | None,
-    device: str,
-    dtype: str,
-    *,
-    revision: str | None,
-    random_weights: bool,
-    prompt_lens: list[int],
-    batches: list[int],
-    decode_tokens: int,
-    repeats: int,
-    warmup: int,
-    per_layer: bool,
-    roofs: str,
-    peak_flops: float | None,
-    peak_bandwidth: float | None,
-    seed: int,
-) -> dict:
-    """Load the model, choose the roofs, measure every run, and return the report dict."""
-    import torch
+def _measure(model: str | None, device: str, dtype: str, revision: str | None, settings: ProfileSettings) -> dict:
+    """Open the session, then ``run_profile`` with a progress bar and the roofs note on stderr."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from llmrun.loading.session import open_session
-    from llmrun.profiler import costs as C
-    from llmrun.profiler import hardware, measure, peaks, roofline
-    from llmrun.profiler import report as R
+    from llmrun.profiler.profile import run_profile
 
-    session = open_session(model, device, dtype, revision=revision, random_weights=random_weights, with_tokenizer=False)
-    args = session.model.args
-    for length in prompt_lens:
-        if length + decode_tokens > args.context_length:
-            raise LlmrunError(
-                f"--prompt-len {length} plus --decode-tokens {decode_tokens} exceeds the model's context of "
-                f"{args.context_length}"
-            )
-    stderr = Console(stderr=True)
-    if roofs == "measured" and (peak_flops is None or peak_bandwidth is None):
-        cached = peaks.load_cached(session.device)
-        if cached is None or session.dtype_name not in cached.flops:
-            stderr.print(f"measuring the roofs of {peaks.device_name(session.device)} (llmrun peaks)…", highlight=False)
-    chosen = hardware.select_roofs(
-        session.device, session.dtype_name, prefer=roofs, peak_flops=peak_flops, peak_bandwidth=peak_bandwidth
+    session = open_session(
+        model, device, dtype, revision=revision, random_weights=settings.random_weights, with_tokenizer=False
     )
-    steps = len(batches) * len(prompt_lens) * (warmup + repeats) * (decode_tokens + 1)
+    stderr = Console(stderr=True)
     columns = (TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
-        task = bar.add_task("profile", total=steps)
-        timings = measure.measure(
+        task = bar.add_task("profile", total=settings.steps)
+        return run_profile(
             session.model,
-            batches,
-            prompt_lens,
-            decode_tokens,
-            repeats=repeats,
-            warmup=warmup,
-            seed=seed,
+            session.name,
+            settings,
             on_step=lambda: bar.advance(task),
+            on_measure=lambda name: stderr.print(f"measuring the roofs of {name} (once; cached)", highlight=False),
         )
-    widths = C.Widths.uniform(session.dtype.itemsize)
-    runs = [roofline.build_run(args, t, widths, chosen, per_layer=per_layer) for t in timings]
-    settings = {
-        "prompt_lens": prompt_lens,
-        "batches": batches,
-        "decode_tokens": decode_tokens,
-        "repeats": repeats,
-        "warmup": warmup,
-        "per_layer": per_layer,
-        "seed": seed,
-        "random_weights": random_weights,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    return R.build_report(
-        runs,
-        model=session.name,
-        dtype=session.dtype_name,
-        device=hardware.device_info(session.device),
-        roofs=chosen,
-        settings=settings,
-    )
 
 
 def _write(report: dict, fmt: Format, output: Path | None) -> None:

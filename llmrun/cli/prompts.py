@@ -1,27 +1,17 @@
-"""Prompt handling shared by ``generate`` and ``chat``: reading stdin, chat templates, fitting the context."""
+"""What ``generate`` and ``chat`` share: the prompt (argument or stdin), the sampling flags, opening the model."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from llmrun.errors import LlmrunError
 
 
-@dataclass(frozen=True)
-class PromptSettings:
-    """``chat`` None means: use the chat template when the model has one."""
-
-    chat: bool | None = None
-    system: str | None = None
-    truncate: bool = False
-
-
 def read_prompt(prompt: str | None) -> str:
     """The prompt argument, or stdin for ``-``/no argument; non-UTF-8 input and empty prompts are refused."""
     if prompt is not None and prompt != "-":
-        text = _check_utf8(prompt, "the prompt argument")
+        text = check_utf8(prompt, "the prompt argument")
     elif prompt is None and sys.stdin.isatty():
         raise LlmrunError("no prompt given; pass it as an argument, or '-' to read stdin")
     else:
@@ -35,7 +25,7 @@ def read_prompt(prompt: str | None) -> str:
     return text
 
 
-def _check_utf8(text: str, what: str) -> str:
+def check_utf8(text: str, what: str) -> str:
     """``text`` unchanged, unless it came from bytes that are not UTF-8 (Python keeps them as surrogates)."""
     try:
         text.encode("utf-8")
@@ -65,26 +55,24 @@ def sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed) -
     return given
 
 
-def chat_messages(text: str, system: str | None) -> list[dict[str, str]]:
-    """One user turn, after the system message when there is one."""
-    messages = [{"role": "system", "content": system}] if system else []
-    return [*messages, {"role": "user", "content": text}]
+def generation_flags(max_new_tokens: int, threads: int | None, **sampling: Any) -> dict[str, Any]:
+    """Check ``--max-new-tokens`` and the sampling flags (``sampling_flags``' arguments), apply ``--threads``;
+    return the sampling flags given."""
+    from llmrun.cli.options import apply_threads, check_at_least
+
+    check_at_least(max_new_tokens, "--max-new-tokens", 1)
+    given = sampling_flags(**sampling)
+    apply_threads(threads)
+    return given
 
 
-def build_prompt(session, text: str, settings: PromptSettings, max_new_tokens: int) -> list[int]:
-    """Token ids for ``text``: chat-templated or raw, cut to fit the context when asked."""
-    tokenizer = session.tokenizer
-    use_chat = tokenizer.has_chat_template if settings.chat is None else settings.chat
-    if use_chat and not tokenizer.has_chat_template:
-        raise LlmrunError(f"{session.name} has no chat template; use --no-chat")
-    if use_chat:
-        system = _check_utf8(settings.system, "--system") if settings.system else None
-        ids = tokenizer.encode_chat(chat_messages(text, system))
-    else:
-        if settings.system:
-            raise LlmrunError("--system needs chat mode; drop it or use --chat")
-        ids = tokenizer.encode(text)
-    limit = session.model.args.context_length
-    if settings.truncate and len(ids) >= limit:
-        ids = ids[-(limit - 1) :]
-    return ids
+def open_for_generation(model: str | None, device: str, dtype: str, given: dict[str, Any], **session_options: Any):
+    """(session, sampling settings): the model opened, its decode kernel measured on a CPU
+    (``llmrun.profiler.tuning``), and ``given``'s flags completed from its ``generation_config.json``."""
+    from llmrun.generation.generation_config import sampling_params
+    from llmrun.loading.session import open_session
+    from llmrun.profiler.tuning import tune_decode
+
+    session = open_session(model, device, dtype, **session_options)
+    tune_decode(session.model)
+    return session, sampling_params(given, session.model_dir)

@@ -157,6 +157,7 @@ def _generate_tokens(
                 return
             stats.generated_tokens += 1
             conversation.tokens.append(token_id)
+            stats.decode_s = time.perf_counter() - t_first  # right even if the consumer stops here
             yield token_id
             if step == max_new_tokens - 1:
                 return

@@ -4,11 +4,8 @@ Three pieces, each following a reference implementation:
 
 * ``tokenizer.json`` is run by the Rust ``tokenizers`` library, exactly as
   ``transformers.PreTrainedTokenizerFast`` runs it.
-* Chat templates are rendered like ``transformers``' ``apply_chat_template``
-  (``utils/chat_template_utils.py``): a Jinja2 ``ImmutableSandboxedEnvironment``
-  with ``trim_blocks``/``lstrip_blocks``, the ``raise_exception``/``strftime_now``
-  globals and a ``tojson`` filter that keeps non-ASCII text. Templates come from
-  the Hub and are untrusted code, so every way out of the sandbox is an error.
+* Chat templates are rendered like ``transformers``' ``apply_chat_template``, in a
+  sandbox (``llmrun.generation.chat_template``).
 * ``StreamDecoder`` is the incremental detokenizer of vLLM
   (``detokenize_incrementally``) and HF ``TextStreamer``: decode a short window
   of ids twice (with and without the newest ones) and print the difference, so
@@ -18,19 +15,14 @@ Three pieces, each following a reference implementation:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmrun.errors import LlmrunError
+from llmrun.generation.chat_template import ChatTemplate
 from llmrun.jsonfiles import read_json_object
 
 _REPLACEMENT_CHAR = "\ufffd"
@@ -54,8 +46,7 @@ class Tokenizer:
         eos_ids: frozenset[int] = frozenset(),
     ) -> None:
         self._backend = backend
-        self._chat_template = chat_template
-        self._compiled: jinja2.Template | None = None
+        self._chat_template = ChatTemplate(chat_template) if chat_template is not None else None
         self._special_tokens = dict(special_tokens or {})
         self._special_ids = frozenset(i for i, token in backend.get_added_tokens_decoder().items() if token.special)
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
@@ -146,33 +137,7 @@ class Tokenizer:
         """
         if self._chat_template is None:
             raise LlmrunError("This model has no chat template: run without --chat (use --no-chat).")
-        template = self._compile()
-        try:
-            return template.render(
-                messages=[dict(m) for m in messages],
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self._special_tokens,
-            )
-        except jinja2.exceptions.SecurityError as exc:
-            raise LlmrunError(
-                f"The chat template tried an unsafe operation and was stopped ({exc}): "
-                "use a trusted template or --no-chat."
-            ) from exc
-        except jinja2.exceptions.UndefinedError as exc:
-            raise LlmrunError(
-                f"The chat template used an undefined value ({exc}): fix the template or use --no-chat."
-            ) from exc
-        except jinja2.exceptions.TemplateError as exc:
-            raise LlmrunError(
-                f"The chat template refused these messages ({exc}): change the messages or use --no-chat."
-            ) from exc
-        except (TypeError, ValueError, LookupError, ArithmeticError) as exc:
-            raise LlmrunError(
-                f"The chat template failed while rendering ({type(exc).__name__}: {exc}): "
-                "fix the template or use --no-chat."
-            ) from exc
+        return self._chat_template.render(messages, add_generation_prompt, self._special_tokens)
 
     def encode_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat, without adding special tokens a second time.
@@ -186,18 +151,6 @@ class Tokenizer:
     def stream_decoder(self, *, skip_special_tokens: bool = True) -> StreamDecoder:
         """A fresh incremental decoder for one generated sequence."""
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
-
-    def _compile(self) -> jinja2.Template:
-        if self._compiled is None:
-            assert self._chat_template is not None
-            try:
-                self._compiled = _template_env().from_string(self._chat_template)
-            except jinja2.exceptions.TemplateSyntaxError as exc:
-                raise LlmrunError(
-                    f"The chat template has a syntax error on line {exc.lineno} ({exc.message}): "
-                    "fix the template or use --no-chat."
-                ) from exc
-        return self._compiled
 
 
 class StreamDecoder:
@@ -263,76 +216,6 @@ class StreamDecoder:
         if end <= start:
             return ""
         return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip)
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` renders its body (transformers marks assistant spans)."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """``namespace()`` that refuses underscore attributes, as in transformers."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:
-        self, args = args[0], args[1:]
-        attrs = dict(*args, **kwargs)
-        for name in attrs:
-            _check_namespace_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _check_namespace_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-
-class _TemplateDict:
-    """``dict()`` for templates without the builtin type's attributes, as in transformers."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict.fromkeys(*args, **kwargs)
-
-
-def _check_namespace_name(name: Any) -> None:
-    if isinstance(name, str) and name.startswith("_"):
-        raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(
-    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _template_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _TemplateNamespace
-    return env
 
 
 def _token_content(value: Any) -> str | None:

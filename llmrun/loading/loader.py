@@ -18,13 +18,21 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from llmrun.devices import oom_guard
+from llmrun.devices import DTYPE_NAMES, check_fits, oom_guard
 from llmrun.errors import LlmrunError
+from llmrun.jsonfiles import read_json_object
 from llmrun.loading.safetensors import MappedFiles, TensorEntry, checkpoint_files, read_index
 from llmrun.model.config import ModelArgs
+from llmrun.model.memory import weight_bytes
 from llmrun.model.transformer import Transformer, fuse_projections
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def read_model_args(path: Path) -> ModelArgs:
+    """``ModelArgs`` from a ``config.json``; a missing, empty or invalid file is a user error."""
+    raw = read_json_object(path, missing="a model directory needs a config.json", fix="re-download or fix the file")
+    return ModelArgs.from_dict(raw, source=str(path))
 
 
 def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, *, progress: bool = True) -> Transformer:
@@ -37,7 +45,8 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, *, pro
 
 
 def _load(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool) -> Transformer:
-    args = ModelArgs.from_json(model_dir / "config.json")
+    args = read_model_args(model_dir / "config.json")
+    check_fits(weight_bytes(args, dtype), device, f"the weights of {model_dir.name} in {DTYPE_NAMES[dtype]}")
     entries = read_index(checkpoint_files(model_dir))
     with torch.device("meta"):
         model = Transformer(args)

@@ -9,24 +9,24 @@ samples takes ~10 s on two cores, a large tensor repeats a block of ``CPU_BLOCK`
 (a prime count, so rows of any power-of-two width never repeat exactly); the bytes read per token,
 and so the speed, are those of fully random weights.
 
-There is no tokenizer for a preset: ``ByteTokenizer`` maps UTF-8 bytes to ids 0..255 and shows
-any other id as ``<N>``. Random weights give random tokens; what matters is their count and speed.
+There is no tokenizer for a preset: sessions give it ``llmrun.generation.byte_tokenizer``'s. Random
+weights give random tokens; what matters is their count and speed.
 """
 
 from __future__ import annotations
 
-import codecs
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from llmrun.devices import DTYPE_NAMES, check_fits
 from llmrun.errors import LlmrunError
 from llmrun.jsonfiles import read_json_object
 from llmrun.model.config import ModelArgs
+from llmrun.model.memory import weight_bytes
 from llmrun.model.transformer import Transformer, fuse_projections
 from llmrun.paths import configs_dir
 
@@ -89,6 +89,7 @@ def random_model(
     place: N(0, std^2) for matrices and biases, 1 for norm scales. Peak memory is the model
     itself; nothing passes through the CPU on a GPU run. ``seed`` makes it repeatable.
     """
+    check_fits(weight_bytes(args, dtype), device, f"random weights in {DTYPE_NAMES[dtype]}")
     with torch.device("meta"):
         model = Transformer(args)
     fused = fuse_projections(model, device, dtype)  # name -> view of a fused matrix, filled in place
@@ -118,61 +119,3 @@ def _fill_normal(tensor: torch.Tensor, std: float, generator: torch.Generator) -
     whole = n // CPU_BLOCK * CPU_BLOCK
     flat[:whole].view(-1, CPU_BLOCK).copy_(block.expand(n // CPU_BLOCK, CPU_BLOCK))
     flat[whole:].copy_(block[: n - whole])
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255, for models without a tokenizer (random-weight presets).
-
-    Same interface as ``llmrun.generation.tokenizer.Tokenizer``; there is no chat template, BOS or EOS, so
-    generation always runs to ``--max-new-tokens``. Ids of 256 and above have no text and decode
-    as ``<N>``.
-    """
-
-    has_chat_template = False
-    bos_id: int | None = None
-    eos_ids: frozenset[int] = frozenset()
-
-    def __init__(self, vocab_size: int) -> None:
-        if vocab_size < 256:
-            raise LlmrunError(f"a byte tokenizer needs a vocabulary of at least 256 ids, the model has {vocab_size}")
-        self.vocab_size = vocab_size
-
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        """The UTF-8 bytes of ``text``."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
-        """Bytes as UTF-8 (invalid sequences become U+FFFD), other ids as ``<N>``."""
-        decoder = self.stream_decoder()
-        return "".join(decoder.push(i) for i in ids) + decoder.flush()
-
-    def render_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Always refused: there is no chat template."""
-        raise LlmrunError("this model has no tokenizer or chat template (random weights): use --no-chat")
-
-    def encode_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
-        """Always refused: there is no chat template."""
-        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
-
-    def stream_decoder(self, *, skip_special_tokens: bool = True) -> ByteStreamDecoder:
-        """A fresh incremental decoder (holds back incomplete UTF-8 characters)."""
-        return ByteStreamDecoder()
-
-
-class ByteStreamDecoder:
-    """``push(id) -> str`` and ``flush() -> str`` for ``ByteTokenizer`` ids, UTF-8 safe."""
-
-    def __init__(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        """Text now complete after ``token_id`` (often "" inside a multi-byte character)."""
-        if 0 <= token_id < 256:
-            return self._utf8.decode(bytes([token_id]))
-        return self.flush() + f"<{token_id}>"
-
-    def flush(self) -> str:
-        """Whatever is held back (an incomplete character becomes U+FFFD), and reset."""
-        text = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
-        return text

@@ -1,10 +1,11 @@
-"""Read safetensors checkpoints: validated, memory-mapped, never unpickled.
+"""Read and write safetensors checkpoints: validated, memory-mapped, never unpickled.
 
 The safetensors format is an 8-byte little-endian header length N, N bytes of JSON mapping
 tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the
 end of the header), then the raw data. Every header is checked (dtype known, offsets inside the
 file, no overlap, byte count = numel x element size) before any tensor is created, and tensors
-are zero-copy views of a private memory map of the file.
+are zero-copy views of a private memory map of the file. The writer streams: it takes one tensor
+at a time (``write_safetensors``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# torch dtype -> the safetensors dtype tag written for it.
+SAFETENSORS_TAGS: dict[torch.dtype, str] = {dtype: tag for tag, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -209,3 +212,58 @@ class MappedFiles:
         """Yield (name, tensor) in file order, so reads sweep each file once."""
         for name, entry in sorted(entries.items(), key=lambda kv: (str(kv[1].file), kv[1].begin)):
             yield name, self.tensor(entry)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its name, shape (elements per dimension) and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def write_safetensors(
+    path: Path, specs: Sequence[TensorSpec], tensors: Iterable[torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write one safetensors file, holding one tensor in memory at a time.
+
+    The header is laid out from ``specs`` first (every offset follows from the shapes and dtypes),
+    then the tensors are taken from ``tensors`` one by one, in ``specs`` order, and each is written
+    and dropped before the next is asked for. That is why this writer exists beside
+    ``safetensors.torch.save_file``, which needs every tensor in memory at once: a dequantized model
+    can be larger than the memory left. The JSON header is space-padded to 8 bytes, as the format's
+    reference writer pads it, so that every tensor's data starts aligned.
+
+    Args:
+        path: the file to create (replaced if it exists).
+        specs: name, shape and dtype of each tensor, in file order; dtypes from ``SAFETENSORS_TAGS``.
+        tensors: the CPU tensors themselves, in the same order, each matching its spec.
+        metadata: string key/values stored under ``__metadata__`` (default ``{"format": "pt"}``).
+
+    Raises:
+        ValueError: a tensor does not match its spec, or ``tensors`` yields more or fewer than ``specs``.
+    """
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        nbytes = math.prod(spec.shape) * spec.dtype.itemsize
+        entry = {
+            "dtype": SAFETENSORS_TAGS[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        header[spec.name] = entry
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for spec, tensor in zip(specs, tensors, strict=True):
+            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                raise ValueError(
+                    f"tensor {spec.name!r} is {tuple(tensor.shape)} {tensor.dtype}, but its header says "
+                    f"{spec.shape} {spec.dtype}"
+                )
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -10,10 +10,10 @@ import torch
 
 from llmrun.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from llmrun.errors import LlmrunError
-from llmrun.loading.loader import load_model
-from llmrun.loading.presets import ByteTokenizer, is_preset, load_preset, random_model
+from llmrun.generation.byte_tokenizer import ByteTokenizer
+from llmrun.loading.loader import load_model, read_model_args
+from llmrun.loading.presets import is_preset, load_preset, random_model
 from llmrun.loading.sources import DEFAULT_MODEL, resolve_model
-from llmrun.model.config import ModelArgs
 from llmrun.model.fastpath.gemv import cpu_gemv
 from llmrun.model.transformer import Transformer
 
@@ -70,7 +70,7 @@ def open_session(
         model_dir, args = preset.path, preset.args
     else:
         model_dir = resolve_model(spec, revision=revision, weights=not random_weights)
-        args = ModelArgs.from_json(model_dir / "config.json")  # an unsupported architecture is said first
+        args = read_model_args(model_dir / "config.json")  # an unsupported architecture is said first
     tokenizer = _open_tokenizer(model_dir, args.vocab_size, random_weights) if with_tokenizer else None
     if random_weights:
         model = random_model(args, torch_device, torch_dtype)

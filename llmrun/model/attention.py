@@ -54,8 +54,9 @@ def blocked_attention(
 ) -> torch.Tensor:
     """Causal attention of q (B, H, T, D) at positions start.. over k, v (B, Hkv, start+T, D): (B, H, T, D).
 
-    The CPU prefill path in bf16, where SDPA's flash kernel reaches ~70 GFLOP/s against ~400 for a
-    bf16 GEMM: query rows go in blocks of ``ATTENTION_BLOCK``; each block is one batched matmul
+    The CPU prefill path in bf16, where SDPA's flash kernel runs far below the bf16 GEMM's rate
+    (docs/performance.md, "Prefill attention in bf16"): query rows go in blocks of
+    ``ATTENTION_BLOCK``; each block is one batched matmul
     against the keys it can see (the G query heads of a K/V head stacked as G·rows, so K/V are not
     repeated), softmax in place, and one matmul with V. Masking touches only the block's diagonal square
     (and, with a sliding window, its left edge), and no key past the block is multiplied, so about

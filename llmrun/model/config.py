@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from llmrun.errors import LlmrunError
-from llmrun.jsonfiles import read_json_object
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # The causal-LM classes of those model types; a config naming another head (e.g. a classifier) is refused.
@@ -156,12 +154,6 @@ class ModelArgs:
             kwargs.setdefault("attention_bias", True)
         _check_types(kwargs, source)
         return cls(**kwargs, extra={k: v for k, v in raw.items() if k not in known})
-
-    @classmethod
-    def from_json(cls, path: Path) -> ModelArgs:
-        """Read ``config.json``; a missing, empty or invalid file is a user error."""
-        raw = read_json_object(path, missing="a model directory needs a config.json", fix="re-download or fix the file")
-        return cls.from_dict(raw, source=str(path))
 
 
 def _from_rope_parameters(rope: object, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -4,21 +4,26 @@
 ``decode_step`` runs one new token per sequence. Both return float32 logits; neither samples
 nor prints. A ``Probe`` (``llmrun.model.probe``) sees every named op; the default one records nothing.
 
-Decode has a fast path (``llmrun.model.fastpath.StaticDecoder``: preallocated buffers, fused kernels,
-CUDA graphs on a GPU) that computes the same logits. ``decode_step`` takes it whenever no probe
-is given; a probe always gets the eager ops it can time. ``LLMRUN_FAST=0`` turns it off.
+Decode has a fast path (``llmrun.model.fastpath``: preallocated buffers, fused kernels, CUDA graphs
+on a GPU) that computes the same logits. ``decode_step`` takes it whenever no probe is given; a
+probe always gets the eager ops it can time. ``LLMRUN_FAST=0`` turns it off; ``prepare_decode``
+builds it ahead of the first step.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from llmrun.model.fastpath import StaticDecoder, supported
+from llmrun.devices import check_fits
+from llmrun.model.fastpath import fast_decoder, fast_enabled, prepare_decode
 from llmrun.model.kvcache import KVCache
+from llmrun.model.memory import activation_bytes
 from llmrun.model.probe import NULL_PROBE, Probe
 from llmrun.model.transformer import Transformer
+
+__all__ = ["decode_step", "forward", "make_cache", "prefill", "prepare_decode"]
+
+CHECKED_ACTIVATIONS = 256 * 2**20  # bytes of intermediates from which a forward pass checks the memory free
 
 
 @torch.inference_mode()
@@ -37,6 +42,7 @@ def forward(
     each other. With ``last_only`` the lm_head runs on the last position alone: (B, 1, V).
     """
     start = cache.reserve(tokens.shape[1]) if cache is not None else 0
+    _check_activations(model, tokens.shape, start, all_logits=not last_only)
     decoder = model.model
     with probe.region("embed"):
         x = decoder.embed_tokens(tokens)  # (B, T, d)
@@ -51,6 +57,15 @@ def forward(
         x = decoder.norm(x)
     with probe.region("lm_head"):
         return model.lm_head(x).float()
+
+
+def _check_activations(model: Transformer, shape: torch.Size, start: int, *, all_logits: bool) -> None:
+    """Refuse a forward pass whose intermediates cannot fit in the memory free (only large ones are checked)."""
+    batch, tokens = shape
+    weight = model.lm_head.weight
+    nbytes = activation_bytes(model.args, batch, tokens, start + tokens, weight.dtype, all_logits=all_logits)
+    if nbytes >= CHECKED_ACTIVATIONS:
+        check_fits(nbytes, weight.device, f"a forward pass of {batch} x {tokens} tokens")
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache, probe: Probe = NULL_PROBE) -> torch.Tensor:
@@ -74,37 +89,11 @@ def decode_step(
     logits buffer, valid until the next step on this cache, so that a step allocates nothing.
     """
     if probe is NULL_PROBE and fast is not False and (fast or fast_enabled()):
-        decoder = static_decoder(model, cache)
+        decoder = fast_decoder(model, cache)
         if decoder is not None:
             logits = decoder.step(token)
             return logits.clone() if copy else logits
     return forward(model, token.view(-1, 1), cache, probe)[:, -1]
-
-
-def fast_enabled() -> bool:
-    """Whether ``decode_step`` takes the fast path by default: unless ``LLMRUN_FAST=0``."""
-    return os.environ.get("LLMRUN_FAST", "1") != "0"
-
-
-def static_decoder(model: Transformer, cache: KVCache) -> StaticDecoder | None:
-    """The fast decoder bound to ``cache`` (built on first use), or None where it does not apply."""
-    decoder = cache.decoder
-    if decoder is None or decoder.model is not model:
-        if not supported(model, cache):
-            return None
-        decoder = cache.decoder = StaticDecoder(model, cache)
-    return decoder
-
-
-def prepare_decode(model: Transformer, cache: KVCache) -> float:
-    """Build the fast decoder for ``cache`` now (capturing its CUDA graph); seconds spent, 0 if done before.
-
-    Callers time this apart from the first token, so compile/capture time is reported, never hidden.
-    """
-    if not fast_enabled() or (cache.decoder is not None and cache.decoder.model is model):
-        return 0.0
-    decoder = static_decoder(model, cache)
-    return decoder.prepare_s if decoder is not None else 0.0
 
 
 def make_cache(model: Transformer, batch: int, max_seq_len: int) -> KVCache:

@@ -9,7 +9,11 @@ chat turn that shares the start of the conversation), ``reset`` empties the cach
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from llmrun.devices import check_fits
 
 
 class LayerCache:
@@ -41,9 +45,13 @@ class KVCache:
         device: torch.device | str,
     ) -> None:
         shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        nbytes = 2 * n_layers * math.prod(shape) * dtype.itemsize
+        check_fits(nbytes, torch.device(device), f"a KV cache of {batch} x {max_seq_len} positions")
         self.max_seq_len = max_seq_len
         self.length = 0
-        self.decoder = None  # the fast decoder bound to these buffers (llmrun.model.fastpath), built on first use
+        self.decoder = (
+            None  # the fast decoder on these buffers (llmrun.model.fastpath.fast_decoder), built on first use
+        )
         self.layers = [
             LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(n_layers)
@@ -68,6 +76,22 @@ class KVCache:
     def trim(self, length: int) -> None:
         """Keep the first ``length`` positions (at most those filled) and forget the rest."""
         self.length = max(0, min(self.length, length))
+
+    def grow(self, max_seq_len: int) -> None:
+        """Hold ``max_seq_len`` positions from now on (never fewer than now), keeping the filled ones.
+
+        The buffers are reallocated, so a fast decoder built on the old ones is dropped.
+        """
+        if max_seq_len <= self.max_seq_len:
+            return
+        for layer in self.layers:
+            for name in ("k", "v"):
+                old = getattr(layer, name)
+                new = old.new_zeros(*old.shape[:2], max_seq_len, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(layer, name, new)
+        self.max_seq_len = max_seq_len
+        self.decoder = None
 
     def reset(self) -> None:
         """Forget every position (the buffers are overwritten by the next tokens)."""

@@ -136,7 +136,7 @@ class Decoder(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         # An explicit (uninitialised) weight skips Embedding's normal_ init, which on the meta device imports
-        # torch._dynamo: about 2 s more at start-up and 0.7 s more at exit. Checkpoints overwrite it anyway.
+        # torch._dynamo, seconds of start-up and exit. Checkpoints overwrite it anyway.
         empty = torch.empty(args.vocab_size, args.hidden_size)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, _weight=empty)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
@@ -152,6 +152,9 @@ class Transformer(nn.Module):
         self.model = Decoder(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = Rotary(args)
+        # The CPU matrix-vector kernel of this model's fast decode (a ``llmrun.model.fastpath.gemv``
+        # name), set by whoever measured the candidates (``llmrun.profiler.tuning``); None: not measured.
+        self.decode_gemv: str | None = None
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -7,11 +7,11 @@ allowed percentage (with ``per_op``, also an op that is at least ``min_share`` o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmrun.errors import LlmrunError
+from llmrun.jsonfiles import read_json_object
 
 RunKey = tuple[str, int, int]
 
@@ -53,18 +53,12 @@ class Comparison:
 
 def load_report(path: Path) -> dict:
     """Read a ``llmrun profile --format json`` file, or say clearly why it is not one."""
-    try:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LlmrunError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LlmrunError(f"{path} is not a JSON profile report ({type(exc).__name__}: {exc})") from None
-    if not isinstance(report, dict) or not isinstance(report.get("runs"), list):
-        raise LlmrunError(
-            f"{path} is not a profile report: no 'runs' list (write one with llmrun profile --format json)"
-        )
+    write_one = "write one with llmrun profile --format json"
+    report = read_json_object(Path(path), missing=write_one, fix=f"it is not a JSON profile report; {write_one}")
+    if not isinstance(report.get("runs"), list):
+        raise LlmrunError(f"{path} is not a profile report: no 'runs' list ({write_one})")
     for run in report["runs"]:
-        if not {"phase", "batch", "prompt_len", "ops", "totals"} <= set(run):
+        if not isinstance(run, dict) or not {"phase", "batch", "prompt_len", "ops", "totals"} <= set(run):
             raise LlmrunError(f"{path}: a run lacks phase, batch, prompt_len, ops or totals")
     return report
 

@@ -1,7 +1,8 @@
 """Analytical FLOPs and main-memory bytes of every named op, per phase.
 
-The formulas follow ROOFLINE.md's cost model of one Llama layer (and nanoGPT's / PaLM's habit of
-counting a multiply-add as 2 FLOPs). Notation, as there: d = hidden_size, h = query heads,
+This is llmrun's one cost model: ``llmrun info``, ``llmrun bench``, ``llmrun profile`` and the
+kernel floor all take their FLOPs and bytes from here (docs/roofline.md tabulates the formulas).
+A multiply-add counts 2 FLOPs, as nanoGPT and PaLM count. Notation: d = hidden_size, h = query heads,
 k = key/value heads, hd = head_dim, f = intermediate_size, V = vocab_size, B = batch,
 T = new tokens per sequence in this step, ``start`` = positions already in the KV cache,
 S = start + T = context seen by attention after this step.
@@ -84,7 +85,7 @@ def attention_cost(
     a, c = widths.a, widths.c
     bt = batch * tokens
     s = start + tokens
-    pairs = _sum_min(start + 1, s, window)  # (query, key) pairs of causal attention
+    pairs = causal_pairs(start + 1, s, window)
     keys_read = s if window is None else min(s, tokens + window - 1)
     return Cost(
         4 * batch * h * hd * pairs,
@@ -95,13 +96,17 @@ def attention_cost(
     )
 
 
-def _sum_min(first: int, last: int, cap: int | None) -> int:
-    """sum(min(p, cap) for p in first..last), in closed form; no cap means sum(p)."""
-    if cap is None or last <= cap:
+def causal_pairs(first: int, last: int, window: int | None = None) -> int:
+    """The (query, key) pairs of causal attention whose queries see ``first`` .. ``last`` keys.
+
+    That is sum(min(p, window) for p in first..last), in closed form (no window: sum(p)); a step of
+    T new tokens after ``start`` cached ones has first = start + 1 and last = start + T.
+    """
+    if window is None or last <= window:
         return (first + last) * (last - first + 1) // 2
-    if first > cap:
-        return cap * (last - first + 1)
-    return (first + cap) * (cap - first + 1) // 2 + cap * (last - cap)
+    if first > window:
+        return window * (last - first + 1)
+    return (first + window) * (window - first + 1) // 2 + window * (last - window)
 
 
 def layer_costs(
@@ -156,6 +161,22 @@ def step_costs(
     }
     costs.update({(op, None): cost for op, cost in model_costs(args, batch, tokens, widths).items()})
     return costs
+
+
+def total(costs: dict[tuple[str, int | None], Cost]) -> Cost:
+    """The FLOPs and bytes of a whole step (or phase): the sum over its ops."""
+    return Cost(sum(c.flops for c in costs.values()), sum(c.bytes for c in costs.values()))
+
+
+def decode_weight_bytes(args: ModelArgs, width: int) -> int:
+    """Bytes of the weights one decode step of one sequence reads, ``width`` bytes per element.
+
+    Every weight of the blocks and the final norm once, the whole lm_head (tied or not) and one
+    row of the embedding: the bytes of ``step_costs`` that scale with the weight width.
+    """
+    read = total(step_costs(args, 1, 1, 0, Widths(width, 0, 0)))
+    fixed = total(step_costs(args, 1, 1, 0, Widths(0, 0, 0)))  # token ids and float32 logits
+    return int(read.bytes - fixed.bytes)
 
 
 def op_cost(costs: dict[tuple[str, int | None], Cost], op: str, layer: int | None) -> Cost:

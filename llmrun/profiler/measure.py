@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llmrun.errors import LlmrunError
+from llmrun.model.config import ModelArgs
 from llmrun.model.executor import decode_step, make_cache, prefill
 from llmrun.model.transformer import Transformer
 from llmrun.profiler.timers import OpTimer, StepTiming
@@ -40,6 +41,15 @@ def _sample(logits: torch.Tensor, timer: OpTimer) -> torch.Tensor:
         return logits.argmax(-1)
 
 
+def check_context(args: ModelArgs, prompt_len: int, decode_tokens: int) -> None:
+    """``LlmrunError`` unless a prompt of ``prompt_len`` tokens and ``decode_tokens`` steps fit the model's context."""
+    limit = args.context_length
+    if prompt_len + decode_tokens > limit:
+        raise LlmrunError(
+            f"--prompt-len {prompt_len} plus --decode-tokens {decode_tokens} exceeds the model's context of {limit}"
+        )
+
+
 def measure_config(
     model: Transformer,
     batch: int,
@@ -53,13 +63,9 @@ def measure_config(
 ) -> list[PhaseTiming]:
     """Prefill and decode timings of ``model`` at one (batch, prompt_len); decode omitted when 0 tokens."""
     args = model.args
-    limit = args.context_length
     if prompt_len < 1 or batch < 1 or decode_tokens < 0 or repeats < 1:
         raise LlmrunError("--prompt-len, --batch and --repeats must be at least 1, --decode-tokens at least 0")
-    if prompt_len + decode_tokens > limit:
-        raise LlmrunError(
-            f"--prompt-len {prompt_len} plus --decode-tokens {decode_tokens} exceeds the model's context of {limit}"
-        )
+    check_context(args, prompt_len, decode_tokens)
     device = model.model.embed_tokens.weight.device
     cache = make_cache(model, batch, prompt_len + decode_tokens)
     gen = torch.Generator().manual_seed(seed)

@@ -4,36 +4,41 @@ A roof is what the hardware can do, so the figure kept is the best of the timed 
 warm-up (on a shared machine the median mostly measures the neighbours); the median is kept
 too. Inputs are random normal, never zeros (zeros run faster on GPUs and flatter any roof).
 
-* GEMM: an n×n @ n×n product counts 2·n³ FLOPs. On CUDA n = 8192; on the CPU n = 2048, but 512
-  for fp16, whose CPU GEMM can be a hundred times slower than fp32 (and is measured only when
-  asked for). ``tf32`` is fp32 storage with TF32 tensor-core math (CUDA only).
+* GEMM: an n×n @ n×n product counts 2·n³ FLOPs. On CUDA n = 8192; on the CPU n = 2048, halved
+  while one product would take over two seconds (a dtype without vector kernels on this CPU, such
+  as fp16 or bf16 without AVX-512 BF16, can be a hundred times slower than fp32). ``tf32`` is
+  fp32 storage with TF32 tensor-core math (CUDA only).
 * Bandwidth: ``dst.copy_(src)`` of a buffer far larger than the last-level cache counts
   2 × its bytes (read + write); a ``sum`` over it counts its bytes once. The roof is the better
   of the two: a copy on the CPU also pays write-allocate traffic it cannot count, and decode's
   weight reads are read-only streams.
 
-Results live in ``$LLMRUN_HOME/peaks/<device>.json`` and are reused until ``llmrun peaks --refresh``.
+Results live in ``$LLMRUN_HOME/peaks/<device>.json`` and are reused until ``llmrun peaks --refresh``
+(which also forgets the decode kernels ``llmrun.profiler.tuning`` measured).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from llmrun.devices import DTYPES, synchronize
+from llmrun.devices import DTYPES, cpu_model_name
+from llmrun.errors import LlmrunError
+from llmrun.jsonfiles import read_json_object, write_json_atomic
 from llmrun.paths import llmrun_home
+from llmrun.profiler.timers import time_calls
 
 CPU_DTYPES = ("fp32", "bf16")
 CUDA_DTYPES = ("bf16", "fp16", "fp32", "tf32")
-CPU_GEMM_N = {"fp32": 2048, "bf16": 2048, "fp16": 512}
+CPU_GEMM_N = 2048  # the largest CPU GEMM; smaller where one product would take longer than CPU_GEMM_S
+CPU_GEMM_S = 2.0  # seconds
 CACHE_VERSION = 1
 
 
@@ -57,15 +62,7 @@ def device_name(device: torch.device) -> str:
     """A human name for ``device``: the GPU's name, or the CPU model with the thread count in use."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model_name()} ({torch.get_num_threads()} threads)"
 
 
 def cache_path(device: torch.device) -> Path:
@@ -76,10 +73,9 @@ def cache_path(device: torch.device) -> Path:
 
 def load_cached(device: torch.device) -> MeasuredPeaks | None:
     """The cached roofs of ``device``, or None when absent, unreadable or from another cache version."""
-    path = cache_path(device)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        raw = read_json_object(cache_path(device))
+    except LlmrunError:
         return None
     if raw.pop("version", None) != CACHE_VERSION:
         return None
@@ -92,10 +88,7 @@ def load_cached(device: torch.device) -> MeasuredPeaks | None:
 def save(peaks: MeasuredPeaks, device: torch.device) -> Path:
     """Write ``peaks`` to the cache of ``device``; returns the path."""
     path = cache_path(device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(peaks.to_json(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, peaks.to_json())
     return path
 
 
@@ -107,7 +100,7 @@ def measure(
     Takes seconds on a CPU and on a GPU; without ``bandwidth`` the copy is skipped (bytes_per_s 0).
     """
     cuda = device.type == "cuda"
-    dtypes = dtypes or (CUDA_DTYPES if cuda else CPU_DTYPES)
+    dtypes = dtypes or default_dtypes(device)
     best, median, sizes = {}, {}, {}
     with torch.cuda.device(device) if cuda else nullcontext():  # events and streams of this GPU
         for name in dtypes:
@@ -125,26 +118,6 @@ def measure(
     return MeasuredPeaks(device_name(device), device.type, best, bytes_per_s, median, detail)
 
 
-def _timed(fn, device: torch.device, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def _gemm(device: torch.device, name: str, repeats: int) -> tuple[int, list[float]]:
     """(n, FLOP/s of each timed n×n×n product) in dtype ``name``."""
     tf32 = name == "tf32"
@@ -152,12 +125,31 @@ def _gemm(device: torch.device, name: str, repeats: int) -> tuple[int, list[floa
         raise ValueError("tf32 is a CUDA tensor-core mode")
     dtype = torch.float32 if tf32 else DTYPES[name]
     gen = torch.Generator(device=device).manual_seed(0)
-    n = 8192 if device.type == "cuda" else CPU_GEMM_N[name]
+    n = 8192 if device.type == "cuda" else _cpu_gemm_n(dtype)
     a = torch.randn(n, n, generator=gen, device=device).to(dtype)
     b = torch.randn(n, n, generator=gen, device=device).to(dtype)
     with _tf32(tf32):
-        times = _timed(lambda: torch.mm(a, b), device, repeats)
+        times = time_calls(lambda: torch.mm(a, b), device, repeats)
     return n, [2 * n**3 / t for t in times]
+
+
+def _cpu_gemm_n(dtype: torch.dtype) -> int:
+    """The CPU GEMM size for ``dtype``: ``CPU_GEMM_N``, halved while one product would take over ``CPU_GEMM_S``.
+
+    A dtype the CPU has no vector kernel for (fp16 on most CPUs, bf16 without AVX-512 BF16 or AMX)
+    runs a hundred or more times slower than fp32; a 256-cube product, timed once, says how large a
+    product fits the time.
+    """
+    probe = 256
+    a = torch.randn(probe, probe).to(dtype)
+    torch.mm(a, a)  # warm-up: thread pool, kernel selection
+    t0 = time.perf_counter()
+    torch.mm(a, a)
+    seconds = max(time.perf_counter() - t0, 1e-9)
+    n = CPU_GEMM_N
+    while n > probe and seconds * (n / probe) ** 3 > CPU_GEMM_S:
+        n //= 2
+    return n
 
 
 @contextmanager
@@ -179,26 +171,42 @@ def _bandwidth(device: torch.device, repeats: int) -> tuple[float, dict[str, flo
     nbytes = 2 * 2**30 if device.type == "cuda" else 256 * 2**20
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    copy = max(2 * nbytes / t for t in _timed(lambda: dst.copy_(src), device, repeats))
-    read = max(nbytes / t for t in _timed(lambda: src.sum(), device, repeats))
+    copy = max(2 * nbytes / t for t in time_calls(lambda: dst.copy_(src), device, repeats))
+    read = max(nbytes / t for t in time_calls(lambda: src.sum(), device, repeats))
     return max(copy, read), {"copy_bytes_per_s": copy, "read_bytes_per_s": read, "buffer_bytes": nbytes}
 
 
-def get(device: torch.device, dtypes: tuple[str, ...] = (), *, refresh: bool = False) -> tuple[MeasuredPeaks, bool]:
+def default_dtypes(device: torch.device) -> tuple[str, ...]:
+    """The dtypes ``llmrun peaks`` measures on ``device`` unless told otherwise."""
+    return CUDA_DTYPES if device.type == "cuda" else CPU_DTYPES
+
+
+def get(
+    device: torch.device,
+    dtypes: tuple[str, ...] = (),
+    *,
+    refresh: bool = False,
+    on_measure: Callable[[str], None] | None = None,
+) -> tuple[MeasuredPeaks, bool]:
     """(roofs of ``device``, whether anything was measured just now).
 
-    The cache is used unless ``refresh``; a dtype in ``dtypes`` that the cache lacks is measured
-    and added to it (the device's default dtypes are measured the first time).
+    The cache is used unless ``refresh``; each of ``dtypes`` (none given: ``default_dtypes``) that
+    the cache lacks is measured and added to it, and the bandwidth is measured with the first
+    dtypes measured (or on ``refresh``: a refreshed cache holds only what was measured then).
+    Only the dtypes asked for are measured: a GEMM in a dtype without CPU support can take minutes.
+    ``on_measure`` gets the device's name just before anything is measured.
     """
+    dtypes = dtypes or default_dtypes(device)
     cached = None if refresh else load_cached(device)
-    if cached is None:
-        defaults = CUDA_DTYPES if device.type == "cuda" else CPU_DTYPES
-        peaks = measure(device, tuple(dict.fromkeys((*defaults, *dtypes))))
-        save(peaks, device)
-        return peaks, True
-    missing = tuple(d for d in dtypes if d not in cached.flops)
+    missing = dtypes if cached is None else tuple(d for d in dtypes if d not in cached.flops)
     if not missing:
         return cached, False
+    if on_measure is not None:
+        on_measure(device_name(device))
+    if cached is None:
+        peaks = measure(device, dtypes)
+        save(peaks, device)
+        return peaks, True
     extra = measure(device, missing, bandwidth=False)
     cached.flops.update(extra.flops)
     cached.median_flops.update(extra.median_flops)

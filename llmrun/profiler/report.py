@@ -3,7 +3,7 @@
 Every format is rendered from the same dict (``build_report``), so they carry the same numbers:
 JSON and CSV at full precision, markdown to 4 significant digits. Units are those of the JSON
 fields (seconds, FLOPs, bytes, per second); the rich table uses ms, GFLOP, MB, GFLOP/s and GB/s.
-Field meanings are in DESIGN.md ("CLI contract") and the schema (``llmrun.profiler.schema``).
+Field meanings are in docs/roofline.md and the schema (``llmrun.profiler.schema``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import json
 from dataclasses import asdict
 
 from llmrun.profiler import costs as C
-from llmrun.profiler.hardware import Roofs
 from llmrun.profiler.roofline import Run
+from llmrun.profiler.roofs import Roofs
 
 SCHEMA_VERSION = 1
 

@@ -1,10 +1,11 @@
 """Roofline rows: measured times next to analytical FLOPs and bytes, against the chosen roofs.
 
-For an op with F FLOPs moving B bytes in t seconds (DESIGN.md, "The roofline"):
-intensity I = F/B; attainable = min(peak_flops, I × peak_bw); bound = compute if I ≥ ridge
-(= peak_flops / peak_bw) else memory; roofline_fraction = max(F/peak_flops, B/peak_bw) / t,
-the op's speed-of-light time over its measured time (equal to achieved/attainable FLOP/s, and
-defined for ops without FLOPs too). MFU = F/t / peak_flops and MBU = B/t / peak_bw of the phase.
+For an op with F FLOPs moving B bytes in t seconds (docs/roofline.md): intensity I = F/B;
+attainable = min(peak_flops, I × peak_bw); bound = ``Roofs.bound`` (compute if I ≥ ridge =
+peak_flops / peak_bw, else memory); roofline_fraction = ``Roofs.light_s`` / t =
+max(F/peak_flops, B/peak_bw) / t, the op's speed-of-light time over its measured time (equal to
+achieved/attainable FLOP/s, and defined for ops without FLOPs too). MFU = F/t / peak_flops and
+MBU = B/t / peak_bw of the phase.
 
 A row's time is the median over the measured steps (prefill: one per repeat; decode: every step
 of every repeat), so a decode row is one decode step. Without ``per_layer`` each per-layer op is
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 
 from llmrun.model.config import ModelArgs
 from llmrun.profiler import costs as C
-from llmrun.profiler.hardware import Roofs
 from llmrun.profiler.measure import PhaseTiming
+from llmrun.profiler.roofs import Roofs
 
 
 @dataclass
@@ -130,8 +131,7 @@ def build_run(args: ModelArgs, timing: PhaseTiming, widths: C.Widths, roofs: Roo
             cost = C.op_cost(costs, op, None)
         n = max(len(covered), 1)
         rows.append(_row(op, layer, n, statistics.median(times), _iqr(times), cost, wall, roofs))
-    flops = sum(c.flops for c in costs.values())
-    nbytes = sum(c.bytes for c in costs.values())
+    phase = C.total(costs)
     attributed = statistics.median(s.attributed_s for s in timing.steps)
     tokens = timing.batch * (timing.prompt_len if timing.phase == "prefill" else 1)
     totals = Totals(
@@ -140,10 +140,10 @@ def build_run(args: ModelArgs, timing: PhaseTiming, widths: C.Widths, roofs: Roo
         time_s_min=min(walls),
         time_s_max=max(walls),
         samples=len(walls),
-        flops=flops,
-        bytes=nbytes,
-        mfu=flops / wall / roofs.peak_flops,
-        mbu=nbytes / wall / roofs.peak_bytes_per_s,
+        flops=phase.flops,
+        bytes=phase.bytes,
+        mfu=phase.flops / wall / roofs.peak_flops,
+        mbu=phase.bytes / wall / roofs.peak_bytes_per_s,
         tokens_per_s=tokens / wall,
         attributed_s=attributed,
         unattributed_s=statistics.median(s.unattributed_s for s in timing.steps),
@@ -159,7 +159,7 @@ def build_run(args: ModelArgs, timing: PhaseTiming, widths: C.Widths, roofs: Roo
 def _row(op: str, layer: int | None, n: int, t: float, iqr: float, cost: C.Cost, wall: float, roofs: Roofs) -> OpRow:
     f, b = cost.flops, cost.bytes
     intensity = f / b if b else 0.0
-    light = max(f / roofs.peak_flops, b / roofs.peak_bytes_per_s)  # speed-of-light seconds
+    light = roofs.light_s(f, b)
     return OpRow(
         layer=layer,
         op=op,
@@ -174,5 +174,5 @@ def _row(op: str, layer: int | None, n: int, t: float, iqr: float, cost: C.Cost,
         achieved_bytes_per_s=b / t if t else 0.0,
         attainable_flops_per_s=min(roofs.peak_flops, intensity * roofs.peak_bytes_per_s),
         roofline_fraction=light / t if t else 0.0,
-        bound="compute" if intensity >= roofs.ridge else "memory",
+        bound=roofs.bound(f, b),
     )

@@ -1,7 +1,7 @@
 """JSON Schema (draft 2020-12) of ``llmrun profile --format json``; ``docs/profile-schema.json`` is a copy.
 
 The schema ships inside the package so that an installed llmrun can validate its own output
-(``python -m llmrun.profiler.schema`` prints it). Field meanings: DESIGN.md ("CLI contract") and
+(``python -m llmrun.profiler.schema`` prints it). Field meanings: docs/roofline.md and
 ``llmrun.profiler.report.CONVENTIONS``. Units: seconds, FLOPs, bytes, FLOP/s, bytes/s; fractions
 are 0..1 (a ``roofline_fraction`` or MFU above 1 means the roof was set too low).
 """
@@ -32,7 +32,7 @@ OP = _object(
             "minimum": 0,
             "description": "block index; null outside the blocks or for a row averaged over layers",
         },
-        "op": {"type": "string", "description": "named op (DESIGN.md); fused ops joined by '+'"},
+        "op": {"type": "string", "description": "named op (llmrun.model.probe); fused ops joined by '+'"},
         "layers": {"type": "integer", "minimum": 1, "description": "layer instances the row stands for"},
         "time_s": {**_NONNEG, "description": "median seconds per step (per layer when averaged)"},
         "time_s_iqr": {**_NONNEG, "description": "interquartile range of time_s over the steps"},

@@ -1,4 +1,5 @@
-"""Timers for the executor's named ops: a ``Probe`` that records how long each region takes.
+"""Timers: a ``Probe`` that records how long each of the executor's named ops takes, and
+``time_calls`` for microbenchmarks (measured roofs, the kernel floor).
 
 On the CPU each region is bracketed by ``time.perf_counter``. On CUDA each region records a pair
 of CUDA events on the current stream and nothing waits for them: the only synchronization is
@@ -17,13 +18,14 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from time import perf_counter
 
 import torch
 
+from llmrun.devices import synchronize
 from llmrun.model.probe import Probe
 
 OpKey = tuple[str, int | None]
@@ -138,3 +140,29 @@ class OpTimer(Probe):
     def reset(self) -> None:
         """Forget the recorded steps (after warm-up)."""
         self.steps.clear()
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` on ``device``, after one untimed warm-up call.
+
+    On CUDA each call is bracketed by a pair of CUDA events on the device's current stream (the
+    time the GPU spent, read after the call's work ends); on the CPU by ``time.perf_counter``.
+    """
+    device = torch.device(device)
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            fn()
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)  # elapsed_time is in ms
+        else:
+            t0 = perf_counter()
+            fn()
+            times.append(perf_counter() - t0)
+    return times

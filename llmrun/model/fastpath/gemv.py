@@ -15,32 +15,24 @@ from llmrun.errors import LlmrunError
 
 
 def cpu_gemv(dtype: torch.dtype, choice: str | None = None) -> str:
-    """The matrix-vector kernel that will run CPU decode in ``dtype``, for ``choice`` or ``LLMRUN_CPU_GEMV``.
+    """The matrix-vector kernel that will run CPU decode in ``dtype``: ``choice``, else ``LLMRUN_CPU_GEMV``.
 
-    ``choice`` (default: ``LLMRUN_CPU_GEMV``, else ``auto``) is ``auto``, ``conv``, ``packed``,
-    ``onednn`` or ``mm``; any other name raises ``LlmrunError``.
-
-    ``auto`` takes ``conv`` in fp32 on x86 CPUs with AVX-512 and ``packed`` otherwise: measured on the
-    2-core AMD EPYC (AVX-512) of this project, SmolLM2 at batch 1, 2 threads, oneDNN's 1x1 convolution
-    on reordered weights (``conv``) makes one pass over the fp32 weights 1.08-1.11x faster than oneDNN's
-    linear on prepacked weights (``packed``; both timed by ``python scripts/bench_decode_floor.py``) and
-    a whole fp32 decode step ~1.07x faster (median of seven runs of ``python
-    scripts/bench_cpu_gemv.py``); a bf16 step ~1.05x slower. (oneDNN's fp32 linear falls back to an AVX2
-    GEMV there, its convolution runs AVX-512; on AVX2-only CPUs and on Arm the ranking is unmeasured, so
-    they keep ``packed``.) Both hold a second, reordered copy of the weights. ``onednn`` is the linear
-    on plain weights (no copy; as fast as ``packed`` in fp32, ~half in bf16); ``mm`` is ``torch.mm``
-    (MKL), ~12 GB/s. A oneDNN choice becomes ``mm`` where oneDNN cannot run ``dtype`` (fp16; bf16
-    without CPU support). Only ``mm`` lets a step allocate nothing: oneDNN's linear returns fresh
-    outputs, and its convolution takes a fresh 12-17 KB scratchpad per call.
+    The names are ``auto``, ``conv``, ``packed``, ``onednn`` and ``mm``; any other raises
+    ``LlmrunError``. ``auto`` (the default) means the kernel measured for the model
+    (``llmrun.profiler.tuning`` passes it as ``choice``); without a measurement it is ``mm``: no
+    kernel is assumed to win on a CPU it was not timed on. ``conv`` is oneDNN's 1x1 convolution on
+    reordered weights, which adds into the residual in place; ``packed`` is oneDNN's linear on
+    weights reordered for the batch size; both hold a second, reordered copy of the weights.
+    ``onednn`` is the linear on plain weights (no copy); ``mm`` is ``torch.mm``. A oneDNN choice
+    becomes ``mm`` where oneDNN cannot run ``dtype`` (fp16; bf16 without CPU support). Only ``mm``
+    lets a step allocate nothing: oneDNN's linear returns fresh outputs, and its convolution takes
+    a fresh scratchpad per call.
     """
     choice = choice or os.environ.get("LLMRUN_CPU_GEMV", "auto")
-    if choice == "auto":
-        avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # x86 only: never Arm
-        choice = "conv" if dtype == torch.float32 and avx512 else "packed"
-    elif choice not in PRODUCTS:
+    if choice not in PRODUCTS and choice != "auto":
         raise LlmrunError(f"LLMRUN_CPU_GEMV={choice!r} is not a kernel: set it to auto, conv, packed, onednn or mm")
-    if choice == "mm":
-        return choice
+    if choice in ("auto", "mm"):
+        return "mm"
     return choice if onednn_supported(dtype) else "mm"
 
 
@@ -120,7 +112,7 @@ class _ConvProducts(_Products):
 
     The in-place form adds the product to its output tensor, so ``accumulate`` is one kernel and
     ``product`` zeroes the output first. The weights are a second, reordered copy. The 4-d views
-    of the buffers given to ``keep`` are made once (a view costs ~1 µs, two per product).
+    of the buffers given to ``keep`` are made once, not two per product.
     """
 
     def __init__(self, batch: int) -> None:

@@ -1,4 +1,4 @@
-"""Hardware roofs from three sources, each labelled: the spec table, NVML, and measured peaks.
+"""Hardware roofs: the one ``Roofs`` type, its three sources (each labelled), and the choice.
 
 * ``spec``: ``configs/hardware/gpus.json`` (vendor datasheets, dense figures, cited per entry),
   matched exactly to the name NVML (or torch) reports for the GPU.
@@ -8,23 +8,28 @@
 * ``measured``: ``llmrun.profiler.peaks`` (GEMM per dtype, large copy), cached per device.
 
 ``select_roofs`` picks the roofs the percentages divide by: measured by default, or the source
-asked for, with ``--peak-flops`` / ``--peak-bandwidth`` overriding either number.
+asked for, with ``--peak-flops`` / ``--peak-bandwidth`` overriding either number. ``Roofs``
+holds the speed-of-light rule that info, bench and the roofline rows share (docs/roofline.md).
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from llmrun.errors import LlmrunError
+from llmrun.jsonfiles import read_json_object
 from llmrun.paths import configs_dir
 from llmrun.profiler import peaks
 
 SOURCES = ("measured", "spec", "nvml")
+MEASURE = ("cached", "missing", "fallback", "again")
+"""When ``select_roofs`` measures: never (the cache only), what the cache lacks, only when no source
+knows both roofs, or anew."""
 
 
 @dataclass
@@ -49,27 +54,37 @@ class Roof:
 
 @dataclass
 class Roofs:
-    """The roofs the report divides by, where each came from, and every source seen."""
+    """The roofs a report divides by: peak FLOP/s in the profiled dtype and main-memory bytes/s,
+    where they came from (``source``), and every source seen (``candidates``)."""
 
     peak_flops: float
     peak_bytes_per_s: float
     source: str
-    candidates: list[Roof]
+    candidates: list[Roof] = field(default_factory=list)
 
     @property
     def ridge(self) -> float:
         """Intensity (FLOP/byte) where the bandwidth roof meets the compute roof."""
         return self.peak_flops / self.peak_bytes_per_s
 
-    def to_json(self) -> dict:
-        """``roofs`` of the report: the contract's fields plus ``ridge`` and ``sources``."""
-        return {
-            "peak_flops": self.peak_flops,
-            "peak_bytes_per_s": self.peak_bytes_per_s,
-            "source": self.source,
-            "ridge": self.ridge,
-            "sources": [c.to_json() for c in self.candidates],
-        }
+    def light_s(self, flops: float, nbytes: float) -> float:
+        """Speed of light in seconds of work of ``flops`` FLOPs moving ``nbytes`` bytes: the slower roof,
+        max(flops / peak_flops, nbytes / peak_bytes_per_s). A lower bound on time, never a prediction."""
+        return max(flops / self.peak_flops, nbytes / self.peak_bytes_per_s)
+
+    def bound(self, flops: float, nbytes: float) -> str:
+        """The roof that binds that work: ``compute`` if its intensity flops/nbytes reaches the ridge, else
+        ``memory`` (the roof of the larger term of ``light_s``)."""
+        intensity = flops / nbytes if nbytes else 0.0
+        return "compute" if intensity >= self.ridge else "memory"
+
+    def to_json(self, *, detail: bool = True) -> dict:
+        """``peak_flops``, ``peak_bytes_per_s`` and ``source`` (info's and bench's ``roofs``); with
+        ``detail`` also ``ridge`` and ``sources`` (the profile report's ``roofs``)."""
+        chosen = {"peak_flops": self.peak_flops, "peak_bytes_per_s": self.peak_bytes_per_s, "source": self.source}
+        if not detail:
+            return chosen
+        return {**chosen, "ridge": self.ridge, "sources": [c.to_json() for c in self.candidates]}
 
 
 def table_path() -> Path:
@@ -83,10 +98,10 @@ def load_table(path: Path | None = None) -> list[dict]:
     path = path or table_path()
     if not path.is_file():
         return []
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["gpus"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise LlmrunError(f"{path} is not a valid hardware table ({exc}); fix or remove it") from None
+    gpus = read_json_object(path, fix="fix or remove the hardware table").get("gpus")
+    if not isinstance(gpus, list) or not all(isinstance(entry, dict) for entry in gpus):
+        raise LlmrunError(f"{path} is not a valid hardware table (no 'gpus' list of objects); fix or remove it")
+    return gpus
 
 
 def _normal(name: str) -> str:
@@ -153,14 +168,21 @@ def _nvml_handle(pynvml, device: torch.device):
     return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
 
 
-def measured_roof(device: torch.device, dtype: str, *, measure: bool = True) -> Roof:
-    """Measured roofs for ``dtype`` from the cache, measuring (and caching) them first if ``measure``."""
-    if measure:
-        result, fresh = peaks.get(device, (dtype,))
-    else:
+def measured_roof(
+    device: torch.device, dtype: str, *, measure: str = "missing", on_measure: Callable[[str], None] | None = None
+) -> Roof:
+    """Measured roofs for ``dtype``: from the cache only (``measure="cached"``), after measuring what
+    the cache lacks (``"missing"``), or measured anew (``"again"``); what is measured is cached.
+
+    ``on_measure`` gets the device's name just before anything is measured (seconds of GEMMs and
+    copies; see ``llmrun.profiler.peaks.get``).
+    """
+    if measure == "cached":
         result, fresh = peaks.load_cached(device), False
         if result is None:
             return Roof("measured", None, None, "not measured yet: run 'llmrun peaks'")
+    else:
+        result, fresh = peaks.get(device, (dtype,), refresh=measure == "again", on_measure=on_measure)
     when = "measured just now" if fresh else f"cached {peaks.cache_path(device)}"
     flops = result.flops.get(dtype)
     note = f"{result.device}: GEMM best of {result.detail.get('repeats')} and large copy/sum; {when}"
@@ -181,28 +203,56 @@ def select_roofs(
     prefer: str = "measured",
     peak_flops: float | None = None,
     peak_bandwidth: float | None = None,
-    measure: bool = True,
+    measure: str = "missing",
+    on_measure: Callable[[str], None] | None = None,
 ) -> Roofs:
     """Gather every source and choose: ``prefer``'s numbers, each overridable by the explicit ones.
 
     ``dtype`` names the profiled math (bf16, fp16, fp32). A missing number in the preferred source
     is taken from the next source that has it (measured, spec, nvml), and ``source`` says so.
+    ``measure`` (one of ``MEASURE``) says when to run the microbenchmarks: ``missing`` (profile,
+    bench) measures what the cache lacks, ``fallback`` (info) only when no source knows both roofs,
+    ``again`` anew, ``cached`` never; nothing is measured for roofs that are not divided by (another
+    source preferred, or both numbers given). ``on_measure`` as in ``measured_roof``.
     """
     if prefer not in SOURCES:
         raise LlmrunError(f"--roofs {prefer!r} is not a source; use one of {', '.join(SOURCES)}")
-    name = peaks.device_name(device)
-    need_measured = measure and (peak_flops is None or peak_bandwidth is None) and prefer == "measured"
+    if measure not in MEASURE:
+        raise ValueError(f"measure={measure!r}: use one of {', '.join(MEASURE)}")
+    if prefer != "measured" or (peak_flops is not None and peak_bandwidth is not None):
+        measure = "cached"
     nvml = nvml_roof(device)
     if device.type == "cuda":
-        spec = spec_roof(str(nvml.detail.get("name", name)), dtype)
+        spec = spec_roof(str(nvml.detail.get("name", peaks.device_name(device))), dtype)
     else:
         spec = Roof("spec", None, None, "skipped: the spec table lists GPUs only")
-    candidates = {"measured": measured_roof(device, dtype, measure=need_measured), "spec": spec, "nvml": nvml}
+    first = "cached" if measure == "fallback" else measure
+    candidates = {"measured": measured_roof(device, dtype, measure=first, on_measure=on_measure)}
+    candidates |= {"spec": spec, "nvml": nvml}
+    try:
+        return _choose(device, dtype, candidates, prefer, peak_flops, peak_bandwidth)
+    except LlmrunError:
+        if measure != "fallback":
+            raise
+    candidates["measured"] = measured_roof(device, dtype, measure="missing", on_measure=on_measure)
+    return _choose(device, dtype, candidates, prefer, peak_flops, peak_bandwidth)
+
+
+def _choose(
+    device: torch.device,
+    dtype: str,
+    candidates: dict[str, Roof],
+    prefer: str,
+    peak_flops: float | None,
+    peak_bandwidth: float | None,
+) -> Roofs:
+    """Each roof from the override, else from the first source in ``prefer``-first order that has it."""
     order = [prefer, *(s for s in SOURCES if s != prefer)]
     flops, flops_src = _first(candidates, order, "peak_flops", peak_flops)
     bandwidth, bw_src = _first(candidates, order, "peak_bytes_per_s", peak_bandwidth)
     if flops is None or bandwidth is None:
         missing = "--peak-flops" if flops is None else "--peak-bandwidth"
+        name = peaks.device_name(device)
         raise LlmrunError(f"no roof known for {name} ({dtype}); run 'llmrun peaks' or pass {missing}")
     source = flops_src if flops_src == bw_src else f"flops: {flops_src}, bandwidth: {bw_src}"
     return Roofs(flops, bandwidth, source, list(candidates.values()))

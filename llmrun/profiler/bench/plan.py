@@ -1,0 +1,64 @@
+"""Which bench tests to run: ``BenchTest`` and the plan of pp, tg and pp+tg tests per batch size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llmrun.devices import check_fits
+from llmrun.errors import LlmrunError
+from llmrun.model.memory import activation_bytes, kv_cache_bytes
+from llmrun.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class BenchTest:
+    """One llama-bench test: ``n_prompt`` prompt tokens then ``n_gen`` decode steps, per sequence."""
+
+    n_prompt: int
+    n_gen: int
+    batch: int = 1
+
+    @property
+    def name(self) -> str:
+        """``pp512``, ``tg128`` or ``pp512+tg128``, as llama-bench names them."""
+        parts = [f"pp{self.n_prompt}"] * bool(self.n_prompt) + [f"tg{self.n_gen}"] * bool(self.n_gen)
+        return "+".join(parts)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens one repetition processes: B·(n_prompt + n_gen)."""
+        return self.batch * (self.n_prompt + self.n_gen)
+
+
+def plan_tests(
+    prompts: Sequence[int], gens: Sequence[int], pairs: Sequence[tuple[int, int]], batches: Sequence[int]
+) -> list[BenchTest]:
+    """All tests, batch-major: pp for each prompt length, tg for each generation length, then pp+tg pairs.
+
+    Lengths of 0 are skipped (``-p 0`` runs no pp test); batch sizes must be at least 1.
+    """
+    if not batches or min(batches) < 1:
+        raise LlmrunError("--batch must be at least 1")
+    tests = []
+    for b in batches:
+        tests += [BenchTest(n, 0, b) for n in prompts if n > 0]
+        tests += [BenchTest(0, n, b) for n in gens if n > 0]
+        tests += [BenchTest(p, g, b) for p, g in pairs if p > 0 or g > 0]
+    if not tests:
+        raise LlmrunError("nothing to run: give -p, -n or -pg with a length above 0")
+    return tests
+
+
+def check_tests(model: Transformer, tests: Sequence[BenchTest]) -> None:
+    """Refuse tests longer than the model's context window, or whose KV cache and activations do not
+    fit in the memory free (before anything is measured)."""
+    limit = model.args.context_length
+    weight = model.lm_head.weight
+    for test in tests:
+        positions = test.n_prompt + test.n_gen
+        if positions > limit:
+            raise LlmrunError(f"{test.name} needs {positions} positions but the model's context is {limit}")
+        cache = kv_cache_bytes(model.args, test.batch, positions, weight.dtype)
+        step = activation_bytes(model.args, test.batch, max(test.n_prompt, 1), positions, weight.dtype)
+        check_fits(cache + step, weight.device, f"{test.name} at batch {test.batch} (KV cache and activations)")
