@@ -798,6 +798,11 @@ def _(model: Path, tmp: Path) -> list[str]:
     return ["bench", "--model", str(model), "--device", "cpu", "-p", "16", "-n", "0", "-r", "1", "-b", "10000000"]
 
 
+@case("ctx-size-above-the-model", 2, r"--ctx-size must be between 2 and the model's context of 128, got 4096")
+def _(model: Path, tmp: Path) -> list[str]:
+    return [*gen(model), "--ctx-size", "4096"]
+
+
 def check_one_line(stderr: str, message: str) -> str:
     """Assert ``stderr`` is exactly one ``llmrun: `` line matching ``message`` with no traceback; return it."""
     lines = stderr.splitlines()

@@ -96,7 +96,38 @@ def test_prompt_longer_than_context_runs_with_truncate(workdir, monkeypatch, cap
     code, out, err = _run([*gen(model, prompt="x y " * 100), "--truncate", "--json"], None, monkeypatch, capsys)
     assert code == 0, err
     result = json.loads(out)
-    assert result["prompt_tokens"] == 127 and result["finish_reason"] == "context"
+    # the last 126 tokens: room for the 2 new ones (-n 2) in the 128-token context
+    assert result["prompt_tokens"] == 126 and result["generated_tokens"] == 2 and result["finish_reason"] == "length"
+
+
+def test_truncate_in_chat_mode_cuts_the_message_not_the_template(workdir, monkeypatch, capsys):
+    model, _ = workdir
+    args = ["generate", "x y " * 100, "--model", str(model), "--device", "cpu", "-n", "8", "--chat", "--json"]
+    code, out, err = _run([*args, "--system", "be brief", "--truncate"], None, monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert 128 - 8 - 4 <= result["prompt_tokens"] <= 128 - 8
+
+    from llmrun.generation.prompt import PromptSettings, prompt_ids
+    from llmrun.generation.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model)
+    ids = prompt_ids(tokenizer, "x y " * 100, PromptSettings(True, "be brief", True), 128, "tiny", 8)
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("x y <|im_end|>\n<|im_start|>assistant\n")  # the end of the message is kept
+
+
+def test_ctx_size_bounds_the_run(workdir, monkeypatch, capsys):
+    model, _ = workdir
+    code, out, err = _run([*gen(model, prompt="x y " * 20), "--ctx-size", "16", "--json"], None, monkeypatch, capsys)
+    assert code == 2
+    check_one_line(err, r"the prompt is \d+ tokens but the context \(--ctx-size\) is 16")
+    code, out, err = _run(
+        [*gen(model, prompt="x y " * 20), "-c", "16", "--truncate", "--json"], None, monkeypatch, capsys
+    )
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] == 14
 
 
 def test_debug_shows_the_traceback(workdir, monkeypatch):

@@ -339,7 +339,7 @@ def test_cuda_oom_without_a_driver_reads_the_allocator_message(monkeypatch):
 
 
 def test_host_oom_is_translated_and_other_errors_pass():
-    expected = r"out of memory on the CPU while generating: needed \d+\.\d\d GiB, "
+    expected = r"out of memory on the CPU while generating: needed \d+\.\d\d [GT]iB, "
     with pytest.raises(LlmrunError, match=expected), oom_guard(torch.device("cpu"), "generating"):
         torch.empty(2**50, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="unrelated"), oom_guard(torch.device("cpu"), "generating"):

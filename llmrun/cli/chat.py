@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from llmrun.cli.options import (
+    CtxSizeOption,
     DeviceOption,
     DtypeOption,
     MinPOption,
@@ -30,7 +31,7 @@ from llmrun.cli.options import (
     TopKOption,
     TopPOption,
 )
-from llmrun.cli.prompts import generation_flags, open_for_generation
+from llmrun.cli.prompts import context_size, generation_flags, open_for_generation
 from llmrun.errors import LlmrunError
 
 DEFAULT_CTX_SIZE = 4096  # tokens a chat keeps, at most the model's context
@@ -51,6 +52,7 @@ def chat(
     revision: RevisionOption = None,
     random_weights: RandomWeightsOption = False,
     threads: ThreadsOption = None,
+    ctx_size: CtxSizeOption = None,
 ) -> None:
     """Chat with the model in the terminal."""
     from llmrun.generation.chat import ChatSession
@@ -67,7 +69,7 @@ def chat(
     if not tokenizer.has_chat_template:
         raise LlmrunError(f"{session.name} has no chat template; use 'llmrun generate --no-chat' instead")
     sampler = Sampler(sampling, session.device)
-    ctx_size = min(session.model.args.context_length, DEFAULT_CTX_SIZE)
+    ctx_size = context_size(ctx_size, session.model.args.context_length, DEFAULT_CTX_SIZE)
     chat_session = ChatSession(session.model, tokenizer, ctx_size, max_new_tokens, system)
     print("llmrun chat: /reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
     while True:

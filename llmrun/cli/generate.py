@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from llmrun.cli.options import (
+    CtxSizeOption,
     DeviceOption,
     DtypeOption,
     JsonOption,
@@ -32,7 +33,7 @@ from llmrun.cli.options import (
     TopKOption,
     TopPOption,
 )
-from llmrun.cli.prompts import check_utf8, generation_flags, open_for_generation, read_prompt
+from llmrun.cli.prompts import check_utf8, context_size, generation_flags, open_for_generation, read_prompt
 
 if TYPE_CHECKING:
     from llmrun.generation.sampling import SamplingParams
@@ -58,7 +59,8 @@ def generate(
     system: Annotated[str | None, typer.Option(help="System message (chat mode).")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going to --max-new-tokens.")] = False,
     truncate: Annotated[
-        bool, typer.Option("--truncate", help="Keep the end of a prompt longer than the context.")
+        bool,
+        typer.Option("--truncate", help="Cut a prompt too long for the context and --max-new-tokens, keeping its end."),
     ] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -66,6 +68,7 @@ def generate(
     random_weights: RandomWeightsOption = False,
     as_json: JsonOption = False,
     threads: ThreadsOption = None,
+    ctx_size: CtxSizeOption = None,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; statistics go to stderr."""
     from llmrun.generation.generate import GenerationStats, generate_tokens, stream_text
@@ -81,13 +84,15 @@ def generate(
         model, device, dtype, given, revision=revision, random_weights=random_weights
     )
     settings = PromptSettings(chat=chat, system=check_utf8(system, "--system") if system else None, truncate=truncate)
-    ids = prompt_ids(session.tokenizer, text, settings, session.model.args.context_length, session.name)
+    context = context_size(ctx_size, session.model.args.context_length, session.model.args.context_length)
+    ids = prompt_ids(session.tokenizer, text, settings, context, session.name, max_new_tokens)
     stats = GenerationStats()
     tokens = generate_tokens(
         session.model,
         ids,
         Sampler(sampling, session.device),
         max_new_tokens=max_new_tokens,
+        ctx_size=context,
         stop_ids=() if ignore_eos else session.tokenizer.eos_ids,
         stats=stats,
     )

@@ -72,6 +72,13 @@ RepetitionPenaltyOption = Annotated[
     ),
 ]
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Seed: the same seed gives the same output.")]
+CtxSizeOption = Annotated[
+    int | None,
+    typer.Option(
+        "--ctx-size", "-c", help="Context window in tokens (at most the model's). Default: see the command.",
+        show_default=False,
+    ),
+]  # fmt: skip
 
 
 MAX_THREADS = 4096

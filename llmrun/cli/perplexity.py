@@ -31,7 +31,7 @@ from llmrun.errors import LlmrunError
 def perplexity(
     file: Annotated[Path, typer.Argument(help="A UTF-8 text file.")],
     model: ModelOption = None,
-    context: Annotated[int, typer.Option("--context", "-c", help="Window length in tokens.")] = 512,
+    context: Annotated[int, typer.Option("--context", "--ctx-size", "-c", help="Window length in tokens.")] = 512,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     revision: RevisionOption = None,

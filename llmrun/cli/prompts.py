@@ -76,3 +76,12 @@ def open_for_generation(model: str | None, device: str, dtype: str, given: dict[
     session = open_session(model, device, dtype, **session_options)
     tune_decode(session.model)
     return session, sampling_params(given, session.model_dir)
+
+
+def context_size(ctx_size: int | None, model_context: int, default: int) -> int:
+    """The context of this run in tokens: ``--ctx-size`` (2 up to the model's ``model_context``), else ``default``."""
+    if ctx_size is None:
+        return min(default, model_context)
+    if not 2 <= ctx_size <= model_context:
+        raise LlmrunError(f"--ctx-size must be between 2 and the model's context of {model_context}, got {ctx_size}")
+    return ctx_size

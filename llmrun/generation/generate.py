@@ -65,19 +65,14 @@ class Conversation:
         return n
 
 
-def context_limit(model: Transformer) -> int:
-    """The model's context window in tokens (``ModelArgs.context_length``)."""
-    return model.args.context_length
-
-
-def check_prompt_fits(prompt_len: int, model: Transformer) -> None:
-    """Refuse an empty prompt, or one that leaves no room in the context for a new token."""
-    limit = context_limit(model)
+def check_prompt_fits(prompt_len: int, context: int, model: Transformer) -> None:
+    """Refuse an empty prompt, or one that leaves no room in ``context`` tokens for a new token."""
     if prompt_len == 0:
         raise LlmrunError("the prompt is empty; give some text to continue")
-    if prompt_len >= limit:
+    if prompt_len >= context:
+        whose = "the model's context" if context == model.args.context_length else "the context (--ctx-size)"
         raise LlmrunError(
-            f"the prompt is {prompt_len} tokens but the model's context is {limit}; shorten it "
+            f"the prompt is {prompt_len} tokens but {whose} is {context}; shorten it "
             "(or pass --truncate to keep its last tokens)"
         )
 
@@ -101,15 +96,19 @@ def generate_tokens(
     stop_ids: Iterable[int] = (),
     stats: GenerationStats | None = None,
     conversation: Conversation | None = None,
+    ctx_size: int | None = None,
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` new ids for one prompt; stop at a stop id or the context end.
+
+    The context is ``ctx_size`` tokens (at most the model's ``context_length``, which is the default).
 
     The stop id itself is not yielded. ``stats`` is filled as the loop runs (``finish_reason`` is
     ``stop``, ``length`` or ``context``). With a ``conversation``, the cached prefix is reused and the
     cache holds prompt + output afterwards. Running out of memory is an ``LlmrunError`` with the numbers.
     """
     with oom_guard(model.lm_head.weight.device, "generating"):
-        yield from _generate_tokens(model, prompt, sampler, max_new_tokens, stop_ids, stats, conversation)
+        context = min(model.args.context_length, ctx_size or model.args.context_length)
+        yield from _generate_tokens(model, prompt, sampler, max_new_tokens, stop_ids, stats, conversation, context)
 
 
 def _generate_tokens(
@@ -120,13 +119,13 @@ def _generate_tokens(
     stop_ids: Iterable[int],
     stats: GenerationStats | None,
     conversation: Conversation | None,
+    context: int,
 ) -> Iterator[int]:
     stats = stats if stats is not None else GenerationStats()
-    check_prompt_fits(len(prompt), model)
+    check_prompt_fits(len(prompt), context, model)
     check_token_ids(prompt, model)
-    limit = context_limit(model)
     if conversation is None:
-        conversation = Conversation(model, min(limit, len(prompt) + max_new_tokens))
+        conversation = Conversation(model, min(context, len(prompt) + max_new_tokens))
     capacity = conversation.cache.max_seq_len  # the context this generation can fill
     if len(prompt) >= capacity:
         raise LlmrunError(f"the conversation is {len(prompt)} tokens and fills the {capacity}-token context")

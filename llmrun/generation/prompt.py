@@ -23,18 +23,41 @@ def chat_messages(text: str, system: str | None) -> list[dict[str, str]]:
     return [*messages, {"role": "user", "content": text}]
 
 
-def prompt_ids(tokenizer: Tokenizer, text: str, settings: PromptSettings, context: int, model_name: str) -> list[int]:
-    """Token ids for ``text``: chat-templated or raw; with ``truncate``, the last ones that leave room in
-    ``context`` (tokens) for one new token."""
+def prompt_ids(
+    tokenizer: Tokenizer, text: str, settings: PromptSettings, context: int, model_name: str, max_new_tokens: int = 1
+) -> list[int]:
+    """Token ids for ``text``: chat-templated or raw.
+
+    With ``settings.truncate`` a prompt that leaves less than ``max_new_tokens`` of ``context``
+    (tokens) for the answer keeps its last tokens; in chat mode only the user's text is cut, never
+    the template or the system message.
+    """
     use_chat = tokenizer.has_chat_template if settings.chat is None else settings.chat
     if use_chat and not tokenizer.has_chat_template:
         raise LlmrunError(f"{model_name} has no chat template; use --no-chat")
+    if not use_chat and settings.system:
+        raise LlmrunError("--system needs chat mode; drop it or use --chat")
+    room = context - min(max_new_tokens, context - 1)  # prompt tokens that leave room for the answer
     if use_chat:
         ids = tokenizer.encode_chat(chat_messages(text, settings.system))
-    else:
-        if settings.system:
-            raise LlmrunError("--system needs chat mode; drop it or use --chat")
-        ids = tokenizer.encode(text)
-    if settings.truncate and len(ids) >= context:
-        ids = ids[-(context - 1) :]
-    return ids
+        if settings.truncate and len(ids) > room:
+            ids = _cut_chat(tokenizer, text, settings.system, room)
+        return ids
+    ids = tokenizer.encode(text)
+    return ids[-room:] if settings.truncate and len(ids) > room else ids
+
+
+def _cut_chat(tokenizer: Tokenizer, text: str, system: str | None, room: int) -> list[int]:
+    """The chat prompt of the last part of ``text`` that fits in ``room`` tokens with its template."""
+    frame = len(tokenizer.encode_chat(chat_messages("", system)))
+    if frame >= room:
+        raise LlmrunError(
+            f"the chat template and system message alone take {frame} tokens, and the prompt may have {room}; "
+            "use a larger --ctx-size, a smaller --max-new-tokens, or a shorter --system"
+        )
+    keep = tokenizer.encode(text, add_special_tokens=False)[-(room - frame) :]
+    while True:  # decoding and re-encoding can merge tokens differently: shorten until it fits
+        ids = tokenizer.encode_chat(chat_messages(tokenizer.decode(keep), system))
+        if len(ids) <= room:
+            return ids
+        keep = keep[len(ids) - room :]
