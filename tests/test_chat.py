@@ -79,3 +79,38 @@ def test_chat_on_a_long_context_model_keeps_its_cache_small(tiny, monkeypatch, c
     assert code == 0, captured.err
     assert sizes and max(sizes) <= 4096  # the model's 131072 positions are never reserved
     assert captured.err.count(" tok/s, ") == 2  # both turns answered
+
+
+def test_commands_and_multi_line_messages(tiny, monkeypatch, capsys):
+    """/help and /reset answer on stderr, an unknown /command is refused (not sent), a line ending in
+    a backslash or a triple-quoted block is one message, and // sends a message starting with /."""
+    sent = []
+    real = ChatSession.prompt
+
+    def recording(self, text):
+        sent.append(text)
+        return real(self, text)
+
+    monkeypatch.setattr(ChatSession, "prompt", recording)
+    lines = [
+        "/help",
+        "/frobnicate",
+        "first line \\",
+        "second line",
+        '"""',
+        "a",
+        "b",
+        '"""',
+        "//slash",
+        "/reset",
+        "/quit",
+    ]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    code = run(["chat", "--model", str(tiny), "--device", "cpu", "-n", "4", "--temperature", "0"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert sent == ["first line \nsecond line", "a\nb", "/slash"]
+    assert "/reset" in err and "start the conversation over" in err  # the /help text
+    assert "llmrun: unknown command /frobnicate; /help lists the commands" in err
+    assert "llmrun: the conversation starts over" in err
+    assert err.count("ttft ") == 3  # each answer's statistics include the time to first token

@@ -1,7 +1,8 @@
 """``llmrun chat``: an interactive multi-turn conversation that re-uses the KV cache between turns.
 
-Type a message and press Enter; ``/reset`` starts over, ``/exit`` or Ctrl-D quits. Ctrl-C while
-the model answers stops that answer and keeps what it said.
+Type a message and press Enter (end a line with a backslash to go on, or put several lines
+between two lines of three double quotes); ``/help`` lists the commands, ``/reset`` starts over,
+``/exit`` or Ctrl-D quits. Ctrl-C while the model answers stops that answer and keeps what it said.
 
 Examples:
 
@@ -16,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from llmrun.cli.chat_input import ChatInput, command_of, help_text, message_of
 from llmrun.cli.options import (
     CtxSizeOption,
     DeviceOption,
@@ -33,6 +35,7 @@ from llmrun.cli.options import (
 )
 from llmrun.cli.prompts import context_size, generation_flags, open_for_generation
 from llmrun.errors import LlmrunError
+from llmrun.paths import llmrun_home
 
 DEFAULT_CTX_SIZE = 4096  # tokens a chat keeps, at most the model's context
 
@@ -71,32 +74,46 @@ def chat(
     sampler = Sampler(sampling, session.device)
     ctx_size = context_size(ctx_size, session.model.args.context_length, DEFAULT_CTX_SIZE)
     chat_session = ChatSession(session.model, tokenizer, ctx_size, max_new_tokens, system)
-    print("llmrun chat: /reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
+    print("llmrun chat: /help lists the commands, /exit or Ctrl-D quits", file=sys.stderr)
+    reader = ChatInput(llmrun_home() / "chat_history")
+    try:
+        _converse(reader, session, chat_session, sampler, max_new_tokens)
+    finally:
+        reader.close()
+
+
+def _converse(reader: ChatInput, session, chat_session, sampler, max_new_tokens: int) -> None:
+    """Read messages and commands until /exit or the end of input; answer each message."""
+    while (text := reader.read()) is not None:
+        command = command_of(text)
+        if command == "/exit":
             return
-        if line.strip() in ("/exit", "/quit"):
-            return
-        if line.strip() == "/reset":
+        if command == "/help":
+            print(help_text(), file=sys.stderr)
+        elif command == "/reset":
             chat_session.reset()
-            continue
-        if not line.strip():
-            continue
-        try:
-            prompt = chat_session.prompt(line)
-        except LlmrunError as exc:  # this message does not fit; the conversation goes on without it
-            print(f"llmrun: error: {exc}", file=sys.stderr)
-            continue
-        if prompt.dropped_turns:
-            print(
-                f"llmrun: the conversation filled the {ctx_size}-token context; "
-                f"dropped the {prompt.dropped_turns} oldest turn(s)",
-                file=sys.stderr,
-            )
-        _answer(session, chat_session, prompt.ids, sampler, max_new_tokens)
+            print("llmrun: the conversation starts over", file=sys.stderr)
+        elif command is not None:
+            print(f"llmrun: unknown command {command}; /help lists the commands", file=sys.stderr)
+        elif text.strip():
+            _turn(session, chat_session, message_of(text), sampler, max_new_tokens)
+    print(file=sys.stderr)
+
+
+def _turn(session, chat_session, text: str, sampler, max_new_tokens: int) -> None:
+    """One message: fit it into the conversation (or say why not) and answer it."""
+    try:
+        prompt = chat_session.prompt(text)
+    except LlmrunError as exc:  # this message does not fit; the conversation goes on without it
+        print(f"llmrun: error: {exc}", file=sys.stderr)
+        return
+    if prompt.dropped_turns:
+        print(
+            f"llmrun: the conversation filled the {chat_session.ctx_size}-token context; "
+            f"dropped the {prompt.dropped_turns} oldest turn(s)",
+            file=sys.stderr,
+        )
+    _answer(session, chat_session, prompt.ids, sampler, max_new_tokens)
 
 
 def _answer(session, chat_session, ids: list[int], sampler, max_new_tokens: int) -> None:
@@ -125,6 +142,7 @@ def _answer(session, chat_session, ids: list[int], sampler, max_new_tokens: int)
     print()
     chat_session.answered("".join(answer))
     print(
-        f"[{stats.generated_tokens} tok, {stats.decode_tok_s:.1f} tok/s, {stats.reused_tokens} cached prompt tok]",
+        f"[{stats.generated_tokens} tok, ttft {stats.ttft_s:.2f} s, {stats.decode_tok_s:.1f} tok/s, "
+        f"{stats.reused_tokens} cached prompt tok]",
         file=sys.stderr,
     )
