@@ -164,3 +164,10 @@ def test_a_bad_file_value_is_one_line_exit_2(tiny, tmp_path, capsys):
     assert run(["generate", "hi", "--model", str(model), "--device", "cpu", "--no-chat", "-n", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("llmrun: error: ") and "pass --top-p" in err
+
+
+def test_a_run_without_a_seed_reports_the_one_it_drew_and_it_reproduces(tiny, capsys):
+    first = _generate_json(tiny, capsys)
+    seed = first["sampling"]["seed"]
+    assert isinstance(seed, int)
+    assert _generate_json(tiny, capsys, "--seed", str(seed))["tokens"] == first["tokens"]

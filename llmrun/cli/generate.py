@@ -87,10 +87,12 @@ def generate(
     context = context_size(ctx_size, session.model.args.context_length, session.model.args.context_length)
     ids = prompt_ids(session.tokenizer, text, settings, context, session.name, max_new_tokens)
     stats = GenerationStats()
+    sampler = Sampler(sampling, session.device)
+    sampling = dataclasses.replace(sampling, seed=sampler.seed)  # the seed in use, drawn when none was given
     tokens = generate_tokens(
         session.model,
         ids,
-        Sampler(sampling, session.device),
+        sampler,
         max_new_tokens=max_new_tokens,
         ctx_size=context,
         stop_ids=() if ignore_eos else session.tokenizer.eos_ids,
@@ -128,7 +130,7 @@ def _finish(session, text: str, generated: list[int], stats, sampling: SamplingP
         print(json.dumps(_json_result(session, text, generated, stats, sampling), ensure_ascii=False), flush=True)
     else:
         print(flush=True)
-        _print_stats(stats)
+        _print_stats(stats, sampling.seed)
 
 
 def _json_result(session, text: str, generated: list[int], stats, sampling: SamplingParams) -> dict:
@@ -151,9 +153,9 @@ def _json_result(session, text: str, generated: list[int], stats, sampling: Samp
     }
 
 
-def _print_stats(stats) -> None:
+def _print_stats(stats, seed: int) -> None:
     print(
         f"prompt {stats.prompt_tokens} tok | ttft {stats.ttft_s:.3f} s | prefill {stats.prefill_tok_s:.1f} tok/s | "
-        f"decode {stats.decode_tok_s:.1f} tok/s | {stats.generated_tokens} tok ({stats.finish_reason})",
+        f"decode {stats.decode_tok_s:.1f} tok/s | seed {seed} | {stats.generated_tokens} tok ({stats.finish_reason})",
         file=sys.stderr,
     )

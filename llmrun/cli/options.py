@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -82,6 +83,9 @@ CtxSizeOption = Annotated[
 
 
 MAX_THREADS = 4096
+MAX_COUNT = 2**31 - 1
+"""The largest count (tokens, batch size, steps, repeats) a flag takes: far above anything that runs
+(a model's context, the memory free), low enough that no shape or loop bound overflows."""
 
 
 def apply_threads(threads: int | None) -> None:
@@ -95,11 +99,13 @@ def apply_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def parse_int_list(values: str | Sequence[str], flag: str, *, minimum: int = 1) -> list[int]:
+def parse_int_list(
+    values: str | Sequence[str], flag: str, *, minimum: int = 1, maximum: int = MAX_COUNT
+) -> list[int]:
     """``"1,4,16"`` or ``["512,1024", "128"]`` -> [1, 4, 16] or [512, 1024, 128], in order.
 
-    Each comma-separated part must be an integer of at least ``minimum``, and there must be one;
-    otherwise ``LlmrunError`` naming ``flag`` and the value given.
+    Each comma-separated part must be an integer from ``minimum`` to ``maximum``, and there must be
+    one; otherwise ``LlmrunError`` naming ``flag`` and the value given.
     """
     texts = [values] if isinstance(values, str) else list(values)
     numbers = []
@@ -109,9 +115,11 @@ def parse_int_list(values: str | Sequence[str], flag: str, *, minimum: int = 1) 
                 numbers.append(int(part))
             except ValueError:
                 raise LlmrunError(f"{flag} {text!r}: expected integers separated by commas, e.g. 128,512") from None
+    shown = texts[0] if len(texts) == 1 else ",".join(map(str, texts))
     if not numbers or min(numbers) < minimum:
-        shown = texts[0] if len(texts) == 1 else ",".join(map(str, texts))
         raise LlmrunError(f"{flag} {shown!r}: give one or more integers of at least {minimum}")
+    if max(numbers) > maximum:
+        raise LlmrunError(f"{flag} {shown!r}: give integers of at most {maximum}")
     return numbers
 
 
@@ -121,7 +129,14 @@ def check_at_least(value: int, flag: str, minimum: int) -> None:
         raise LlmrunError(f"{flag} must be at least {minimum}, got {value}")
 
 
+def check_count(value: int, flag: str, minimum: int) -> None:
+    """``check_at_least``, and ``LlmrunError`` "{flag} must be at most MAX_COUNT, got {value}" above it."""
+    check_at_least(value, flag, minimum)
+    if value > MAX_COUNT:
+        raise LlmrunError(f"{flag} must be at most {MAX_COUNT}, got {value}")
+
+
 def check_positive(value: float | None, flag: str) -> None:
-    """``LlmrunError`` "{flag} must be a positive number, got {value}" unless ``value`` is None or above 0."""
-    if value is not None and not value > 0:
-        raise LlmrunError(f"{flag} must be a positive number, got {value}")
+    """``LlmrunError`` naming ``flag`` unless ``value`` is None or a finite number above 0 (NaN and inf are refused)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise LlmrunError(f"{flag} must be a positive number (finite, above 0), got {value}")

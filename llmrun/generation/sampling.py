@@ -25,6 +25,16 @@ import torch
 
 from llmrun.errors import LlmrunError
 
+SEED_MAX = 2**64 - 1
+SEED_MIN = -(2**63)
+"""torch's generators take seeds up to 2^64 - 1, and negative ones down to -2^63 (counted modulo 2^64)."""
+
+
+def check_seed(seed: int | None) -> None:
+    """``LlmrunError`` naming ``--seed`` unless ``seed`` is None or within what torch's generators take."""
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise LlmrunError(f"--seed {seed} is out of range: seeds go from 0 to {SEED_MAX} (2^64 - 1)")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -51,6 +61,7 @@ class SamplingParams:
             raise LlmrunError(
                 f"--repetition-penalty must be a finite number > 0 (1 turns it off), got {self.repetition_penalty}."
             )
+        check_seed(self.seed)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -3,10 +3,13 @@
 Runs are matched by (phase, batch, prompt_len) and ops by (layer, op). A delta is B relative
 to A: +10% means B took 10% longer. A regression is a run whose total time grew by more than the
 allowed percentage (with ``per_op``, also an op that is at least ``min_share`` of A's run).
+``mismatches`` names what differs between the setups of two reports (model, dtype, device,
+threads), whose times say nothing about a change when they differ.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +55,11 @@ class Comparison:
 
 
 def load_report(path: Path) -> dict:
-    """Read a ``llmrun profile --format json`` file, or say clearly why it is not one."""
+    """Read a ``llmrun profile --format json`` file, or say clearly why it is not one.
+
+    Every run needs its key, ops and totals, and every time compared must be a finite number
+    (a run's total above 0), so that no delta is NaN or measured against nothing.
+    """
     write_one = "write one with llmrun profile --format json"
     report = read_json_object(Path(path), missing=write_one, fix=f"it is not a JSON profile report; {write_one}")
     if not isinstance(report.get("runs"), list):
@@ -60,7 +67,44 @@ def load_report(path: Path) -> dict:
     for run in report["runs"]:
         if not isinstance(run, dict) or not {"phase", "batch", "prompt_len", "ops", "totals"} <= set(run):
             raise LlmrunError(f"{path}: a run lacks phase, batch, prompt_len, ops or totals")
+        label = f"{path}: run {run['phase']} batch {run['batch']} prompt {run['prompt_len']}"
+        totals, ops = run["totals"], run["ops"]
+        if not isinstance(totals, dict) or not _number(totals.get("time_s"), above=0):
+            raise LlmrunError(f"{label}: totals.time_s must be a number of seconds above 0")
+        if not _number(totals.get("unattributed_s")):
+            raise LlmrunError(f"{label}: totals.unattributed_s must be a finite number of seconds")
+        for row in ops if isinstance(ops, list) else [None]:
+            if not isinstance(row, dict) or not {"layer", "op", "layers", "share"} <= set(row):
+                raise LlmrunError(f"{label}: every op needs layer, op, layers, share and time_s")
+            if not (_number(row.get("time_s"), above=-1) and _number(row["layers"]) and _number(row["share"])):
+                raise LlmrunError(f"{label}: op {row['op']!r} has a time_s, layers or share that is not a number")
     return report
+
+
+def _number(value: object, *, above: float | None = None) -> bool:
+    """``value`` is a finite int or float (not a bool), above ``above`` when given."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return ok and (above is None or value > above)
+
+
+MISMATCH_FIELDS = {
+    "model": lambda r: r.get("model"),
+    "dtype": lambda r: r.get("dtype"),
+    "device": lambda r: (r.get("device") or {}).get("name") if isinstance(r.get("device"), dict) else None,
+    "device kind": lambda r: (r.get("device") or {}).get("kind") if isinstance(r.get("device"), dict) else None,
+    "threads": lambda r: (r.get("settings") or {}).get("threads") if isinstance(r.get("settings"), dict) else None,
+}
+"""What must agree for two reports' times to be comparable; a field a report lacks (older reports) is unknown."""
+
+
+def mismatches(a: dict, b: dict) -> list[str]:
+    """``"model 'x' vs 'y'"`` for each setup field of ``MISMATCH_FIELDS`` that both reports give and that differs."""
+    differ = []
+    for name, read in MISMATCH_FIELDS.items():
+        left, right = read(a), read(b)
+        if left is not None and right is not None and left != right:
+            differ.append(f"{name} {left!r} vs {right!r}")
+    return differ
 
 
 def _run_key(run: dict) -> RunKey:

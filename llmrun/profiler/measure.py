@@ -13,9 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from llmrun.devices import check_fits
 from llmrun.errors import LlmrunError
 from llmrun.model.config import ModelArgs
 from llmrun.model.executor import decode_step, make_cache, prefill
+from llmrun.model.memory import activation_bytes, kv_cache_bytes
 from llmrun.model.transformer import Transformer
 from llmrun.profiler.timers import OpTimer, StepTiming
 
@@ -48,6 +50,17 @@ def check_context(args: ModelArgs, prompt_len: int, decode_tokens: int) -> None:
         raise LlmrunError(
             f"--prompt-len {prompt_len} plus --decode-tokens {decode_tokens} exceeds the model's context of {limit}"
         )
+
+
+def check_memory(model: Transformer, batch: int, n_prompt: int, n_gen: int, doing: str) -> None:
+    """``LlmrunError`` (``llmrun.devices.check_fits``) unless the memory free holds what one run of
+    ``batch`` sequences of ``n_prompt`` prompt tokens and ``n_gen`` decode steps allocates: its KV cache
+    of n_prompt + n_gen positions and one forward pass's activations (``doing`` names the run)."""
+    weight = model.lm_head.weight
+    positions = n_prompt + n_gen
+    cache = kv_cache_bytes(model.args, batch, positions, weight.dtype)
+    step = activation_bytes(model.args, batch, max(n_prompt, 1), positions, weight.dtype)
+    check_fits(cache + step, weight.device, f"{doing} (KV cache and activations)")
 
 
 def measure_config(

@@ -15,7 +15,7 @@ from llmrun.devices import DTYPE_NAMES
 from llmrun.model.transformer import Transformer
 from llmrun.profiler.costs import Widths
 from llmrun.profiler.environment import git_commit
-from llmrun.profiler.measure import check_context, measure
+from llmrun.profiler.measure import check_context, check_memory, measure
 from llmrun.profiler.report import build_report
 from llmrun.profiler.roofline import build_run
 from llmrun.profiler.roofs import device_info, select_roofs
@@ -48,6 +48,11 @@ class ProfileSettings:
         """Measured and unmeasured steps in all: what ``on_step`` is called for."""
         return len(self.batches) * len(self.prompt_lens) * (self.warmup + self.repeats) * (self.decode_tokens + 1)
 
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The phases measured: prefill, and decode unless ``decode_tokens`` is 0."""
+        return ("prefill", "decode") if self.decode_tokens else ("prefill",)
+
     def to_json(self) -> dict[str, object]:
         """``settings`` of the report (without the environment)."""
         return {
@@ -72,14 +77,18 @@ def run_profile(
 ) -> dict:
     """The profile report of ``model`` (called ``name``) on the device and in the dtype of its weights.
 
-    Every run is checked against the model's context before anything is measured. ``on_step`` is
-    called after every step (``settings.steps`` in all); ``on_measure`` gets the device's name just
-    before its roofs are measured (the first time only; they are cached).
+    Every run is checked against the model's context and the memory free before anything is
+    measured (the roofs included). ``on_step`` is called after every step (``settings.steps`` in
+    all); ``on_measure`` gets the device's name just before its roofs are measured (the first time
+    only; they are cached).
     """
     weight = model.lm_head.weight
     device, dtype = weight.device, weight.dtype
     for prompt_len in settings.prompt_lens:
         check_context(model.args, prompt_len, settings.decode_tokens)
+    for batch in settings.batches:
+        for prompt_len in settings.prompt_lens:
+            check_memory(model, batch, prompt_len, settings.decode_tokens, f"batch {batch} prompt {prompt_len}")
     roofs = select_roofs(
         device,
         DTYPE_NAMES[dtype],

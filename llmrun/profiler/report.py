@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Collection
 from dataclasses import asdict
 
+from llmrun.errors import LlmrunError
 from llmrun.profiler import costs as C
 from llmrun.profiler.roofline import Run
 from llmrun.profiler.roofs import Roofs
@@ -220,35 +222,50 @@ DEFAULT_GATE_PHASE = {"mfu": "prefill", "mbu": "decode"}
 
 
 def parse_fail_under(spec: str) -> list[tuple[str, str, float]]:
-    """'mbu=0.7,mfu=0.5' -> [('decode', 'mbu', 0.7), ('prefill', 'mfu', 0.5)]; ValueError with the reason.
+    """'mbu=0.7,mfu=0.5' -> [('decode', 'mbu', 0.7), ('prefill', 'mfu', 0.5)]; ``LlmrunError`` with the reason.
 
     ``PHASE.METRIC=X`` (``decode.mfu=0.01``) names the phase; a bare metric uses ``DEFAULT_GATE_PHASE``.
+    Each floor is a fraction from 0 to 1 (NaN, inf and negatives are refused), and a spec must hold a gate.
     """
     gates = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, sep, value = part.partition("=")
         phase, dot, metric = key.strip().lower().rpartition(".")
         if not sep or metric not in FAIL_METRICS or (dot and phase not in ("prefill", "decode")):
-            raise ValueError(
+            raise LlmrunError(
                 f"--fail-under {part!r}: expected [prefill.|decode.]METRIC=FRACTION with METRIC mfu or mbu"
             )
         try:
             floor = float(value)
         except ValueError:
-            raise ValueError(f"--fail-under {part!r}: {value!r} is not a number") from None
+            raise LlmrunError(f"--fail-under {part!r}: {value!r} is not a number") from None
         if not 0 <= floor <= 1:
-            raise ValueError(f"--fail-under {part!r}: give a fraction between 0 and 1 (0.7 for 70%)")
+            raise LlmrunError(f"--fail-under {part!r}: give a fraction between 0 and 1 (0.7 for 70%)")
         gates.append((phase or DEFAULT_GATE_PHASE[metric], metric, floor))
+    if not gates:
+        raise LlmrunError(f"--fail-under {spec!r} names no gate; give e.g. mbu=0.7,mfu=0.5")
     return gates
 
 
+def check_gates(gates: list[tuple[str, str, float]], phases: Collection[str]) -> None:
+    """``LlmrunError`` for a gate whose phase is not among ``phases`` (those measured): it would gate nothing."""
+    for phase, metric, floor in gates:
+        if phase not in phases:
+            hint = " (--decode-tokens 0 measures prefill only)" if phase == "decode" else ""
+            raise LlmrunError(f"--fail-under {phase}.{metric}={floor:g}: there is no {phase} run to gate{hint}")
+
+
 def missed_thresholds(report: dict, gates: list[tuple[str, str, float]]) -> list[str]:
-    """One reason per (run, gate) whose metric is below its floor, for the runs of the gate's phase."""
+    """One reason per (run, gate) whose metric is below its floor (or NaN), for the runs of the gate's phase.
+
+    A gate whose phase has no run in ``report`` is an ``LlmrunError`` (``check_gates``), never a pass.
+    """
+    check_gates(gates, {run["phase"] for run in report["runs"]})
     reasons = []
     for phase, metric, floor in gates:
         for run in report["runs"]:
             value = run["totals"][metric]
-            if run["phase"] == phase and value < floor:
+            if run["phase"] == phase and not value >= floor:
                 reasons.append(
                     f"{phase} batch {run['batch']} prompt {run['prompt_len']}: {metric} {value:.3f} < {floor:g}"
                 )

@@ -209,7 +209,9 @@ def select_roofs(
     """Gather every source and choose: ``prefer``'s numbers, each overridable by the explicit ones.
 
     ``dtype`` names the profiled math (bf16, fp16, fp32). A missing number in the preferred source
-    is taken from the next source that has it (measured, spec, nvml), and ``source`` says so.
+    is taken from the next source that has it (measured, spec, nvml), and ``source`` says so; a
+    preferred source with no number at all on this device is an ``LlmrunError`` unless both numbers
+    are given.
     ``measure`` (one of ``MEASURE``) says when to run the microbenchmarks: ``missing`` (profile,
     bench) measures what the cache lacks, ``fallback`` (info) only when no source knows both roofs,
     ``again`` anew, ``cached`` never; nothing is measured for roofs that are not divided by (another
@@ -226,6 +228,8 @@ def select_roofs(
         spec = spec_roof(str(nvml.detail.get("name", peaks.device_name(device))), dtype)
     else:
         spec = Roof("spec", None, None, "skipped: the spec table lists GPUs only")
+    if peak_flops is None or peak_bandwidth is None:
+        _check_preferred(device, prefer, [spec, nvml])
     first = "cached" if measure == "fallback" else measure
     candidates = {"measured": measured_roof(device, dtype, measure=first, on_measure=on_measure)}
     candidates |= {"spec": spec, "nvml": nvml}
@@ -236,6 +240,21 @@ def select_roofs(
             raise
     candidates["measured"] = measured_roof(device, dtype, measure="missing", on_measure=on_measure)
     return _choose(device, dtype, candidates, prefer, peak_flops, peak_bandwidth)
+
+
+def _check_preferred(device: torch.device, prefer: str, others: list[Roof]) -> None:
+    """``LlmrunError`` when ``prefer``, one of the sources ``others`` (spec, nvml), has no figure at
+    all on ``device``: its percentages would silently be another source's. Measured roofs can
+    always be measured, so they never fail here."""
+    known = {roof.source: roof for roof in others}
+    roof = known.get(prefer)
+    if roof is None or roof.peak_flops is not None or roof.peak_bytes_per_s is not None:
+        return
+    having = ["measured"] + [r.source for r in others if r.peak_flops is not None or r.peak_bytes_per_s is not None]
+    raise LlmrunError(
+        f"--roofs {prefer}: that source has no figures for {peaks.device_name(device)} ({roof.note}); "
+        f"sources with figures here: {', '.join(having)}; or pass --peak-flops and --peak-bandwidth"
+    )
 
 
 def _choose(

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llmrun.devices import check_fits
 from llmrun.errors import LlmrunError
-from llmrun.model.memory import activation_bytes, kv_cache_bytes
 from llmrun.model.transformer import Transformer
+from llmrun.profiler.measure import check_memory
 
 
 @dataclass(frozen=True)
@@ -54,11 +53,8 @@ def check_tests(model: Transformer, tests: Sequence[BenchTest]) -> None:
     """Refuse tests longer than the model's context window, or whose KV cache and activations do not
     fit in the memory free (before anything is measured)."""
     limit = model.args.context_length
-    weight = model.lm_head.weight
     for test in tests:
         positions = test.n_prompt + test.n_gen
         if positions > limit:
             raise LlmrunError(f"{test.name} needs {positions} positions but the model's context is {limit}")
-        cache = kv_cache_bytes(model.args, test.batch, positions, weight.dtype)
-        step = activation_bytes(model.args, test.batch, max(test.n_prompt, 1), positions, weight.dtype)
-        check_fits(cache + step, weight.device, f"{test.name} at batch {test.batch} (KV cache and activations)")
+        check_memory(model, test.batch, test.n_prompt, test.n_gen, f"{test.name} at batch {test.batch}")
