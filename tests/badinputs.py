@@ -776,6 +776,148 @@ def _(model: Path, tmp: Path) -> list[str]:
     return ["profile", "--model", str(model), "--device", "cpu", "--fail-under", "speed=0.5"]
 
 
+# --- numbers out of range (every numeric flag), and gates that would check nothing
+
+HUGE = "99999999999999999999999"  # beyond int64: torch would overflow on it
+
+
+def _profile(model: Path, *flags: str) -> list[str]:
+    return ["profile", "--model", str(model), "--device", "cpu", "--prompt-len", "8", *flags]
+
+
+def _bench(model: Path, *flags: str) -> list[str]:
+    return ["bench", "--model", str(model), "--device", "cpu", "-p", "8", "-n", "0", "-r", "1", *flags]
+
+
+def _argv_case(id: str, argv: Callable[[Path], list[str]], message: str) -> None:
+    case(id, 2, message)(lambda model, tmp: argv(model))
+
+
+_AT_MOST = r"give integers of at most 2147483647"
+_argv_case("profile-batch-huge", lambda m: _profile(m, "--batch", HUGE), rf"--batch '{HUGE}': {_AT_MOST}")
+_argv_case("profile-prompt-len-huge", lambda m: _profile(m, "--prompt-len", f"8,{HUGE}"), rf"--prompt-len .*{_AT_MOST}")
+_argv_case(
+    "profile-decode-tokens-huge",
+    lambda m: _profile(m, "--decode-tokens", HUGE),
+    rf"--decode-tokens must be at most 2147483647, got {HUGE}",
+)
+_argv_case("profile-repeats-huge", lambda m: _profile(m, "--repeats", HUGE), r"--repeats must be at most 2147483647")
+_argv_case("profile-warmup-negative", lambda m: _profile(m, "--warmup", "-1"), r"--warmup must be at least 0, got -1")
+_argv_case(
+    "profile-seed-huge",
+    lambda m: _profile(m, "--seed", str(2**64)),
+    r"--seed 18446744073709551616 is out of range: seeds go from 0 to 18446744073709551615",
+)
+_argv_case(
+    "profile-peak-flops-nan",
+    lambda m: _profile(m, "--peak-flops", "nan"),
+    r"--peak-flops must be a positive number \(finite, above 0\), got nan",
+)
+_argv_case(
+    "profile-peak-bandwidth-inf",
+    lambda m: _profile(m, "--peak-bandwidth", "inf"),
+    r"--peak-bandwidth must be a positive number \(finite, above 0\), got inf",
+)
+_argv_case(
+    "profile-fail-under-nan",
+    lambda m: _profile(m, "--fail-under", "mbu=nan"),
+    r"--fail-under 'mbu=nan': give a fraction between 0 and 1",
+)
+_argv_case(
+    "profile-fail-under-negative",
+    lambda m: _profile(m, "--fail-under", "mfu=-0.2"),
+    r"--fail-under 'mfu=-0\.2': give a fraction between 0 and 1",
+)
+_argv_case("profile-fail-under-empty", lambda m: _profile(m, "--fail-under", ","), r"--fail-under ',' names no gate")
+_argv_case(
+    "profile-fail-under-without-decode",
+    lambda m: _profile(m, "--decode-tokens", "0", "--fail-under", "mbu=0.5"),
+    r"--fail-under decode\.mbu=0\.5: there is no decode run to gate \(--decode-tokens 0 measures prefill only\)",
+)
+_argv_case(
+    "profile-roofs-spec-on-a-cpu",
+    lambda m: _profile(m, "--decode-tokens", "2", "--roofs", "spec"),
+    r"--roofs spec: that source has no figures for .*the spec table lists GPUs only.*use --roofs measured, or pass",
+)
+_argv_case(
+    "profile-roofs-nvml-on-a-cpu",
+    lambda m: _profile(m, "--decode-tokens", "2", "--roofs", "nvml", "--peak-flops", "1e11"),
+    r"--roofs nvml: that source has no figures for .*not a CUDA device",
+)
+_argv_case(
+    "profile-batch-beyond-memory",
+    lambda m: _profile(m, "--decode-tokens", "2", "--batch", "1,1000000000"),
+    r"not enough memory on the CPU for batch 1000000000 prompt 8 \(KV cache and activations\)",
+)
+_flag_case("seed-huge", ("--seed", HUGE), rf"--seed {HUGE} is out of range")
+_flag_case("seed-below-what-torch-takes", ("--seed", str(-(2**63) - 1)), r"--seed -9223372036854775809 is out of range")
+_argv_case(
+    "chat-seed-huge",
+    lambda m: ["chat", "--model", str(m), "--device", "cpu", "--seed", str(2**64)],
+    r"--seed 18446744073709551616 is out of range",
+)
+_argv_case("bench-prompt-huge", lambda m: _bench(m, "-p", HUGE), rf"-p '8,{HUGE}': {_AT_MOST}")
+_argv_case("bench-pg-huge", lambda m: _bench(m, "-pg", f"{HUGE},1"), rf"-pg '{HUGE},1': {_AT_MOST}")
+_argv_case("bench-batch-huge", lambda m: _bench(m, "-b", HUGE), rf"--batch '{HUGE}': {_AT_MOST}")
+_argv_case("bench-repetitions-huge", lambda m: _bench(m, "-r", HUGE), r"--repetitions must be at most 2147483647")
+_argv_case("bench-warmup-negative", lambda m: _bench(m, "--warmup", "-3"), r"--warmup must be at least 0, got -3")
+_argv_case(
+    "bench-peak-flops-nan", lambda m: _bench(m, "--peak-flops", "nan"), r"--peak-flops must be a positive number"
+)
+_argv_case(
+    "perplexity-context-huge",
+    lambda m: ["perplexity", str(m / "config.json"), "--model", str(m), "--context", HUGE],
+    rf"--context must be at most 2147483647, got {HUGE}",
+)
+_argv_case(
+    "perplexity-context-one",
+    lambda m: ["perplexity", str(m / "config.json"), "--model", str(m), "--context", "1"],
+    r"--context must be at least 2, got 1",
+)
+_argv_case(
+    "info-prompt-len-huge",
+    lambda m: ["info", "--model", str(m), "--prompt-len", HUGE],
+    r"--prompt-len must be at most 2147483647",
+)
+_argv_case("info-prompt-len-zero", lambda m: ["info", "--model", str(m), "--prompt-len", "0"], r"at least 1, got 0")
+
+
+def _report(path: Path, model: str = "tiny", time_s: float = 1e-3) -> str:
+    """A minimal ``llmrun profile --format json`` report with one run, written to ``path``."""
+    ops = [{"layer": None, "op": "lm_head", "layers": 1, "time_s": time_s / 2, "share": 0.5}]
+    totals = {"time_s": time_s, "unattributed_s": 0}
+    run = {"phase": "decode", "batch": 1, "prompt_len": 8, "ops": ops, "totals": totals}
+    device = {"name": "AMD EPYC", "kind": "cpu"}
+    report = {"model": model, "dtype": "fp32", "device": device, "settings": {"threads": 2}, "runs": [run]}
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+def _compare_case(id: str, message: str, *flags: str, **candidate: Any) -> None:
+    def setup(model: Path, tmp: Path) -> list[str]:
+        return ["compare", _report(tmp / "a.json"), _report(tmp / "b.json", **candidate), *flags]
+
+    case(id, 2, message)(setup)
+
+
+_REGRESSION = r"--max-regression must be a finite percentage of at least 0, got "
+_compare_case("compare-max-regression-nan", _REGRESSION + "nan", "--max-regression", "nan")
+_compare_case("compare-max-regression-inf", _REGRESSION + "inf", "--max-regression", "inf")
+_compare_case("compare-max-regression-negative", _REGRESSION + "-5", "--max-regression", "-5")
+_compare_case(
+    "compare-different-models",
+    r"a\.json and .*b\.json are runs of different setups \(model 'tiny' vs 'other'\); .*--allow-mismatch",
+    "--max-regression",
+    "5",
+    model="other",
+)
+_compare_case(
+    "compare-run-time-zero",
+    r"b\.json: decode batch 1 prompt 8: totals\.time_s must be a number of seconds above 0",
+    time_s=0,
+)
+
+
 # --- more memory than there is (refused before allocating, from the shapes)
 
 

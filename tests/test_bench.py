@@ -162,6 +162,41 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tiny_dir, args):
     assert err.startswith("llmrun: error:") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-p", str(10**23)], "-p '100000000000000000000000': give integers of at most 2147483647"),
+        (["-n", f"8,{2**31}"], "-n '8,2147483648': give integers of at most 2147483647"),
+        (["-pg", f"{2**40},8"], "-pg '1099511627776,8': give integers of at most"),
+        (["-b", str(10**23)], "--batch '100000000000000000000000': give integers of at most"),
+        (["-r", str(10**23)], "--repetitions must be at most 2147483647, got 100000000000000000000000"),
+        (["--warmup", str(2**31)], "--warmup must be at most 2147483647"),
+        (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+        (["--peak-flops", "nan"], "--peak-flops must be a positive number (finite, above 0), got nan"),
+        (["--peak-bandwidth", "inf"], "--peak-bandwidth must be a positive number (finite, above 0), got inf"),
+    ],
+)
+def test_every_number_is_range_checked_before_loading(capsys, tiny_dir, monkeypatch, args, message):
+    import llmrun.loading.session
+
+    monkeypatch.setattr(llmrun.loading.session, "open_session", lambda *a, **k: pytest.fail("loaded the model"))
+    code, out, err = _bench(capsys, tiny_dir, *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_batch_beyond_memory_is_refused_before_anything_runs(tiny_dir, monkeypatch):
+    """The plan's memory check is the profiler's (``check_memory``): KV cache and activations of each test."""
+    import llmrun.devices
+    from llmrun.profiler.bench.plan import check_tests
+
+    model = load_model(tiny_dir, torch.device("cpu"), torch.float32, progress=False)
+    monkeypatch.setattr(llmrun.devices, "available_memory", lambda: 64 * 2**20)
+    check_tests(model, [BenchTest(16, 8, 1)])
+    with pytest.raises(LlmrunError, match=r"not enough memory on the CPU for pp16\+tg8 at batch 100000 \(KV cache"):
+        check_tests(model, [BenchTest(16, 8, 1), BenchTest(16, 8, 100_000)])
+
+
 def test_plan_and_bounds(tiny_dir):
     tests = plan_tests([512], [128], parse_pairs(["512,128"], "-pg"), [1])
     assert [t.name for t in tests] == ["pp512", "tg128", "pp512+tg128"]

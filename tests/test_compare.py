@@ -95,3 +95,69 @@ def test_compare_cli_bad_files(files, tmp_path, capsys):
     assert run(["compare", good, files("o.json", other)]) == 2
     assert "share no run" in capsys.readouterr().err
     assert run(["compare", good, good, "--max-regression", "-1"]) == 2
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-0.5"])
+def test_max_regression_must_be_a_finite_percentage(files, capsys, value):
+    good = files("a.json", report())
+    assert run(["compare", good, good, "--max-regression", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--max-regression must be a finite percentage of at least 0, got {value}" in err
+
+
+def setup_report(**setup) -> dict:
+    """``report()`` with the setup fields a profile report carries (model, dtype, device, threads)."""
+    base = {"model": "SmolLM2-135M", "dtype": "fp32", "device": {"name": "AMD EPYC", "kind": "cpu"}}
+    threads = setup.pop("threads", 4)
+    return {**report(), **base, **setup, "settings": {"threads": threads}}
+
+
+def test_reports_of_different_setups_are_refused_unless_allowed(files, capsys):
+    a = files("a.json", setup_report())
+    other_model = files("b.json", setup_report(model="Llama-3.2-1B"))
+    assert run(["compare", a, other_model, "--max-regression", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "are runs of different setups (model 'SmolLM2-135M' vs 'Llama-3.2-1B')" in err
+    assert "pass --allow-mismatch" in err
+    several = files("c.json", setup_report(dtype="bf16", device={"name": "NVIDIA H100", "kind": "cuda"}, threads=1))
+    assert run(["compare", a, several]) == 2
+    err = capsys.readouterr().err
+    for part in ("dtype 'fp32' vs 'bf16'", "device 'AMD EPYC' vs 'NVIDIA H100'", "device kind", "threads 4 vs 1"):
+        assert part in err, part
+    assert run(["compare", a, other_model, "--allow-mismatch"]) == 0
+    captured = capsys.readouterr()
+    assert "qkv_proj" in captured.out
+    assert captured.err == (
+        "llmrun: note: comparing different setups (model 'SmolLM2-135M' vs 'Llama-3.2-1B'), as --allow-mismatch asks\n"
+    )
+
+
+def test_a_field_one_report_lacks_is_unknown_not_a_mismatch(files, capsys):
+    old = report()  # an older report: no model, dtype, device or settings
+    assert K.mismatches(setup_report(), old) == [] and K.mismatches(old, setup_report()) == []
+    no_threads = {**setup_report(), "settings": {}}
+    assert K.mismatches(setup_report(), no_threads) == []
+    assert run(["compare", files("a.json", setup_report()), files("b.json", old), "--max-regression", "5"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda r: r["runs"][0]["totals"].update(time_s=0), "totals.time_s must be a number of seconds above 0"),
+        (lambda r: r["runs"][0]["totals"].update(time_s=float("nan")), "totals.time_s must be a number"),
+        (lambda r: r["runs"][0]["totals"].pop("time_s"), "totals.time_s must be a number"),
+        (lambda r: r["runs"][1]["totals"].update(unattributed_s="x"), "decode batch 1 prompt 512: totals.unattributed"),
+        (lambda r: r["runs"][0]["ops"][1].update(time_s=float("inf")), "op 'qkv_proj' has a time_s, layers or share"),
+        (lambda r: r["runs"][0]["ops"][0].pop("share"), "every op needs layer, op, layers, share, time_s"),
+        (lambda r: r["runs"][0].update(ops={"embed": 1}), "every op needs"),
+    ],
+)
+def test_times_that_would_gate_nothing_are_refused(files, capsys, damage, message):
+    """A zero, NaN or missing time makes every delta 0 or NaN, which no gate can fail: refuse the report."""
+    bad = copy.deepcopy(report())
+    damage(bad)
+    assert run(["compare", files("a.json", report()), files("b.json", bad), "--max-regression", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

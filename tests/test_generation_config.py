@@ -171,3 +171,8 @@ def test_a_run_without_a_seed_reports_the_one_it_drew_and_it_reproduces(tiny, ca
     seed = first["sampling"]["seed"]
     assert isinstance(seed, int)
     assert _generate_json(tiny, capsys, "--seed", str(seed))["tokens"] == first["tokens"]
+
+
+def test_seed_minus_one_draws_a_random_seed(tiny, capsys):
+    seeds = [_generate_json(tiny, capsys, "-s", "-1")["sampling"]["seed"] for _ in range(2)]
+    assert all(isinstance(s, int) and s >= 0 for s in seeds) and seeds[0] != seeds[1]

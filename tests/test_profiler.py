@@ -266,12 +266,95 @@ def test_fail_under_exits_3_with_one_line(tiny_dir, capsys):
         (["--prompt-len", "120", "--decode-tokens", "20"], "exceeds the model's context of 128"),
         (["--peak-flops", "-1"], "--peak-flops must be a positive number"),
         (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--fail-under", "mbu=nan"], "between 0 and 1"),
+        (["--fail-under", "mfu=-0.1"], "between 0 and 1"),
+        (["--fail-under", "mfu=inf"], "between 0 and 1"),
+        (["--fail-under", " , "], "names no gate"),
+        (["--decode-tokens", "0", "--fail-under", "mbu=0.5"], "decode.mbu=0.5: there is no decode run to gate"),
+        (["--decode-tokens", "0", "--fail-under", "mfu=0.1,decode.mfu=0.1"], "no decode run to gate"),
+        (["--batch", "4,30000000000000000000000"], "--batch '4,30000000000000000000000': give integers of at most"),
+        (["--prompt-len", str(2**31)], "give integers of at most 2147483647"),
+        (["--decode-tokens", str(10**20)], "--decode-tokens must be at most 2147483647"),
+        (["--repeats", str(2**31)], "--repeats must be at most 2147483647"),
+        (["--warmup", "-1"], "--warmup must be at least 0"),
+        (["--seed", str(2**64)], "--seed 18446744073709551616 is out of range"),
+        (["--seed", str(-(2**63) - 1)], "is out of range: seeds go from 0 to 18446744073709551615"),
+        (["--peak-bandwidth", "inf"], "--peak-bandwidth must be a positive number (finite, above 0), got inf"),
+        (["--peak-flops", "nan"], "--peak-flops must be a positive number"),
+        (["--threads", str(10**20)], "--threads must be between 1 and 4096"),
     ],
 )
 def test_profile_cli_bad_input_is_one_line_exit_2(tiny_dir, capsys, flags, message):
     assert run(["profile", "--model", str(tiny_dir), "--device", "cpu", *OVERRIDE, *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+
+
+def test_fail_under_on_prefill_only_still_gates(tiny_dir, capsys):
+    """Without decode a prefill gate has its run: it passes or fails on it, never by default."""
+    base = ["profile", "--model", str(tiny_dir), "--device", "cpu", "--prompt-len", "4", "--decode-tokens", "0"]
+    assert run([*base, *OVERRIDE, "--format", "json", "--fail-under", "prefill.mbu=0"]) == 0
+    capsys.readouterr()
+    assert run([*base, *OVERRIDE, "--format", "json", "--fail-under", "mfu=1"]) == 3
+    assert capsys.readouterr().err.startswith("llmrun: threshold missed: prefill batch 1 prompt 4: mfu ")
+
+
+def test_gates_without_a_run_or_with_a_nan_metric_never_pass():
+    prefill_only = {"runs": [{"phase": "prefill", "batch": 1, "prompt_len": 4, "totals": {"mfu": 0.2, "mbu": 0.1}}]}
+    assert R.missed_thresholds(prefill_only, R.parse_fail_under("mfu=0.1")) == []
+    with pytest.raises(LlmrunError, match="no decode run to gate"):
+        R.missed_thresholds(prefill_only, R.parse_fail_under("mfu=0.1,mbu=0.1"))
+    with pytest.raises(LlmrunError, match="no prefill run to gate"):
+        R.missed_thresholds({"runs": []}, R.parse_fail_under("mfu=0.1"))
+    prefill_only["runs"][0]["totals"]["mfu"] = float("nan")
+    assert R.missed_thresholds(prefill_only, R.parse_fail_under("mfu=0")) == ["prefill batch 1 prompt 4: mfu nan < 0"]
+    R.check_gates(R.parse_fail_under("decode.mfu=0.5"), ProfileSettings(decode_tokens=1).phases)
+    with pytest.raises(LlmrunError, match="--decode-tokens 0 measures prefill only"):
+        R.check_gates(R.parse_fail_under("decode.mfu=0.5"), ProfileSettings(decode_tokens=0).phases)
+
+
+def test_run_profile_refuses_a_batch_beyond_memory_before_measuring(monkeypatch):
+    """Every (batch, prompt length) is checked against the memory free first: the small batch is not
+    measured, nor are the roofs, before the large one is refused."""
+    import llmrun.devices
+
+    monkeypatch.setattr(llmrun.devices, "available_memory", lambda: 64 * 2**20)
+    settings = ProfileSettings(prompt_lens=(4,), batches=(1, 100_000), decode_tokens=2, repeats=1, warmup=0)
+    with pytest.raises(LlmrunError, match=r"not enough memory on the CPU for batch 100000 prompt 4 \(KV cache"):
+        run_profile(
+            tiny_model(),
+            "tiny",
+            settings,
+            on_step=lambda: pytest.fail("measured before checking the memory"),
+            on_measure=lambda name: pytest.fail("roofs measured before checking the memory"),
+        )
+
+
+def test_roofs_source_without_figures_is_refused(tiny_dir, tmp_path, monkeypatch, capsys):
+    """On a CPU the spec table and NVML know nothing: asking for them is an error, not measured roofs
+    under another name, unless both numbers are given."""
+    from llmrun.profiler import peaks
+    from llmrun.profiler.roofs import Roof, select_roofs
+
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path))
+    cpu = torch.device("cpu")
+    peaks.save(peaks.MeasuredPeaks(peaks.device_name(cpu), "cpu", {"fp32": 1e11}, 2e10), cpu)
+    for source, why in (("spec", "the spec table lists GPUs only"), ("nvml", "not a CUDA device")):
+        with pytest.raises(LlmrunError, match=f"--roofs {source}: that source has no figures for .*{why}"):
+            select_roofs(cpu, "fp32", prefer=source)
+        with pytest.raises(LlmrunError, match="use --roofs measured, or pass --peak-flops and --peak-bandwidth"):
+            select_roofs(cpu, "fp32", prefer=source, peak_flops=1e9)  # the bandwidth would still be measured
+        assert select_roofs(cpu, "fp32", prefer=source, peak_flops=1.0, peak_bandwidth=2.0).source == "override"
+    assert select_roofs(cpu, "fp32").source == "measured"
+    # A source with one number gives it, and the other comes from the next source, labelled.
+    import llmrun.profiler.roofs as roofs_module
+
+    monkeypatch.setattr(roofs_module, "nvml_roof", lambda device: Roof("nvml", None, 5e10, "stand-in"))
+    assert select_roofs(cpu, "fp32", prefer="nvml").source == "flops: measured, bandwidth: nvml"
+    argv = ["profile", "--model", str(tiny_dir), "--device", "cpu", "--prompt-len", "8", "--roofs", "spec"]
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--roofs spec: that source has no figures" in err
 
 
 def test_plain_png_without_matplotlib(tiny_dir, tmp_path, monkeypatch):
@@ -296,8 +379,13 @@ def test_plain_png_without_matplotlib(tiny_dir, tmp_path, monkeypatch):
 def test_fail_under_parser():
     assert R.parse_fail_under("mbu=0.7, mfu=0.5") == [("decode", "mbu", 0.7), ("prefill", "mfu", 0.5)]
     assert R.parse_fail_under("prefill.mbu=0.1") == [("prefill", "mbu", 0.1)]
-    with pytest.raises(ValueError, match="not a number"):
+    with pytest.raises(LlmrunError, match="not a number"):
         R.parse_fail_under("mfu=high")
+    for floor in ("nan", "-0.5", "inf", "1.5"):
+        with pytest.raises(LlmrunError, match="give a fraction between 0 and 1"):
+            R.parse_fail_under(f"mbu={floor}")
+    with pytest.raises(LlmrunError, match="names no gate"):
+        R.parse_fail_under(",")
 
 
 def test_shipped_schema_matches_the_documented_copy():

@@ -228,3 +228,18 @@ def test_validate_accepts_edges() -> None:
         SamplingParams(min_p=1.0, repetition_penalty=0.5),
     ):
         params.validate()
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30])
+def test_seeds_torch_cannot_take_are_refused_naming_the_flag(seed: int) -> None:
+    with pytest.raises(LlmrunError, match=f"--seed {seed} is out of range: seeds go from 0 to 18446744073709551615"):
+        SamplingParams(seed=seed).validate()
+    with pytest.raises(LlmrunError, match="--seed"):
+        Sampler(SamplingParams(seed=seed))
+
+
+@pytest.mark.parametrize("seed", [0, 2**64 - 1, -1, -(2**63)])
+def test_seeds_at_the_edges_of_the_range_sample(seed: int) -> None:
+    """The largest seed and the negative ones torch takes (counted modulo 2^64) still seed a sampler."""
+    params = SamplingParams(temperature=1.0, seed=seed, **PLAIN)
+    assert torch.equal(Sampler(params)(_logits(0)), Sampler(params)(_logits(0)))

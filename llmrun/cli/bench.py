@@ -31,7 +31,7 @@ from llmrun.cli.options import (
     RevisionOption,
     ThreadsOption,
     apply_threads,
-    check_at_least,
+    check_count,
     check_positive,
     parse_int_list,
 )
@@ -105,8 +105,8 @@ def bench(
 
     if output not in FORMATS:
         raise LlmrunError(f"-o {output!r} is not a format; use one of {', '.join(FORMATS)}")
-    check_at_least(warmup, "--warmup", 0)
-    check_at_least(repetitions, "--repetitions", 1)
+    check_count(warmup, "--warmup", 0)
+    check_count(repetitions, "--repetitions", 1)
     apply_threads(threads)
     check_positive(peak_flops, "--peak-flops")
     check_positive(peak_bandwidth, "--peak-bandwidth")

@@ -5,10 +5,16 @@ Examples:
     llmrun compare before.json after.json
     llmrun compare main.json pr.json --max-regression 5          # exit 3 if a run got >5% slower
     llmrun compare main.json pr.json --max-regression 10 --per-op
+    llmrun compare cpu.json gpu.json --allow-mismatch           # different devices, on purpose
+
+Reports of different setups (model, dtype, device or threads) are refused unless
+--allow-mismatch: their time deltas are not a regression or a speed-up of anything.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,15 +34,28 @@ def compare(
         bool, typer.Option("--per-op", help="Gate each op (1%+ of its run) too, not only run totals.")
     ] = False,
     ops: Annotated[bool, typer.Option("--ops/--totals-only", help="Show every op, or only run totals.")] = True,
+    allow_mismatch: Annotated[
+        bool,
+        typer.Option("--allow-mismatch", help="Compare reports whose model, dtype, device or threads differ."),
+    ] = False,
 ) -> None:
     """Show how much faster or slower B is than A, op by op and in total."""
     from rich.console import Console
 
     from llmrun.profiler import compare as K
 
-    if max_regression is not None and max_regression < 0:
-        raise LlmrunError(f"--max-regression must be a percentage of at least 0, got {max_regression}")
-    comparison = K.compare(K.load_report(baseline), K.load_report(candidate))
+    if max_regression is not None and not (math.isfinite(max_regression) and max_regression >= 0):
+        raise LlmrunError(f"--max-regression must be a finite percentage of at least 0, got {max_regression}")
+    a, b = K.load_report(baseline), K.load_report(candidate)
+    differ = "; ".join(K.mismatches(a, b))
+    if differ and not allow_mismatch:
+        raise LlmrunError(
+            f"{baseline} and {candidate} are runs of different setups ({differ}); "
+            "compare like with like, or pass --allow-mismatch"
+        )
+    if differ:
+        print(f"llmrun: note: comparing different setups ({differ}), as --allow-mismatch asks", file=sys.stderr)
+    comparison = K.compare(a, b)
     if not comparison.runs:
         raise LlmrunError(f"{baseline} and {candidate} share no run (phase, batch, prompt length) to compare")
     K.render(comparison, Console(), show_ops=ops)

@@ -22,7 +22,7 @@ from typing import Annotated
 
 import typer
 
-from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RevisionOption, check_at_least
+from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RevisionOption, check_count
 from llmrun.errors import LlmrunError
 
 
@@ -53,7 +53,7 @@ def info(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if prompt_len is not None:
-        check_at_least(prompt_len, "--prompt-len", 1)
+        check_count(prompt_len, "--prompt-len", 1)
     if is_preset(model):
         preset = load_preset(model)
         args, source = preset.args, preset.source

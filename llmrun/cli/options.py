@@ -72,7 +72,12 @@ RepetitionPenaltyOption = Annotated[
         show_default=False,
     ),
 ]
-SeedOption = Annotated[int | None, typer.Option("--seed", help="Seed: the same seed gives the same output.")]
+SeedOption = Annotated[
+    int | None,
+    typer.Option(
+        "--seed", "-s", help="Same seed, same output; -1 or none: a random seed (reported).", show_default=False
+    ),
+]
 CtxSizeOption = Annotated[
     int | None,
     typer.Option(
@@ -99,9 +104,7 @@ def apply_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def parse_int_list(
-    values: str | Sequence[str], flag: str, *, minimum: int = 1, maximum: int = MAX_COUNT
-) -> list[int]:
+def parse_int_list(values: str | Sequence[str], flag: str, *, minimum: int = 1, maximum: int = MAX_COUNT) -> list[int]:
     """``"1,4,16"`` or ``["512,1024", "128"]`` -> [1, 4, 16] or [512, 1024, 128], in order.
 
     Each comma-separated part must be an integer from ``minimum`` to ``maximum``, and there must be

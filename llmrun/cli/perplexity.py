@@ -24,6 +24,7 @@ from llmrun.cli.options import (
     RevisionOption,
     ThreadsOption,
     apply_threads,
+    check_count,
 )
 from llmrun.errors import LlmrunError
 
@@ -47,6 +48,7 @@ def perplexity(
     from llmrun.generation.perplexity import windows
     from llmrun.loading.session import open_session
 
+    check_count(context, "--context", 2)  # the model's own context is checked once it is loaded
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -58,7 +60,7 @@ def perplexity(
     ids = session.tokenizer.encode(text)
     console = Console(stderr=True)  # no bar unless a terminal: rich leaves a blank line in pipes and logs
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("scoring", total=len(windows(ids, max(context, 2))))
+        task = bar.add_task("scoring", total=len(windows(ids, context)))
         result = score(session.model, ids, context, on_window=lambda: bar.advance(task))
     if as_json:
         print(json.dumps({**asdict(result), "model": session.name, "dtype": session.dtype_name}))

@@ -9,7 +9,8 @@ Examples:
     llmrun profile --format json --output ci.json --fail-under mbu=0.7,mfu=0.5   # exit 3 when short
 
 --fail-under gates MBU on decode and MFU on prefill; write decode.mfu=X or prefill.mbu=X to gate
-the other way round.
+the other way round. A gate with nothing to check (decode with --decode-tokens 0) is refused, as
+is --roofs spec or nvml where that source has no figures (the spec table lists GPUs only).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from llmrun.cli.options import (
     RevisionOption,
     ThreadsOption,
     apply_threads,
-    check_at_least,
+    check_count,
     check_positive,
     parse_int_list,
 )
@@ -93,9 +94,16 @@ def profile(
     """Profile prefill and decode op by op: time, FLOPs, bytes, and % of the roofline."""
     from rich.console import Console
 
+    from llmrun.generation.sampling import check_seed
     from llmrun.profiler import report as R
     from llmrun.profiler.profile import ProfileSettings
 
+    check_count(repeats, "--repeats", 1)
+    check_count(warmup, "--warmup", 0)
+    check_count(decode_tokens, "--decode-tokens", 0)
+    check_positive(peak_flops, "--peak-flops")
+    check_positive(peak_bandwidth, "--peak-bandwidth")
+    check_seed(seed)
     settings = ProfileSettings(
         prompt_lens=tuple(dict.fromkeys(parse_int_list(prompt_len, "--prompt-len"))),
         batches=tuple(dict.fromkeys(parse_int_list(batch, "--batch"))),
@@ -109,15 +117,8 @@ def profile(
         peak_bandwidth=peak_bandwidth,
         random_weights=random_weights,
     )
-    check_at_least(repeats, "--repeats", 1)
-    check_at_least(warmup, "--warmup", 0)
-    check_at_least(decode_tokens, "--decode-tokens", 0)
-    check_positive(peak_flops, "--peak-flops")
-    check_positive(peak_bandwidth, "--peak-bandwidth")
-    try:
-        gates = R.parse_fail_under(fail_under) if fail_under else []
-    except ValueError as exc:
-        raise LlmrunError(str(exc)) from None
+    gates = R.parse_fail_under(fail_under) if fail_under is not None else []
+    R.check_gates(gates, settings.phases)
     if plot is not None and plot.suffix.lower() not in (".png", ".svg"):
         raise LlmrunError(f"--plot {plot}: the chart is written as .png or .svg")
     for flag, path in (("--output", output), ("--plot", plot)):

@@ -34,11 +34,15 @@ def check_utf8(text: str, what: str) -> str:
     return text
 
 
+RANDOM_SEED = -1  # --seed -1: draw one
+
+
 def sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed) -> dict[str, Any]:
     """The sampling flags given on the command line (None: not given), as ``SamplingParams`` fields.
 
     Validated before anything is loaded, so a bad value fails at once and names its flag; the model's
     ``generation_config.json`` fills in the rest later (``llmrun.generation.generation_config.sampling_params``).
+    ``--seed -1`` means a random seed, as in llama.cpp (the one drawn is reported).
     """
     from llmrun.generation.sampling import SamplingParams
 
@@ -48,7 +52,7 @@ def sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed) -
         top_p=top_p,
         min_p=min_p,
         repetition_penalty=repetition_penalty,
-        seed=seed,
+        seed=None if seed == RANDOM_SEED else seed,
     )
     given = {name: value for name, value in flags.items() if value is not None}
     SamplingParams(**given).validate()

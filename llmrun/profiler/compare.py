@@ -4,7 +4,7 @@ Runs are matched by (phase, batch, prompt_len) and ops by (layer, op). A delta i
 to A: +10% means B took 10% longer. A regression is a run whose total time grew by more than the
 allowed percentage (with ``per_op``, also an op that is at least ``min_share`` of A's run).
 ``mismatches`` names what differs between the setups of two reports (model, dtype, device,
-threads), whose times say nothing about a change when they differ.
+threads): times of different setups say nothing about a change.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ class Comparison:
 def load_report(path: Path) -> dict:
     """Read a ``llmrun profile --format json`` file, or say clearly why it is not one.
 
-    Every run needs its key, ops and totals, and every time compared must be a finite number
-    (a run's total above 0), so that no delta is NaN or measured against nothing.
+    Every run needs its key, ops and totals, and every time compared must be a finite number of
+    seconds (a run's total above 0), so that no delta is NaN or measured against nothing.
     """
     write_one = "write one with llmrun profile --format json"
     report = read_json_object(Path(path), missing=write_one, fix=f"it is not a JSON profile report; {write_one}")
@@ -67,44 +67,53 @@ def load_report(path: Path) -> dict:
     for run in report["runs"]:
         if not isinstance(run, dict) or not {"phase", "batch", "prompt_len", "ops", "totals"} <= set(run):
             raise LlmrunError(f"{path}: a run lacks phase, batch, prompt_len, ops or totals")
-        label = f"{path}: run {run['phase']} batch {run['batch']} prompt {run['prompt_len']}"
-        totals, ops = run["totals"], run["ops"]
-        if not isinstance(totals, dict) or not _number(totals.get("time_s"), above=0):
-            raise LlmrunError(f"{label}: totals.time_s must be a number of seconds above 0")
-        if not _number(totals.get("unattributed_s")):
-            raise LlmrunError(f"{label}: totals.unattributed_s must be a finite number of seconds")
-        for row in ops if isinstance(ops, list) else [None]:
-            if not isinstance(row, dict) or not {"layer", "op", "layers", "share"} <= set(row):
-                raise LlmrunError(f"{label}: every op needs layer, op, layers, share and time_s")
-            if not (_number(row.get("time_s"), above=-1) and _number(row["layers"]) and _number(row["share"])):
-                raise LlmrunError(f"{label}: op {row['op']!r} has a time_s, layers or share that is not a number")
+        _check_times(run, f"{path}: {run['phase']} batch {run['batch']} prompt {run['prompt_len']}")
     return report
 
 
-def _number(value: object, *, above: float | None = None) -> bool:
-    """``value`` is a finite int or float (not a bool), above ``above`` when given."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    return ok and (above is None or value > above)
+def _check_times(run: dict, label: str) -> None:
+    """``LlmrunError`` unless the run's total is a time above 0 and its unattributed and op times finite."""
+    totals, ops = run["totals"], run["ops"]
+    if not isinstance(totals, dict) or not _seconds(totals.get("time_s")) > 0:
+        raise LlmrunError(f"{label}: totals.time_s must be a number of seconds above 0")
+    if math.isnan(_seconds(totals.get("unattributed_s"))):
+        raise LlmrunError(f"{label}: totals.unattributed_s must be a finite number of seconds")
+    for row in ops if isinstance(ops, list) else [None]:
+        fields = ("layer", "op", "layers", "share", "time_s")
+        if not isinstance(row, dict) or not set(fields) <= set(row):
+            raise LlmrunError(f"{label}: every op needs {', '.join(fields)}")
+        if not all(_seconds(row[k]) >= 0 for k in ("layers", "share", "time_s")):
+            raise LlmrunError(f"{label}: op {row['op']!r} has a time_s, layers or share that is not a number >= 0")
 
 
-MISMATCH_FIELDS = {
-    "model": lambda r: r.get("model"),
-    "dtype": lambda r: r.get("dtype"),
-    "device": lambda r: (r.get("device") or {}).get("name") if isinstance(r.get("device"), dict) else None,
-    "device kind": lambda r: (r.get("device") or {}).get("kind") if isinstance(r.get("device"), dict) else None,
-    "threads": lambda r: (r.get("settings") or {}).get("threads") if isinstance(r.get("settings"), dict) else None,
-}
-"""What must agree for two reports' times to be comparable; a field a report lacks (older reports) is unknown."""
+def _seconds(value: object) -> float:
+    """``value`` as a float if it is a finite JSON number, else NaN (false in every comparison)."""
+    finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if finite else math.nan
+
+
+def setup(report: dict) -> dict[str, object]:
+    """What must agree for two reports' times to say anything about a change: model, dtype, device
+    (name and kind) and threads; None where the report does not say (older reports)."""
+    device = report.get("device") if isinstance(report.get("device"), dict) else {}
+    settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
+    return {
+        "model": report.get("model"),
+        "dtype": report.get("dtype"),
+        "device": device.get("name"),
+        "device kind": device.get("kind"),
+        "threads": settings.get("threads"),
+    }
 
 
 def mismatches(a: dict, b: dict) -> list[str]:
-    """``"model 'x' vs 'y'"`` for each setup field of ``MISMATCH_FIELDS`` that both reports give and that differs."""
-    differ = []
-    for name, read in MISMATCH_FIELDS.items():
-        left, right = read(a), read(b)
-        if left is not None and right is not None and left != right:
-            differ.append(f"{name} {left!r} vs {right!r}")
-    return differ
+    """``"model 'x' vs 'y'"`` for each ``setup`` field that both reports give and that differs."""
+    setup_a, setup_b = setup(a), setup(b)
+    return [
+        f"{name} {setup_a[name]!r} vs {setup_b[name]!r}"
+        for name in setup_a
+        if setup_a[name] is not None and setup_b[name] is not None and setup_a[name] != setup_b[name]
+    ]
 
 
 def _run_key(run: dict) -> RunKey:

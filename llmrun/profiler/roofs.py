@@ -253,7 +253,7 @@ def _check_preferred(device: torch.device, prefer: str, others: list[Roof]) -> N
     having = ["measured"] + [r.source for r in others if r.peak_flops is not None or r.peak_bytes_per_s is not None]
     raise LlmrunError(
         f"--roofs {prefer}: that source has no figures for {peaks.device_name(device)} ({roof.note}); "
-        f"sources with figures here: {', '.join(having)}; or pass --peak-flops and --peak-bandwidth"
+        f"use --roofs {' or '.join(having)}, or pass --peak-flops and --peak-bandwidth"
     )
 
 
