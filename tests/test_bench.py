@@ -45,6 +45,7 @@ ROW_FIELDS = {
     "n_prompt",
     "n_gen",
     "batch",
+    "n_ctx",
     "repetitions",
     "tok_s",
     "tok_s_std",
@@ -104,6 +105,15 @@ def test_json_has_the_documented_fields(capsys, tiny_dir):
         assert row["fraction"] == pytest.approx(row["sol_s"] / statistics.fmean(row["samples_s"]))
         assert row["flops"] > 0 and row["bytes"] > 0
     assert [r["fraction_kind"] for r in rows[:3]] == ["mfu", "mbu", "sol"]
+    assert [r["n_ctx"] for r in rows[:3]] == [16, 8, 24]  # each test's cache holds what it fills
+
+
+def test_ctx_size_sets_every_cache_and_is_checked(capsys, tiny_dir):
+    code, out, _ = _bench(capsys, tiny_dir, "-p", "16", "-n", "8", "-r", "1", "-c", "100", "-o", "json")
+    assert code == 0
+    assert [r["n_ctx"] for r in json.loads(out)["rows"]] == [100, 100]
+    code, _, err = _bench(capsys, tiny_dir, "-p", "0", "-n", "8", "-r", "1", "-c", "129")
+    assert code == 2 and "needs 129 positions but the model's context is 128" in err
 
 
 def test_markdown_is_a_table_to_paste(capsys, tiny_dir):

@@ -38,14 +38,16 @@ from llmrun.cli.options import (
 from llmrun.errors import LlmrunError
 
 
-def _tests(n_prompt: list[str] | None, n_gen: list[str] | None, pg: list[str] | None, batch: list[str] | None):
-    """The bench tests the -p, -n, -pg and --batch values ask for (llama-bench's defaults: pp512, tg128, batch 1)."""
+def _tests(
+    n_prompt: list[str] | None, n_gen: list[str] | None, pg: list[str] | None, batch: list[str] | None, n_ctx: int
+):
+    """The bench tests -p, -n, -pg, --batch and -c ask for (llama-bench's defaults: pp512, tg128, batch 1)."""
     from llmrun.profiler.bench.plan import plan_tests
 
     prompts = parse_int_list(n_prompt, "-p", minimum=0) if n_prompt is not None else [512]
     gens = parse_int_list(n_gen, "-n", minimum=0) if n_gen is not None else [128]
     batches = parse_int_list(batch, "--batch") if batch else [1]
-    return plan_tests(prompts, gens, parse_pairs(pg, "-pg"), batches)
+    return plan_tests(prompts, gens, parse_pairs(pg, "-pg"), batches, n_ctx)
 
 
 def parse_pairs(values: Sequence[str] | None, flag: str) -> list[tuple[int, int]]:
@@ -80,6 +82,12 @@ def bench(
     ] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="Output format: md, csv, json or jsonl.")] = "md",
     threads: ThreadsOption = None,
+    ctx_size: Annotated[
+        int | None,
+        typer.Option(
+            "--ctx-size", "-c", help="KV cache capacity of every test (default: what it fills).", show_default=False
+        ),
+    ] = None,
     eager: Annotated[bool, typer.Option("--eager", help="Time the eager decode path, not the fast path.")] = False,
     kernel_floor: Annotated[
         bool, typer.Option("--kernel-floor", help="Also time one GEMV pass over all weights beside each tg row.")
@@ -107,10 +115,12 @@ def bench(
         raise LlmrunError(f"-o {output!r} is not a format; use one of {', '.join(FORMATS)}")
     check_count(warmup, "--warmup", 0)
     check_count(repetitions, "--repetitions", 1)
+    if ctx_size is not None:
+        check_count(ctx_size, "--ctx-size", 1)
     apply_threads(threads)
     check_positive(peak_flops, "--peak-flops")
     check_positive(peak_bandwidth, "--peak-bandwidth")
-    tests = _tests(n_prompt, n_gen, pg, batch)
+    tests = _tests(n_prompt, n_gen, pg, batch, ctx_size or 0)
     session = open_session(model, device, dtype, revision=revision, random_weights=random_weights, with_tokenizer=False)
     check_tests(session.model, tests)  # before the roofs are measured
     roofs = select_roofs(

@@ -52,12 +52,11 @@ def check_context(args: ModelArgs, prompt_len: int, decode_tokens: int) -> None:
         )
 
 
-def check_memory(model: Transformer, batch: int, n_prompt: int, n_gen: int, doing: str) -> None:
+def check_memory(model: Transformer, batch: int, n_prompt: int, positions: int, doing: str) -> None:
     """``LlmrunError`` (``llmrun.devices.check_fits``) unless the memory free holds what one run of
-    ``batch`` sequences of ``n_prompt`` prompt tokens and ``n_gen`` decode steps allocates: its KV cache
-    of n_prompt + n_gen positions and one forward pass's activations (``doing`` names the run)."""
+    ``batch`` sequences of ``n_prompt`` prompt tokens in a cache of ``positions`` allocates: its KV
+    cache and one forward pass's activations (``doing`` names the run)."""
     weight = model.lm_head.weight
-    positions = n_prompt + n_gen
     cache = kv_cache_bytes(model.args, batch, positions, weight.dtype)
     step = activation_bytes(model.args, batch, max(n_prompt, 1), positions, weight.dtype)
     check_fits(cache + step, weight.device, f"{doing} (KV cache and activations)")

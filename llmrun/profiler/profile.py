@@ -88,7 +88,8 @@ def run_profile(
         check_context(model.args, prompt_len, settings.decode_tokens)
     for batch in settings.batches:
         for prompt_len in settings.prompt_lens:
-            check_memory(model, batch, prompt_len, settings.decode_tokens, f"batch {batch} prompt {prompt_len}")
+            positions = prompt_len + settings.decode_tokens
+            check_memory(model, batch, prompt_len, positions, f"batch {batch} prompt {prompt_len}")
     roofs = select_roofs(
         device,
         DTYPE_NAMES[dtype],

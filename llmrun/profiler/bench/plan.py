@@ -12,11 +12,18 @@ from llmrun.profiler.measure import check_memory
 
 @dataclass(frozen=True)
 class BenchTest:
-    """One llama-bench test: ``n_prompt`` prompt tokens then ``n_gen`` decode steps, per sequence."""
+    """One llama-bench test: ``n_prompt`` prompt tokens then ``n_gen`` decode steps, per sequence, in a
+    KV cache of ``n_ctx`` positions (0: just the positions the test fills)."""
 
     n_prompt: int
     n_gen: int
     batch: int = 1
+    n_ctx: int = 0
+
+    @property
+    def positions(self) -> int:
+        """The KV cache's capacity in positions: ``n_ctx``, at least what the test fills."""
+        return max(self.n_ctx, self.n_prompt + self.n_gen)
 
     @property
     def name(self) -> str:
@@ -31,19 +38,24 @@ class BenchTest:
 
 
 def plan_tests(
-    prompts: Sequence[int], gens: Sequence[int], pairs: Sequence[tuple[int, int]], batches: Sequence[int]
+    prompts: Sequence[int],
+    gens: Sequence[int],
+    pairs: Sequence[tuple[int, int]],
+    batches: Sequence[int],
+    n_ctx: int = 0,
 ) -> list[BenchTest]:
     """All tests, batch-major: pp for each prompt length, tg for each generation length, then pp+tg pairs.
 
-    Lengths of 0 are skipped (``-p 0`` runs no pp test); batch sizes must be at least 1.
+    Lengths of 0 are skipped (``-p 0`` runs no pp test); batch sizes must be at least 1. ``n_ctx``
+    is every test's KV cache capacity (0: what each fills).
     """
     if not batches or min(batches) < 1:
         raise LlmrunError("--batch must be at least 1")
     tests = []
     for b in batches:
-        tests += [BenchTest(n, 0, b) for n in prompts if n > 0]
-        tests += [BenchTest(0, n, b) for n in gens if n > 0]
-        tests += [BenchTest(p, g, b) for p, g in pairs if p > 0 or g > 0]
+        tests += [BenchTest(n, 0, b, n_ctx) for n in prompts if n > 0]
+        tests += [BenchTest(0, n, b, n_ctx) for n in gens if n > 0]
+        tests += [BenchTest(p, g, b, n_ctx) for p, g in pairs if p > 0 or g > 0]
     if not tests:
         raise LlmrunError("nothing to run: give -p, -n or -pg with a length above 0")
     return tests
@@ -54,7 +66,6 @@ def check_tests(model: Transformer, tests: Sequence[BenchTest]) -> None:
     fit in the memory free (before anything is measured)."""
     limit = model.args.context_length
     for test in tests:
-        positions = test.n_prompt + test.n_gen
-        if positions > limit:
-            raise LlmrunError(f"{test.name} needs {positions} positions but the model's context is {limit}")
-        check_memory(model, test.batch, test.n_prompt, test.n_gen, f"{test.name} at batch {test.batch}")
+        if test.positions > limit:
+            raise LlmrunError(f"{test.name} needs {test.positions} positions but the model's context is {limit}")
+        check_memory(model, test.batch, test.n_prompt, test.positions, f"{test.name} at batch {test.batch}")

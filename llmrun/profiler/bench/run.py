@@ -39,6 +39,7 @@ class BenchRow:
     n_prompt: int
     n_gen: int
     batch: int
+    n_ctx: int  # the KV cache's capacity in positions
     repetitions: int
     tok_s: float
     tok_s_std: float
@@ -77,7 +78,7 @@ def time_test(
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (test.batch, test.n_prompt), generator=gen).to(device)
     steps = torch.randint(0, vocab, (test.batch, test.n_gen), generator=gen).to(device)
-    cache = make_cache(model, test.batch, test.n_prompt + test.n_gen)
+    cache = make_cache(model, test.batch, test.positions)
     prepare_s = prepare_decode(model, cache) if fast and test.n_gen else 0.0
 
     def once() -> None:
@@ -127,6 +128,7 @@ def bench_row(test: BenchTest, times: list[float], phases: Sequence[Cost], roofs
         n_prompt=test.n_prompt,
         n_gen=test.n_gen,
         batch=test.batch,
+        n_ctx=test.positions,
         repetitions=len(times),
         tok_s=statistics.fmean(rates),
         tok_s_std=statistics.stdev(rates) if len(rates) > 1 else 0.0,
