@@ -39,6 +39,7 @@ from llmrun.loading.sources import resolve_model
 from llmrun.model.executor import decode_step, make_cache, prefill
 from llmrun.profiler.costs import decode_weight_bytes
 from llmrun.profiler.kernel_floor import decode_matrices, gemv_kernels
+from llmrun.profiler.tuning import tune_decode
 
 
 def bandwidth(buffer: torch.Tensor, scratch: torch.Tensor) -> float:
@@ -74,6 +75,7 @@ def int8_pass(model, tokens: int):
 
 def measure(model_dir: Path, dtype: str, args: argparse.Namespace) -> dict:
     model = load_model(model_dir, torch.device("cpu"), DTYPES[dtype], progress=False)
+    tune_decode(model)  # the decode kernel measured fastest here, as the CLI does
     nbytes = decode_weight_bytes(model.args, DTYPES[dtype].itemsize)
     kernels = {name: build() for name, build in gemv_kernels(model, 1).items()}  # every copy at once
     context = args.context + args.tokens * (args.warmup + args.rounds) * 2 + 1

@@ -48,10 +48,12 @@ class LlmrunWorker:
 
         from llmrun.devices import DTYPES
         from llmrun.loading.loader import load_model
+        from llmrun.profiler.tuning import tune_decode
 
         torch.set_num_threads(threads)
         self.torch = torch
         self.model = load_model(model_dir, torch.device("cpu"), DTYPES[dtype], progress=False)
+        tune_decode(self.model)  # the decode kernel measured fastest here, as the CLI does
 
     def pp(self, n: int) -> float:
         from llmrun.model.executor import make_cache, prefill

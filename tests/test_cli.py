@@ -126,3 +126,14 @@ def test_version_and_short_help(capsys):
         out = capsys.readouterr().out
         assert out.startswith(f"Usage: llmrun {command}"), out[:200]
         assert f"Examples:\n\n  llmrun {command}" in out  # the module docstring's examples, unwrapped
+
+
+def test_llama_cpp_flag_names_are_aliases(tmp_path, capsys):
+    """``--temp``, ``--repeat-penalty``, ``-s`` and ``-c`` mean what llama.cpp users expect."""
+    from badinputs import build_model
+
+    model = build_model(tmp_path / "tiny")
+    base = ["generate", "hi", "-m", str(model), "--device", "cpu", "--no-chat", "-n", "4", "--json"]
+    assert run([*base, "--temp", "0.7", "--repeat-penalty", "1.3", "-s", "5", "-c", "64"]) == 0
+    sampling = json.loads(capsys.readouterr().out)["sampling"]
+    assert (sampling["temperature"], sampling["repetition_penalty"], sampling["seed"]) == (0.7, 1.3, 5)

@@ -42,7 +42,7 @@ RandomWeightsOption = Annotated[
 _FROM_MODEL = "Default: the model's generation_config.json, else"
 TemperatureOption = Annotated[
     float | None,
-    typer.Option("--temperature", help=f"0 means greedy (argmax). {_FROM_MODEL} 0.8.", show_default=False),
+    typer.Option("--temperature", "--temp", help=f"0 means greedy (argmax). {_FROM_MODEL} 0.8.", show_default=False),
 ]
 TopKOption = Annotated[
     int | None,
@@ -68,6 +68,7 @@ RepetitionPenaltyOption = Annotated[
     float | None,
     typer.Option(
         "--repetition-penalty",
+        "--repeat-penalty",
         help=f"Penalty for tokens already seen; 1 is off. {_FROM_MODEL} 1.",
         show_default=False,
     ),

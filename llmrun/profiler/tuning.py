@@ -51,7 +51,7 @@ Measure = Callable[[Transformer, list[str], int], dict[str, float]]
 @dataclass
 class KernelChoice:
     """The kernel that runs CPU decode and why: ``measured`` now, ``cached`` from an earlier
-    measurement, or ``LLMRUN_CPU_GEMV``; ``seconds`` per candidate (estimated pass over all
+    measurement, ``LLMRUN_CPU_GEMV``, or ``only candidate``; ``seconds`` per candidate (estimated pass over all
     decode weights) when measured."""
 
     kernel: str
@@ -74,6 +74,8 @@ def choose_cpu_gemv(
         return KernelChoice(forced, "LLMRUN_CPU_GEMV")
     dtype = model.lm_head.weight.dtype
     candidates = [k for k in PRODUCTS if k == "mm" or onednn_supported(dtype)]
+    if len(candidates) == 1:  # nothing to choose between (oneDNN cannot run the dtype here)
+        return KernelChoice(candidates[0], "only candidate")
     key = _key(model, batch)
     cache = read_json_object(cache_path())
     entry = cache.get(key) if cache.get("version") == CACHE_VERSION and not refresh else None
