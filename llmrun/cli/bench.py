@@ -38,6 +38,27 @@ from llmrun.cli.options import (
 from llmrun.errors import LlmrunError
 
 
+def _check_numbers(
+    warmup: int, repetitions: int, ctx_size: int | None, peak_flops: float | None, peak_bandwidth: float | None
+) -> None:
+    """Every numeric flag of bench in range (exit 2 naming the flag otherwise)."""
+    check_count(warmup, "--warmup", 0)
+    check_count(repetitions, "--repetitions", 1)
+    if ctx_size is not None:
+        check_count(ctx_size, "--ctx-size", 1)
+    check_positive(peak_flops, "--peak-flops")
+    check_positive(peak_bandwidth, "--peak-bandwidth")
+
+
+def _print_row(row) -> None:
+    """One finished test on stderr, as the run goes."""
+    print(
+        f"{row.test} b{row.batch}: {row.tok_s:.2f} ± {row.tok_s_std:.2f} tok/s "
+        f"({row.fraction:.1%} {row.fraction_kind.upper()})",
+        file=sys.stderr,
+    )
+
+
 def _tests(
     n_prompt: list[str] | None, n_gen: list[str] | None, pg: list[str] | None, batch: list[str] | None, n_ctx: int
 ):
@@ -113,13 +134,8 @@ def bench(
 
     if output not in FORMATS:
         raise LlmrunError(f"-o {output!r} is not a format; use one of {', '.join(FORMATS)}")
-    check_count(warmup, "--warmup", 0)
-    check_count(repetitions, "--repetitions", 1)
-    if ctx_size is not None:
-        check_count(ctx_size, "--ctx-size", 1)
+    _check_numbers(warmup, repetitions, ctx_size, peak_flops, peak_bandwidth)
     apply_threads(threads)
-    check_positive(peak_flops, "--peak-flops")
-    check_positive(peak_bandwidth, "--peak-bandwidth")
     tests = _tests(n_prompt, n_gen, pg, batch, ctx_size or 0)
     session = open_session(model, device, dtype, revision=revision, random_weights=random_weights, with_tokenizer=False)
     check_tests(session.model, tests)  # before the roofs are measured
@@ -140,11 +156,7 @@ def bench(
         warmup=warmup,
         fast=not eager,
         kernel_floor=kernel_floor,
-        on_row=lambda row: print(
-            f"{row.test} b{row.batch}: {row.tok_s:.2f} ± {row.tok_s_std:.2f} tok/s "
-            f"({row.fraction:.1%} {row.fraction_kind.upper()})",
-            file=sys.stderr,
-        ),
+        on_row=_print_row,
     )
     if choice is not None:
         report.env["cpu_gemv"] = choice.to_json()
