@@ -24,15 +24,20 @@ def save_tiny(
 
     ``max_shard_size`` (e.g. ``"40KB"``) makes transformers write a sharded checkpoint with an index.
     """
-    import transformers
-
     torch.manual_seed(seed)
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[model_type]
+    config_cls, model_cls = hf_classes(model_type)
     config = config_cls(**{**TINY, **overrides})
     shard = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model_cls(config).eval().save_pretrained(path, **shard)
     return path
+
+
+def hf_classes(model_type: str):
+    """transformers' (config class, causal-LM class) of an architecture llmrun supports."""
+    import transformers
+
+    return {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[model_type]

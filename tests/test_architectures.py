@@ -54,14 +54,8 @@ TEXT = "Decode reads every weight once per token; prefill is bound by arithmetic
 
 def save_wide(path: Path, model_type: str, seed: int = 0, max_shard_size: str | None = None, **overrides) -> Path:
     """A transformers checkpoint with wide random weights, plus a byte-level tokenizer.json."""
-    import transformers
-
     torch.manual_seed(seed)
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[model_type]
+    config_cls, model_cls = helpers.hf_classes(model_type)
     model = model_cls(config_cls(**{**TINY, **overrides})).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
