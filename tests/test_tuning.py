@@ -61,3 +61,9 @@ def test_the_environment_variable_overrides_the_measurement(model, monkeypatch):
 def test_the_real_measurement_times_every_candidate(model):
     seconds = T.measure_passes(model, ["mm", "conv"], 1)
     assert set(seconds) == {"mm", "conv"} and all(s > 0 for s in seconds.values())
+
+
+def test_nothing_is_measured_when_the_fast_path_is_off(model, monkeypatch):
+    monkeypatch.setenv("LLMRUN_FAST", "0")
+    assert T.tune_decode(model) is None and model.decode_gemv is None
+    assert not T.cache_path().exists()

@@ -60,6 +60,7 @@ def chat(
     """Chat with the model in the terminal."""
     from llmrun.generation.chat import ChatSession
     from llmrun.generation.sampling import Sampler
+    from llmrun.profiler.tuning import tune_decode
 
     given = generation_flags(
         max_new_tokens, threads, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -68,12 +69,10 @@ def chat(
     session, sampling = open_for_generation(
         model, device, dtype, given, revision=revision, random_weights=random_weights
     )
-    tokenizer = session.tokenizer
-    if not tokenizer.has_chat_template:
-        raise LlmrunError(f"{session.name} has no chat template; use 'llmrun generate --no-chat' instead")
-    sampler = Sampler(sampling, session.device)
     ctx_size = context_size(ctx_size, session.model.args.context_length, DEFAULT_CTX_SIZE)
-    chat_session = ChatSession(session.model, tokenizer, ctx_size, max_new_tokens, system)
+    chat_session = ChatSession(session.model, session.tokenizer, ctx_size, max_new_tokens, system)
+    tune_decode(session.model)
+    sampler = Sampler(sampling, session.device)
     print("llmrun chat: /help lists the commands, /exit or Ctrl-D quits", file=sys.stderr)
     reader = ChatInput(llmrun_home() / "chat_history")
     try:

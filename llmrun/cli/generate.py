@@ -74,6 +74,7 @@ def generate(
     from llmrun.generation.generate import GenerationStats, generate_tokens, stream_text
     from llmrun.generation.prompt import PromptSettings, prompt_ids
     from llmrun.generation.sampling import Sampler
+    from llmrun.profiler.tuning import tune_decode
 
     given = generation_flags(
         max_new_tokens, threads, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -86,6 +87,7 @@ def generate(
     settings = PromptSettings(chat=chat, system=check_utf8(system, "--system") if system else None, truncate=truncate)
     context = context_size(ctx_size, session.model.args.context_length, session.model.args.context_length)
     ids = prompt_ids(session.tokenizer, text, settings, context, session.name, max_new_tokens)
+    tune_decode(session.model)
     stats = GenerationStats()
     sampler = Sampler(sampling, session.device)
     sampling = dataclasses.replace(sampling, seed=sampler.seed)  # the seed in use, drawn when none was given

@@ -71,14 +71,13 @@ def generation_flags(max_new_tokens: int, threads: int | None, **sampling: Any) 
 
 
 def open_for_generation(model: str | None, device: str, dtype: str, given: dict[str, Any], **session_options: Any):
-    """(session, sampling settings): the model opened, its decode kernel measured on a CPU
-    (``llmrun.profiler.tuning``), and ``given``'s flags completed from its ``generation_config.json``."""
+    """(session, sampling settings): the model opened, and ``given``'s flags completed from its
+    ``generation_config.json``. The caller measures the decode kernel (``llmrun.profiler.tuning``)
+    once its own checks of the input have passed."""
     from llmrun.generation.generation_config import sampling_params
     from llmrun.loading.session import open_session
-    from llmrun.profiler.tuning import tune_decode
 
     session = open_session(model, device, dtype, **session_options)
-    tune_decode(session.model)
     return session, sampling_params(given, session.model_dir)
 
 

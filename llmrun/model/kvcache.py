@@ -49,9 +49,8 @@ class KVCache:
         check_fits(nbytes, torch.device(device), f"a KV cache of {batch} x {max_seq_len} positions")
         self.max_seq_len = max_seq_len
         self.length = 0
-        self.decoder = (
-            None  # the fast decoder on these buffers (llmrun.model.fastpath.fast_decoder), built on first use
-        )
+        # the fast decoder on these buffers (llmrun.model.fastpath.fast_decoder), built on first use
+        self.decoder = None
         self.layers = [
             LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(n_layers)

@@ -19,7 +19,7 @@ import torch
 
 from llmrun.devices import DTYPE_NAMES
 from llmrun.model.config import ModelArgs
-from llmrun.model.memory import ParameterCounts, kv_cache_bytes, parameter_counts
+from llmrun.model.memory import ParameterCounts, kv_cache_bytes, parameter_counts, weight_bytes
 from llmrun.profiler.costs import Cost, Widths, decode_weight_bytes, prefill_costs, step_costs, total
 from llmrun.profiler.roofs import Roofs
 
@@ -121,7 +121,7 @@ def model_info(
         args=args,
         dtype=dtype,
         params=params,
-        weight_bytes=params.total * dtype.itemsize,
+        weight_bytes=weight_bytes(args, dtype),
         decode_bytes_per_token=decode_weight_bytes(args, dtype.itemsize),
         kv_bytes_per_token=kv_cache_bytes(args, 1, 1, dtype),
         context_length=context,

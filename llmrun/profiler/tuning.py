@@ -32,9 +32,11 @@ import torch
 
 from llmrun.devices import available_memory, cpu_model_name
 from llmrun.jsonfiles import read_json_object, write_json_atomic
+from llmrun.model.fastpath import fast_enabled
 from llmrun.model.fastpath.gemv import PRODUCTS, onednn_supported
 from llmrun.model.transformer import Transformer
 from llmrun.paths import llmrun_home
+from llmrun.profiler.costs import decode_weight_bytes
 from llmrun.profiler.kernel_floor import decode_matrices, products_pass
 from llmrun.profiler.timers import time_calls
 
@@ -82,18 +84,19 @@ def choose_cpu_gemv(
     if isinstance(entry, dict) and entry.get("kernel") in candidates:
         return KernelChoice(entry["kernel"], "cached", entry.get("seconds", {}), entry.get("note", ""))
     seconds = (measure or measure_passes)(model, candidates, batch)
-    kernel, note = _pick(seconds, _weight_bytes(model))
+    kernel, note = _pick(seconds, decode_weight_bytes(model.args, dtype.itemsize))
     measured = {"kernel": kernel, "seconds": seconds, "note": note, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json_atomic(cache_path(), {**cache, "version": CACHE_VERSION, key: measured})
     return KernelChoice(kernel, "measured", seconds, note)
 
 
 def tune_decode(model: Transformer) -> KernelChoice | None:
-    """Give a CPU model the decode kernel measured fastest for it (``model.decode_gemv``); None off the CPU.
+    """Give a CPU model the decode kernel measured fastest for it (``model.decode_gemv``); None off the
+    CPU or with the fast path off (``LLMRUN_FAST=0``).
 
     The first measurement of a shape shows a status line on a terminal's stderr; later runs read the cache.
     """
-    if model.lm_head.weight.device.type != "cpu":
+    if model.lm_head.weight.device.type != "cpu" or not fast_enabled():  # only the CPU fast path uses it
         return None
     from rich.console import Console
 
@@ -131,10 +134,6 @@ def _key(model: Transformer, batch: int) -> str:
     what = [cpu_model_name(), torch.get_num_threads(), torch.__version__, str(model.lm_head.weight.dtype), batch]
     digest = hashlib.sha256(json.dumps([*what, len(model.model.layers), shapes]).encode()).hexdigest()[:16]
     return f"{what[0]}|{what[1]} threads|torch {what[2]}|{what[3]}|batch {batch}|{digest}"
-
-
-def _weight_bytes(model: Transformer) -> int:
-    return sum(w.nbytes for w in decode_matrices(model))
 
 
 def measure_passes(model: Transformer, kernels: list[str], batch: int) -> dict[str, float]:
