@@ -16,7 +16,8 @@ from llmrun.loading.loader import load_model, read_model_args
 from llmrun.loading.presets import random_model
 from llmrun.model.config import ModelArgs
 from llmrun.model.executor import decode_step, make_cache, prefill
-from llmrun.model.fastpath import CpuDecoder, StaticDecoder, fast_decoder
+from llmrun.model.fastpath import CpuDecoder, StaticDecoder, fast_decoder, static
+from llmrun.model.fastpath.static import key_spans
 from llmrun.model.transformer import Transformer, fuse_projections
 
 CASES = {
@@ -209,9 +210,20 @@ def test_cpu_step_runs_small_ops_on_one_thread_and_restores_the_count(tiny_facto
     assert seen[:3] == [1, 2, 1]  # attention norm, q/k/v product, MLP norm
 
 
+def test_key_spans_double_from_the_smallest_up_to_the_capacity():
+    assert key_spans(24) == [24]
+    assert key_spans(256) == [256]
+    assert key_spans(1000) == [256, 512, 1000]
+    assert key_spans(32768) == [256 * 2**i for i in range(8)]
+
+
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_static_shape_step_equals_eager(compiled):
-    """The GPU's form of the step (tensor position, whole cache under a mask; compiled or not), run on the CPU."""
+def test_static_shape_step_equals_eager(compiled, monkeypatch):
+    """The GPU's form of the step (tensor position, a span of the cache under a mask; compiled or not), on the CPU.
+
+    With spans of 4, 8, 16 and 24 keys the steps cross every span boundary.
+    """
+    monkeypatch.setattr(static, "SMALLEST_SPAN", 4)
     model = _windowed_gqa_model("cpu", torch.float32)
     tokens = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(10))
     eager = _decode_logits(model, tokens, 4, fast=False)
@@ -219,8 +231,27 @@ def test_static_shape_step_equals_eager(compiled):
     prefill(model, tokens[:, :4], cache)
     decoder = StaticDecoder(model, cache, graph=False, compile=compiled)
     assert decoder.compiled == compiled, decoder.compile_error
+    assert decoder.spans == [4, 8, 16, 24]
     steps = [decoder.step(tokens[:, pos]).clone() for pos in range(4, 24)]
     torch.testing.assert_close(torch.stack(steps, dim=1), eager, atol=1e-5, rtol=0)
+
+
+def test_static_step_reads_only_the_span_of_the_filled_positions(monkeypatch):
+    """Attention's K/V operands are the shortest span holding the filled positions, not the cache's capacity."""
+    monkeypatch.setattr(static, "SMALLEST_SPAN", 4)
+    model = _windowed_gqa_model("cpu", torch.float32)
+    cache = make_cache(model, 1, 40)
+    prefill(model, torch.tensor([[1, 2, 3]]), cache)
+    decoder = StaticDecoder(model, cache, graph=False, compile=False)
+    seen = []
+    sdpa = static.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        static.F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(k.shape[2]) or sdpa(q, k, v, **kw)
+    )
+    for pos in range(3, 12):
+        decoder.step(torch.tensor([pos]))
+    layers = model.args.num_hidden_layers
+    assert seen == [span for span in (4, 8, 8, 8, 8, 16, 16, 16, 16) for _ in range(layers)]
 
 
 def test_dynamic_rope_past_the_trained_context_falls_back_to_eager(tiny_factory):
@@ -262,7 +293,9 @@ def test_smollm2_greedy_tokens_and_logits_equal_eager(smollm2_fp32, monkeypatch)
     ("dtype", "compiled"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
 )
 def test_cuda_graph_decode_equals_eager_and_allocates_nothing(monkeypatch, dtype, compiled):
+    """Graphed steps over spans of 4, 8, 16 and 24 keys (one graph each, captured on first use) equal eager."""
     monkeypatch.setenv("LLMRUN_COMPILE", "1" if compiled else "0")
+    monkeypatch.setattr(static, "SMALLEST_SPAN", 4)
     model = _windowed_gqa_model("cuda", dtype)
     tokens = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(9)).cuda()
     eager = _decode_logits(model, tokens, 4, fast=False)
@@ -272,10 +305,12 @@ def test_cuda_graph_decode_equals_eager_and_allocates_nothing(monkeypatch, dtype
     cache = make_cache(model, 2, 24)
     decoder = fast_decoder(model, cache)
     assert decoder is not None and decoder.graphed and decoder.compiled == compiled, decoder.compile_error
-    decode_step(model, tokens[:, 0], cache, copy=False)
+    for pos in range(5):  # the graphs of the spans of 4 and 8 keys are captured here
+        decode_step(model, tokens[:, pos], cache, copy=False)
+    assert sorted(decoder._graphs) == [4, 8]
     torch.cuda.synchronize()
     before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    for pos in range(1, 8):
+    for pos in range(5, 8):
         decode_step(model, tokens[:, pos], cache, copy=False)
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
