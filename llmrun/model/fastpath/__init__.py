@@ -20,9 +20,10 @@ the filled span of the cache only; its matrix-vector products go through the ker
 for the model on this CPU (``gemv.cpu_gemv``, ``llmrun.profiler.tuning``), and with
 ``LLMRUN_CPU_GEMV=mm`` every product lands in the buffers, so that a step allocates nothing
 (``tests/test_fastpath.py`` counts the CPU allocator's calls). ``static.StaticDecoder`` (CUDA) takes
-the position as a device tensor and attends over the whole cache under a mask, so the step has
-static shapes: it is compiled with ``torch.compile`` and captured once in a CUDA graph that every
-step replays, with no host-device synchronisation and no allocation inside a step. The logits a step
+the position as a device tensor and attends under a mask over the shortest of a few power-of-two
+spans of the cache that holds the filled positions, so each span's step has static shapes: it is
+compiled with ``torch.compile`` and captured in one CUDA graph per span, which every step in that
+span replays, with no host-device synchronisation and no allocation inside a step. The logits a step
 returns live in a buffer that the next step overwrites.
 
 The profiler never sees this path: a probe needs the eager ops (``llmrun.model.executor`` runs eager
