@@ -138,6 +138,34 @@ def test_decode_reuses_the_static_cache_and_buffers(tiny_factory):
     assert fast_decoder(model, cache) is cache.decoder
 
 
+def _plan_weights(decoder) -> list[torch.Tensor]:
+    """Every weight a fast decoder's products multiply by, as the products hold it."""
+    b = decoder.buffers
+    return [w for plan in b.layers for w in (plan.wqkv, plan.wo, plan.wgate_up, plan.wdown)] + [b.lm_head]
+
+
+@pytest.mark.parametrize("gemv", ["conv", "packed", "onednn", "mm"])
+def test_only_the_copying_kernels_hold_a_second_copy_of_the_weights(tiny_factory, gemv):
+    """The fast path's weights are the model's own storage unless its kernel is one the tuner counts as copying
+    (and refuses where the copy does not fit in memory: ``tests/test_tuning.py``)."""
+    from llmrun.profiler.tuning import COPYING
+
+    model = load_model(tiny_factory("llama", num_key_value_heads=2), torch.device("cpu"), torch.float32, progress=False)
+    decoder = CpuDecoder(model, make_cache(model, 1, 8), gemv=gemv)
+    if decoder.gemv != gemv:
+        pytest.skip(f"oneDNN cannot run {gemv} here")
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    fused = [owner.wqkv for owner in (block.self_attn for block in model.model.layers)]
+    fused += [block.mlp.wgate_up for block in model.model.layers]
+    own |= {w.untyped_storage().data_ptr() for w in fused}
+    # an opaque oneDNN tensor is a reordered copy by construction
+    shared = [not w.is_mkldnn and w.untyped_storage().data_ptr() in own for w in _plan_weights(decoder)]
+    if gemv in COPYING:
+        assert not any(shared)
+    else:
+        assert shared and all(shared)
+
+
 def _fill_to(model, cache, token: torch.Tensor, length: int) -> None:
     """Decode ``token`` until the cache holds ``length`` positions (or trim it back to them)."""
     cache.trim(length)
