@@ -29,7 +29,8 @@ def read_json_object(path: Path, *, missing: str | None = None, fix: str = REDOW
     if not path.is_file():
         if missing is None:
             return {}
-        raise LlmrunError(f"{path} is missing: {missing}")
+        what = "is a directory, not a JSON file" if path.is_dir() else "is missing"
+        raise LlmrunError(f"{path} {what}: {missing}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:

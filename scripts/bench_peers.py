@@ -3,6 +3,7 @@
 Usage:
     python scripts/bench_peers.py [--dtypes fp32,bf16] [--threads 2] [--prompt 512] [--gen 128] [--rounds 5]
                                   [--runners llmrun,hf,llamacpp,floor] [--llama-python PATH] [--json FILE]
+    python scripts/bench_peers.py --quant q4_1,int4,int8 [--threads 2] ...   (llmrun and llama.cpp only)
 
 Runners, each in its own worker process (its own thread pool), on SmolLM2-135M-Instruct:
 
@@ -16,6 +17,12 @@ Runners, each in its own worker process (its own thread pool), on SmolLM2-135M-I
   import does) into ``$LLMRUN_HOME/peers/``. Checked: its greedy tokens equal llmrun's fp32 ones.
 * ``floor``: one pass of matrix-vector products over all weights per token
   (``llmrun.profiler.kernel_floor.gemv_floor``'s fastest kernel): decode's kernel floor, no model around it.
+
+``--quant`` compares each quantized precision with llama.cpp's nearest, in fp32 activations:
+``q4_1``: llmrun on the Q4_1 GGUF kept quantized (``--quant auto``) against llama.cpp on that very
+file; ``int4``: llmrun quantizing the dequantized weights to int4 group 32 at load against llama.cpp
+on a Q4_0 GGUF written from the same dequantized weights (gguf's own quantizer); ``int8``: llmrun int8
+per channel against llama.cpp Q8_0 written the same way.
 
 Workloads, identical for every runner: ``pp N`` = one forward over N random prompt tokens from an
 empty cache, logits of the last position only; ``tg N`` = N greedy steps of one token from an empty
@@ -43,16 +50,19 @@ GGUF_TYPES = {"fp32": "F32", "bf16": "BF16"}
 
 
 class LlmrunWorker:
-    def __init__(self, model_dir: Path, dtype: str, threads: int, **_) -> None:
+    def __init__(self, model_dir: Path, dtype: str, threads: int, quant: str = "auto", **_) -> None:
         import torch
 
         from llmrun.devices import DTYPES
         from llmrun.loading.loader import load_model
+        from llmrun.model.quant import parse_quant
         from llmrun.profiler.tuning import tune_decode
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = load_model(model_dir, torch.device("cpu"), DTYPES[dtype], progress=False)
+        spec = parse_quant(quant)
+        spec = None if spec.kind == "auto" else spec
+        self.model = load_model(model_dir, torch.device("cpu"), DTYPES[dtype], progress=False, quant=spec)
         tune_decode(self.model)  # the decode kernel measured fastest here, as the CLI does
 
     def pp(self, n: int) -> float:
@@ -106,11 +116,21 @@ class HfWorker:
 
 
 class LlamaCppWorker:
-    def __init__(self, gguf: Path, threads: int, ctx: int, **_) -> None:
+    def __init__(self, gguf: Path, threads: int, ctx: int, repack: bool = True, **_) -> None:
         import llama_cpp
         import numpy as np
 
         self.np = np
+        if not repack:  # llama.cpp's repacked CPU buffers off (they crash llama-cpp-python 0.3.36 on AMX)
+            bindings = llama_cpp.llama_cpp  # the module whose defaults ``Llama`` reads
+            defaults = bindings.llama_model_default_params
+
+            def no_repack():
+                params = defaults()
+                params.use_extra_bufts = False
+                return params
+
+            bindings.llama_model_default_params = no_repack
         self.llm = llama_cpp.Llama(
             model_path=str(gguf),
             n_ctx=ctx,
@@ -172,9 +192,13 @@ class FloorWorker:
 def worker_main(args: argparse.Namespace) -> None:
     """Load the runner, say ready, then answer 'pp N' / 'tg N' lines with seconds until EOF."""
     cls = {"llmrun": LlmrunWorker, "hf": HfWorker, "llamacpp": LlamaCppWorker, "floor": FloorWorker}[args.worker]
-    kwargs = dict(model_dir=Path(args.model_dir), dtype=args.dtype, threads=args.threads, ctx=args.ctx)
+    kwargs = dict(
+        model_dir=Path(args.model_dir), dtype=args.dtype, threads=args.threads, ctx=args.ctx, quant=args.quant
+    )
     if args.gguf:
         kwargs["gguf"] = Path(args.gguf)
+    if args.no_repack:
+        kwargs["repack"] = False
     runner = cls(**kwargs)
     print(json.dumps({"ready": True, "kernel": getattr(runner, "kernel", None)}), flush=True)
     for line in sys.stdin:
@@ -187,7 +211,8 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 def float_gguf(source: Path, dest: Path, kind: str) -> Path:
-    """Write ``source`` (any llama GGUF) with every tensor dequantized: ``F32``, or ``BF16`` (norms stay F32).
+    """Write ``source`` (any llama GGUF) with every tensor dequantized: ``F32``, or ``BF16``, ``Q4_0``, ``Q8_0``
+    (the matrices requantized by gguf's own quantizer from the dequantized values; norms stay F32).
 
     Metadata (tokenizer, hyperparameters) is copied; ``general.file_type`` says the new type.
     Dequantizing the Q4_1 source is exactly what ``llmrun import-gguf`` does, so llama.cpp and
@@ -203,7 +228,8 @@ def float_gguf(source: Path, dest: Path, kind: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
     writer = gguf.GGUFWriter(tmp, arch)
-    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "BF16": gguf.LlamaFileType.MOSTLY_BF16}[kind]
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+                 "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]  # fmt: skip
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
             continue
@@ -213,12 +239,9 @@ def float_gguf(source: Path, dest: Path, kind: str) -> Path:
     for tensor in reader.tensors:
         shape = tuple(int(d) for d in reversed(tensor.shape))
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
-        if kind == "BF16" and array.ndim > 1:
-            writer.add_tensor(
-                tensor.name,
-                gguf.quants.quantize(array, gguf.GGMLQuantizationType.BF16),
-                raw_dtype=gguf.GGMLQuantizationType.BF16,
-            )
+        if kind != "F32" and array.ndim > 1:
+            qtype = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(tensor.name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(tensor.name, array)
     writer.write_header_to_file()
@@ -269,7 +292,11 @@ def llama_python(requested: str | None) -> str | None:
     return None
 
 
-def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path) -> dict:
+def bench_dtype(
+    args: argparse.Namespace, dtype: str, model_dir: Path, quant: str = "auto", llama_gguf: Path | None = None
+) -> dict:
+    """One table: every runner at ``dtype``; llmrun with ``--quant quant``, llama.cpp on ``llama_gguf``
+    (default: the source dequantized to ``dtype``)."""
     runners = list(args.runners)
     pythons = {r: sys.executable for r in runners}
     ggufs = {}
@@ -280,7 +307,7 @@ def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path) -> dict:
             runners.remove("llamacpp")
         else:
             pythons["llamacpp"] = python
-            ggufs["llamacpp"] = float_gguf(
+            ggufs["llamacpp"] = llama_gguf or float_gguf(
                 Path(args.gguf), gguf_dir() / f"{Path(args.gguf).stem}.{dtype}.gguf", GGUF_TYPES[dtype]
             )
     base = [
@@ -292,6 +319,9 @@ def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path) -> dict:
         str(args.threads),
         "--ctx",
         str(max(args.prompt, args.gen) + 8),
+        "--quant",
+        quant,
+        *(["--no-repack"] if args.no_repack else []),
     ]
     workers = []
     try:
@@ -308,7 +338,9 @@ def bench_dtype(args: argparse.Namespace, dtype: str, model_dir: Path) -> dict:
                     seconds = w.run(test, n)
                     if r >= args.warmup:
                         samples[w.name][test].append(n / seconds)
-        return summarize(dtype, samples, {w.name: w.kernel for w in workers if w.kernel})
+        label = dtype if quant == "auto" and llama_gguf is None else f"llmrun --quant {quant}"
+        label += f" vs llama.cpp on {Path(llama_gguf).name}" if llama_gguf is not None else ""
+        return summarize(label, samples, {w.name: w.kernel for w in workers if w.kernel})
     finally:
         for w in workers:
             w.close()
@@ -371,6 +403,10 @@ def main() -> None:
     parser.add_argument("--runners", default="llmrun,hf,llamacpp,floor")
     parser.add_argument("--llama-python", default=None, help="a Python with llama_cpp installed")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--no-repack", action="store_true", help="llama.cpp without repacked CPU buffers (needed on Intel AMX)"
+    )
+    parser.add_argument("--quant", default="auto", help="q4_1,int4,int8: the quantized comparisons (see above)")
     args = parser.parse_args()
     if args.worker:
         worker_main(args)
@@ -387,8 +423,36 @@ def main() -> None:
         print("llama.cpp: no source GGUF (--gguf or $LLMRUN_SMOLLM2_GGUF); skipped", file=sys.stderr)
         args.runners.remove("llamacpp")
     results = []
+    if args.quant != "auto":
+        return bench_quant(args, parser, results)
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         result = bench_dtype(args, dtype, model_dir)
+        print_table(result, args)
+        results.append(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+
+
+# --quant's cases: llmrun's --quant, whether llmrun reads the quantized import, the llama.cpp GGUF type
+QUANT_CASES = {"q4_1": ("auto", True, None), "int4": ("int4:32", False, "Q4_0"), "int8": ("int8", False, "Q8_0")}
+
+
+def bench_quant(args: argparse.Namespace, parser: argparse.ArgumentParser, results: list) -> None:
+    """The ``--quant`` tables: llmrun and llama.cpp only (transformers cannot read a quantized import)."""
+    from llmrun.loading.sources import resolve_model
+
+    cases = [c.strip() for c in args.quant.split(",") if c.strip()]
+    if set(cases) - set(QUANT_CASES) or not args.gguf:
+        parser.error(f"--quant takes {', '.join(QUANT_CASES)} and needs the source GGUF (--gguf)")
+    args.runners = [r for r in args.runners if r in ("llmrun", "llamacpp")]
+    for case in cases:
+        quant, quantized, kind = QUANT_CASES[case]
+        source = Path(args.gguf)
+        model_dir = resolve_model(str(source), progress=False, quantized=quantized)  # the import of that file
+        llama_gguf = source if kind is None else None
+        if kind is not None and "llamacpp" in args.runners:
+            llama_gguf = float_gguf(source, gguf_dir() / f"{source.stem}.{kind}.gguf", kind)
+        result = bench_dtype(args, "fp32", model_dir, quant, llama_gguf)
         print_table(result, args)
         results.append(result)
     if args.json:

@@ -542,7 +542,7 @@ def _(model: Path, tmp: Path) -> list[str]:
     return [*gen(model)[:-1], "--chat"]
 
 
-@case("chat-without-a-template", 2, r"has no chat template; use --no-chat")
+@case("chat-without-a-template", 2, r"--chat: .* has no chat template; give one with --chat-template FILE")
 def _(model: Path, tmp: Path) -> list[str]:
     config = json.loads((model / "tokenizer_config.json").read_text())
     del config["chat_template"]
@@ -596,7 +596,7 @@ def _(model: Path, tmp: Path) -> list[str]:
     return gen(model, prompt="-")
 
 
-@case("system-without-chat", 2, r"--system needs chat mode; drop it or use --chat")
+@case("system-without-chat", 2, r"--system needs chat mode; drop --no-chat or --system")
 def _(model: Path, tmp: Path) -> list[str]:
     return gen(model, "--system", "Be brief.")
 
@@ -712,12 +712,17 @@ def _(model: Path, tmp: Path) -> list[str]:
     return ["import-gguf", str(tmp / "dir.gguf"), str(tmp / "out")]
 
 
-@case("gguf-cache-dir-occupied", 2, r"models/good-[0-9a-f]{12} already exists and is not empty, and it is not a dir")
+@case(
+    "gguf-cache-dir-occupied",
+    2,
+    r"models/good-quantized-[0-9a-f]{12} already exists and is not empty, and it is not a dir",
+)
 def _(model: Path, tmp: Path) -> list[str]:
     from llmrun.loading.sources import imported_dir
 
     gguf_file = write_gguf(tmp / "good.gguf")
-    occupied = tmp / "home" / "models" / imported_dir("good", str(gguf_file.resolve())).name
+    # where a GGUF is imported to run quantized (--quant auto, the default)
+    occupied = tmp / "home" / "models" / imported_dir("good-quantized", str(gguf_file.resolve())).name
     occupied.mkdir(parents=True)
     (occupied / "keep.txt").write_text("mine")
     return gen(gguf_file)

@@ -37,6 +37,7 @@ ENV_FIELDS = {
     "model",
     "n_params",
     "weight_bytes",
+    "model_bytes",
     "timestamp",
     "fast_path",
 }
@@ -57,6 +58,7 @@ ROW_FIELDS = {
     "fraction",
     "fraction_kind",
     "prepare_s",
+    "threads",
     "kernel_floor_s",
     "kernel_floor_tok_s",
     "kernel_floor_fraction",

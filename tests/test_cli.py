@@ -125,7 +125,7 @@ def test_version_and_short_help(capsys):
         assert run([command, "-h"]) == 0
         out = capsys.readouterr().out
         assert out.startswith(f"Usage: llmrun {command}"), out[:200]
-        assert f"Examples:\n\n  llmrun {command}" in out  # the module docstring's examples, unwrapped
+        assert f"Examples:\n    llmrun {command}" in out  # the module docstring's examples, unwrapped
 
 
 def test_llama_cpp_flag_names_are_aliases(tmp_path, capsys):

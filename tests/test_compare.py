@@ -83,10 +83,10 @@ def test_compare_cli_bad_files(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing.json is missing: write one with llmrun profile --format json" in err and err.count("\n") == 1
     assert run(["compare", good, files("x.json", {"text": "hi"})]) == 2
-    assert "not a profile report" in capsys.readouterr().err
+    assert "is neither a profile report ('runs') nor a bench report" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{")
     assert run(["compare", good, str(tmp_path / "bad.json")]) == 2
-    assert "is not a JSON profile report" in capsys.readouterr().err
+    assert "it is not a JSON report" in capsys.readouterr().err
     assert run(["compare", good, files("l.json", {"runs": [1]})]) == 2
     assert "a run lacks phase" in capsys.readouterr().err
     other = report()

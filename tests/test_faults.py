@@ -277,7 +277,7 @@ def test_interrupted_import_leaves_no_half_model_in_the_cache(tmp_path, monkeypa
     models = tmp_path / "home" / "models"
     assert not models.exists() or list(models.iterdir()) == []
     assert run(argv) == 0, capsys.readouterr().err  # the next run imports it cleanly
-    assert [re.fullmatch(r"tiny-[0-9a-f]{12}", p.name) is not None for p in models.iterdir()] == [True]
+    assert [re.fullmatch(r"tiny-quantized-[0-9a-f]{12}", p.name) is not None for p in models.iterdir()] == [True]
 
 
 def test_ctrl_c_during_import_subprocess(tmp_path):

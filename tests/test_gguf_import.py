@@ -602,8 +602,12 @@ def test_two_ggufs_of_one_name_run_their_own_weights(tmp_path, home, capsys):
     for path in (a, b):
         assert run(["generate", "the", "--model", str(path), "--device", "cpu", "--no-chat", "-n", "2"]) == 0
     capsys.readouterr()
+    # a GGUF runs quantized by default (--quant auto): its import is kept as <stem>-quantized-<key>,
+    # beside the float import (<stem>-<key>) that resolve_model makes by default
+    quantized = [resolve_model(str(p), progress=False, quantized=True) for p in (a, b)]
     dir_a, dir_b = resolve_model(str(a), progress=False), resolve_model(str(b), progress=False)
-    assert sorted((home / "models").iterdir()) == sorted([dir_a, dir_b])
+    assert sorted((home / "models").iterdir()) == sorted([*quantized, dir_a, dir_b])
+    assert all(re.fullmatch(r"model-quantized-[0-9a-f]{12}", d.name) for d in quantized)
     assert all(re.fullmatch(r"model-[0-9a-f]{12}", d.name) for d in (dir_a, dir_b))
     _assert_holds(dir_a, want_a)
     _assert_holds(dir_b, want_b)
@@ -659,7 +663,7 @@ def test_a_non_import_in_the_cache_is_refused_untouched(tmp_path, home, capsys):
 
     path = tmp_path / "model.gguf"
     _write_tiny_gguf(path)
-    occupied = imported_dir("model", str(path.resolve()))
+    occupied = imported_dir("model-quantized", str(path.resolve()))  # where --quant auto imports it
     occupied.mkdir(parents=True)
     (occupied / "notes.txt").write_text("mine")
     assert run(["generate", "the", "--model", str(path), "--device", "cpu", "--no-chat", "-n", "2"]) == 2

@@ -22,7 +22,8 @@ MAY_IMPORT = {
     "generation": {"model"},
     "loading": {"model", "generation"},
     "profiler": {"model"},
-    "cli": {"model", "generation", "loading", "profiler"},
+    "distributed": {"model"},
+    "cli": {"model", "generation", "loading", "profiler", "distributed"},
 }
 # The model knows nothing of files or caches: of the core it sees the error type and the devices'
 # memory checks (a KV cache or a forward pass too large for the memory free is refused up front).

@@ -17,7 +17,7 @@ from llmrun.loading.loader import read_model_args
 from llmrun.loading.presets import random_model
 from llmrun.model.config import ModelArgs
 from llmrun.model.executor import decode_step, make_cache, prefill
-from llmrun.model.probe import LAYER_OPS, NULL_PROBE, Probe
+from llmrun.model.probe import FAST_LAYER_OPS, LAYER_OPS, NULL_PROBE, Probe
 from llmrun.model.transformer import Transformer
 from llmrun.profiler import costs as C
 from llmrun.profiler import report as R
@@ -46,18 +46,26 @@ def tiny_model(layers: int = 2) -> Transformer:
     return random_model(args, torch.device("cpu"), torch.float32)  # N(0, 0.02²), never zeros
 
 
-def test_timer_sees_every_named_op_of_every_layer():
+def _expected_ops(layer_ops: tuple[str, ...], layers: int) -> list[tuple[str, int | None]]:
+    expected = [("embed", None), *((op, i) for i in range(layers) for op in layer_ops)]
+    return [*expected, ("final_norm", None), ("lm_head", None), ("sample", None)]
+
+
+@pytest.mark.parametrize("path", ["eager", "fast"])
+def test_timer_sees_every_named_op_of_every_layer(path):
+    """Prefill always runs eager; decode on the fast path names its fused op groups, never drops one."""
     model = tiny_model(layers=3)
-    runs = measure_config(model, 2, 5, 3, repeats=2, warmup=1)
+    runs = measure_config(model, 2, 5, 3, repeats=2, warmup=1, path=path)
     prefill_run, decode_run = runs
-    assert (prefill_run.phase, len(prefill_run.steps)) == ("prefill", 2)
-    assert (decode_run.phase, len(decode_run.steps)) == ("decode", 6)  # 3 steps x 2 repeats
-    expected = [("embed", None), *((op, i) for i in range(3) for op in LAYER_OPS)]
-    expected += [("final_norm", None), ("lm_head", None), ("sample", None)]
-    for step in prefill_run.steps + decode_run.steps:
-        assert list(step.ops) == expected  # execution order
-        assert all(t >= 0 for t in step.ops.values())
-        assert 0 <= step.attributed_s <= step.wall_s
+    assert (prefill_run.phase, len(prefill_run.steps), prefill_run.path) == ("prefill", 2, "eager")
+    assert (decode_run.phase, len(decode_run.steps), decode_run.path) == ("decode", 6, path)  # 3 steps x 2 repeats
+    assert len(decode_run.unprobed_s) == 6 and all(t > 0 for t in decode_run.unprobed_s)
+    decode_ops = FAST_LAYER_OPS if path == "fast" else LAYER_OPS
+    for steps, layer_ops in ((prefill_run.steps, LAYER_OPS), (decode_run.steps, decode_ops)):
+        for step in steps:
+            assert list(step.ops) == _expected_ops(layer_ops, 3)  # execution order
+            assert all(t >= 0 for t in step.ops.values())
+            assert 0 <= step.attributed_s <= step.wall_s
 
 
 def test_profiling_does_not_change_the_logits():
@@ -212,12 +220,21 @@ def test_csv_and_markdown_carry_the_json_numbers(tiny_dir, tmp_path):
     for row, run_ in zip(totals, report["runs"], strict=True):
         for field in ("time_s", "flops", "bytes", "mfu", "mbu", "tokens_per_s", "unattributed_s"):
             assert float(row[field]) == run_["totals"][field]
-    md_ops = markdown_op_rows(R.to_markdown(report))
-    assert len(md_ops) == len(flat)
-    for cells, (_, op) in zip(md_ops, flat, strict=True):
-        assert cells[1] == op["op"] and cells[-1] == op["bound"]
-        for field, cell in zip(R.OP_FIELDS[3:-1], cells[3:-1], strict=True):
-            assert float(cell) == pytest.approx(op[field], rel=1e-3, abs=1e-12), field
+    md_rows = markdown_op_rows(R.to_markdown(report))
+    header = [name for name, _, _ in R.COLUMNS]
+    md_ops = [dict(zip(header, cells, strict=True)) for cells in md_rows if cells[1] != "(unattributed)"]
+    unattributed = [dict(zip(header, cells, strict=True)) for cells in md_rows if cells[1] == "(unattributed)"]
+    assert len(md_ops) == len(flat) and len(unattributed) == len(report["runs"])
+    for cells, (_, op) in zip(md_ops, flat, strict=True):  # ms and %, as the terminal table shows them
+        assert cells["op"] == op["op"] and cells["bound"] == op["bound"]
+        assert float(cells["time ms"]) == pytest.approx(op["time_s"] * 1e3, abs=5e-4)
+        assert cells["share"].endswith("%") and float(cells["share"][:-1]) == pytest.approx(op["share"] * 100, abs=0.05)
+        assert float(cells["% roofline"][:-1]) == pytest.approx(op["roofline_fraction"] * 100, abs=0.05)
+        assert float(cells["GFLOP"]) == pytest.approx(op["flops"] / 1e9, rel=1e-3)
+        assert float(cells["MB"]) == pytest.approx(op["bytes"] / 1e6, rel=1e-3)
+        assert "e-" not in cells["time ms"] + cells["share"]
+    for cells, run_ in zip(unattributed, report["runs"], strict=True):
+        assert float(cells["time ms"]) == pytest.approx(run_["totals"]["unattributed_s"] * 1e3, abs=5e-4)
 
 
 def markdown_op_rows(md: str) -> list[list[str]]:
@@ -371,7 +388,7 @@ def test_plain_png_without_matplotlib(tiny_dir, tmp_path, monkeypatch):
     idat = data.index(b"IDAT")
     raw = zlib.decompress(data[idat + 4 : idat + 4 + int.from_bytes(data[idat - 4 : idat], "big")])
     assert len(raw) == height * (1 + 3 * width)
-    assert bytes((255, 127, 14)) in raw and bytes((31, 119, 180)) in raw  # decode and prefill markers
+    assert bytes((31, 119, 180)) in raw and bytes((44, 160, 44)) in raw  # matmul and element-wise markers
     with pytest.raises(LlmrunError, match="needs matplotlib"):
         plot_roofline(report, tmp_path / "plain.svg")
 

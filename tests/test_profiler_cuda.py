@@ -17,7 +17,7 @@ import torch
 from llmrun.loading.presets import load_preset, random_model
 from llmrun.model.config import ModelArgs
 from llmrun.model.executor import decode_step, make_cache, prefill
-from llmrun.model.probe import LAYER_OPS, Probe
+from llmrun.model.probe import FAST_LAYER_OPS, LAYER_OPS, Probe
 from llmrun.profiler import costs as C
 from llmrun.profiler import peaks
 from llmrun.profiler.roofs import nvml_roof, spec_roof
@@ -148,7 +148,9 @@ def test_cuda_profile_cli_end_to_end():
     for run_ in report["runs"]:
         totals = run_["totals"]
         assert 0 <= totals["attributed_s"] <= totals["time_s"] * 1.01
-        assert {r["op"] for r in run_["ops"]} >= {"embed", *LAYER_OPS, "final_norm", "lm_head", "sample"}
+        layer_ops = FAST_LAYER_OPS if run_["phase"] == "decode" else LAYER_OPS  # decode: the graphed fast path
+        assert run_["path"] == ("fast" if run_["phase"] == "decode" else "eager")
+        assert {r["op"] for r in run_["ops"]} >= {"embed", *layer_ops, "final_norm", "lm_head", "sample"}
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
+import typing
 
 import typer
+from typer.core import TyperCommand
 
 from llmrun import __version__
-from llmrun.cli import bench, chat, compare, generate, import_gguf, info, peaks, perplexity, profile, pull
+from llmrun.cli import bench, chat, compare, generate, import_gguf, info, parallel, peaks, perplexity, profile, pull
 from llmrun.errors import LlmrunError, ThresholdMissed
 
 app = typer.Typer(
@@ -21,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     rich_markup_mode=None,
 )
 COMMANDS = {
@@ -45,11 +47,53 @@ def _examples(command) -> str | None:
     if not found:
         return None
     lines = [line.strip() for line in rest.strip().split("\n\n")[0].splitlines() if line.strip()]
-    return "Examples:\n\n\b\n" + "\n".join(lines)  # \b: click keeps the lines as they are
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)  # \b: click keeps the lines as they are
+
+
+class PlainHelpCommand(TyperCommand):
+    """A command whose ``--help`` names values in words (N, X, TEXT, PATH, a|b) instead of Python types.
+
+    Typer ships its own copy of click, so parameters and types are told apart by their names.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "option" and param.metavar is None and not param.is_flag:
+                param.metavar = _metavar(param.type_descriptor)
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        """``[OPTIONS]``, then each argument as ``NAME`` (required) or ``[NAME]``."""
+        names = [(_argument_name(p), p.required) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [self.options_metavar or "[OPTIONS]"] + [name if required else f"[{name}]" for name, required in names]
+
+    def format_options(self, ctx, formatter) -> None:
+        """The arguments (``NAME  help``), then the options."""
+        params = self.get_params(ctx)
+        arguments = [(_argument_name(p), p.help or "") for p in params if p.param_type_name == "argument"]
+        options = [p.get_help_record(ctx) for p in params if p.param_type_name == "option"]
+        for title, rows in (("Arguments", arguments), ("Options", [r for r in options if r is not None])):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _metavar(described) -> str:
+    """The word a value is shown as: N (integer), X (number), PATH, the choices a|b, else TEXT."""
+    if described.is_choice:
+        return "|".join(str(getattr(choice, "value", choice)) for choice in described.choices or ())
+    if described.is_path:
+        return "PATH"
+    kind = typing.get_args(described.annotation)[0] if described.is_list else described.annotation
+    return {int: "N", float: "X"}.get(kind, "TEXT")
+
+
+def _argument_name(argument) -> str:
+    return argument.metavar or (argument.name or "").upper()
 
 
 for _name, _command in COMMANDS.items():
-    app.command(_name, epilog=_examples(_command))(_command)
+    app.command(_name, epilog=_examples(_command), cls=PlainHelpCommand)(_command)
 
 
 def _version(value: bool) -> None:
@@ -68,13 +112,17 @@ def _main(
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"llmrun: {message}", file=sys.stderr)
+    from llmrun.distributed.faults import reported
+
+    if not reported(message, code):  # a tensor-parallel rank reports with its rank (llmrun.distributed)
+        print(f"llmrun: {message}", file=sys.stderr)
     return code
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` and return the exit code instead of exiting."""
     debug = bool(os.environ.get("LLMRUN_DEBUG"))
+    parallel.ARGV[:] = sys.argv[1:] if argv is None else argv  # what --tp's ranks run again
     try:
         result = app(args=argv, prog_name="llmrun", standalone_mode=False)
     except (KeyboardInterrupt, typer.Abort):

@@ -8,6 +8,7 @@ Examples:
 
     llmrun chat
     llmrun chat --system "Answer in one sentence." --temperature 0
+    llmrun chat -m ./base-model --chat-template chatml.jinja   # a model that ships no template
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import typer
 
 from llmrun.cli.chat_input import ChatInput, command_of, help_text, message_of
 from llmrun.cli.options import (
+    ChatTemplateOption,
     CtxSizeOption,
     DeviceOption,
     DtypeOption,
     MinPOption,
     ModelOption,
+    QuantOption,
     RandomWeightsOption,
     RepetitionPenaltyOption,
     RevisionOption,
@@ -33,7 +36,8 @@ from llmrun.cli.options import (
     TopKOption,
     TopPOption,
 )
-from llmrun.cli.prompts import context_size, generation_flags, open_for_generation
+from llmrun.cli.parallel import SharedInput, TpOption, tensor_parallel
+from llmrun.cli.prompts import context_size, generation_flags, open_for_generation, read_chat_template
 from llmrun.errors import LlmrunError
 from llmrun.paths import llmrun_home
 
@@ -43,6 +47,7 @@ DEFAULT_CTX_SIZE = 4096  # tokens a chat keeps, at most the model's context
 def chat(
     model: ModelOption = None,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    chat_template: ChatTemplateOption = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens per answer.")] = 512,
     temperature: TemperatureOption = None,
     top_k: TopKOption = None,
@@ -54,8 +59,10 @@ def chat(
     dtype: DtypeOption = "auto",
     revision: RevisionOption = None,
     random_weights: RandomWeightsOption = False,
+    quant: QuantOption = None,
     threads: ThreadsOption = None,
     ctx_size: CtxSizeOption = None,
+    tp: TpOption = 1,
 ) -> None:
     """Chat with the model in the terminal."""
     from llmrun.generation.chat import ChatSession
@@ -66,22 +73,24 @@ def chat(
         max_new_tokens, threads, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed,
     )  # fmt: skip
+    ranks = tensor_parallel(tp, model, device, threads, revision=revision, random_weights=random_weights)
+    template = read_chat_template(chat_template)
     session, sampling = open_for_generation(
-        model, device, dtype, given, revision=revision, random_weights=random_weights
+        model, device, dtype, given, template, ranks, revision=revision, random_weights=random_weights, quant=quant
     )
     ctx_size = context_size(ctx_size, session.model.args.context_length, DEFAULT_CTX_SIZE)
     chat_session = ChatSession(session.model, session.tokenizer, ctx_size, max_new_tokens, system)
     tune_decode(session.model)
     sampler = Sampler(sampling, session.device)
     print("llmrun chat: /help lists the commands, /exit or Ctrl-D quits", file=sys.stderr)
-    reader = ChatInput(llmrun_home() / "chat_history")
+    reader = SharedInput(ranks, lambda: ChatInput(llmrun_home() / "chat_history"))  # rank 0 reads, all answer
     try:
         _converse(reader, session, chat_session, sampler, max_new_tokens)
     finally:
         reader.close()
 
 
-def _converse(reader: ChatInput, session, chat_session, sampler, max_new_tokens: int) -> None:
+def _converse(reader: SharedInput, session, chat_session, sampler, max_new_tokens: int) -> None:
     """Read messages and commands until /exit or the end of input; answer each message."""
     while (text := reader.read()) is not None:
         command = command_of(text)

@@ -5,6 +5,7 @@ Examples:
     llmrun generate "The capital of France is" --no-chat --temperature 0
     echo "Write a haiku about GPUs" | llmrun generate - --max-new-tokens 64
     llmrun generate "Hi" --json --seed 1 | jq .decode_tok_s
+    llmrun generate --prompts-file prompts.jsonl --batch-size 8 --temperature 0 > answers.jsonl
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from llmrun.cli.bulk import BatchSizeOption, BulkRequest, OutputOption, PromptsFileOption, run_bulk
 from llmrun.cli.options import (
+    ChatTemplateOption,
     CtxSizeOption,
     DeviceOption,
     DtypeOption,
     JsonOption,
     MinPOption,
     ModelOption,
+    PromptFileOption,
+    PromptOption,
+    QuantOption,
     RandomWeightsOption,
     RepetitionPenaltyOption,
     RevisionOption,
@@ -33,7 +39,15 @@ from llmrun.cli.options import (
     TopKOption,
     TopPOption,
 )
-from llmrun.cli.prompts import check_utf8, context_size, generation_flags, open_for_generation, read_prompt
+from llmrun.cli.parallel import TpOption, rank0_input, tensor_parallel
+from llmrun.cli.prompts import (
+    check_utf8,
+    context_size,
+    generation_flags,
+    open_for_generation,
+    read_chat_template,
+    read_prompt,
+)
 
 if TYPE_CHECKING:
     from llmrun.generation.sampling import SamplingParams
@@ -43,6 +57,8 @@ def generate(
     prompt: Annotated[
         str | None, typer.Argument(help="The prompt; '-' or nothing reads it from stdin.", show_default=False)
     ] = None,
+    prompt_text: PromptOption = None,
+    prompt_file: PromptFileOption = None,
     model: ModelOption = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")] = 256,
     temperature: TemperatureOption = None,
@@ -54,35 +70,43 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")] = None,
     chat: Annotated[
         bool | None,
-        typer.Option("--chat/--no-chat", help="Wrap the prompt in the chat template. Default: when the model has one."),
+        typer.Option("--chat/--no-chat", help="Use the chat template. Default: when the model has one."),
     ] = None,
     system: Annotated[str | None, typer.Option(help="System message (chat mode).")] = None,
+    chat_template: ChatTemplateOption = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going to --max-new-tokens.")] = False,
     truncate: Annotated[
         bool,
-        typer.Option("--truncate", help="Cut a prompt too long for the context and --max-new-tokens, keeping its end."),
+        typer.Option("--truncate", help="Cut a prompt too long for the context, keeping its end."),
     ] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     revision: RevisionOption = None,
     random_weights: RandomWeightsOption = False,
+    quant: QuantOption = None,
     as_json: JsonOption = False,
     threads: ThreadsOption = None,
     ctx_size: CtxSizeOption = None,
+    prompts_file: PromptsFileOption = None,
+    batch_size: BatchSizeOption = 1,
+    output: OutputOption = None,
+    tp: TpOption = 1,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout; statistics go to stderr."""
-    from llmrun.generation.generate import GenerationStats, generate_tokens, stream_text
+    from llmrun.generation.generate import GenerationStats, generate_tokens
     from llmrun.generation.prompt import PromptSettings, prompt_ids
     from llmrun.generation.sampling import Sampler
     from llmrun.profiler.tuning import tune_decode
 
-    given = generation_flags(
-        max_new_tokens, threads, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, seed=seed,
-    )  # fmt: skip
-    text = read_prompt(prompt)
+    given = generation_flags(max_new_tokens, threads, temperature=temperature, top_k=top_k, top_p=top_p,
+                             min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+    if prompts_file is not None:  # one JSON line per prompt of the file: llmrun.cli.bulk
+        return run_bulk(BulkRequest.of(locals()))
+    ranks = tensor_parallel(tp, model, device, threads, revision=revision, random_weights=random_weights)
+    text = rank0_input(ranks, lambda: read_prompt(prompt, prompt_text, prompt_file))
+    template = read_chat_template(chat_template)
     session, sampling = open_for_generation(
-        model, device, dtype, given, revision=revision, random_weights=random_weights
+        model, device, dtype, given, template, ranks, revision=revision, random_weights=random_weights, quant=quant
     )
     settings = PromptSettings(chat=chat, system=check_utf8(system, "--system") if system else None, truncate=truncate)
     context = context_size(ctx_size, session.model.args.context_length, session.model.args.context_length)
@@ -100,8 +124,15 @@ def generate(
         stop_ids=() if ignore_eos else session.tokenizer.eos_ids,
         stats=stats,
     )
+    _stream(session, tokens, stop or (), stats, sampling, as_json)
+
+
+def _stream(session, tokens: Iterator[int], stop, stats, sampling: SamplingParams, as_json: bool) -> None:
+    """Decode ``tokens`` to text (printed as it comes unless ``as_json``), then ``_finish``, also after Ctrl-C."""
+    from llmrun.generation.generate import stream_text
+
     generated: list[int] = []
-    chunks = stream_text(_recorded(tokens, generated), session.tokenizer.stream_decoder(), stop or (), stats)
+    chunks = stream_text(_recorded(tokens, generated), session.tokenizer.stream_decoder(), stop, stats)
     pieces: list[str] = []
     try:
         for chunk in chunks:

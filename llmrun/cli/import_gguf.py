@@ -17,9 +17,11 @@ import typer
 def import_gguf(
     gguf_file: Annotated[Path, typer.Argument(help="The .gguf file.")],
     out_dir: Annotated[Path, typer.Argument(help="Directory to create (written atomically).")],
-    dtype: Annotated[str, typer.Option(help="Dtype of the dequantized weights: fp32, bf16 or fp16.")] = "fp32",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Dtype of the dequantized weights: fp32, bf16 or fp16.", metavar="DTYPE")
+    ] = "fp32",
     overwrite: Annotated[
-        bool, typer.Option(help="Replace out_dir if it holds an earlier import (never anything else).")
+        bool, typer.Option("--overwrite", help="Replace OUT_DIR if it holds an earlier import (never anything else).")
     ] = False,
 ) -> None:
     """Dequantize a GGUF model into config.json, model.safetensors and tokenizer files."""

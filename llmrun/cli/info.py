@@ -12,6 +12,8 @@ Examples:
     llmrun info --model preset:llama-3.1-8b --dtype bf16
     llmrun info --model meta-llama/Llama-3.2-1B --device cuda --json | jq .speed_of_light
     llmrun info --model ./my-model --prompt-len 2048
+    llmrun info --model preset:llama-3.1-70b --quant int4 --gpu "H100 SXM"   # int4: bytes, GPUs it fits
+    llmrun info --list-presets                     # the shapes preset:NAME builds
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from typing import Annotated
 
 import typer
 
-from llmrun.cli.options import DeviceOption, DtypeOption, JsonOption, ModelOption, RevisionOption, check_count
+from llmrun.cli.info_tp import GpuOption, LinkBandwidthOption, LinkLatencyOption, TpOption, tp_fields, tp_rows
+from llmrun.cli.options import (
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    ModelOption,
+    QuantOption,
+    RevisionOption,
+    check_count,
+)
 from llmrun.errors import LlmrunError
 
 
@@ -41,15 +52,29 @@ def info(
         bool, typer.Option("--measure", help="Measure this device's roofs again (seconds; cached for later runs).")
     ] = False,
     as_json: JsonOption = False,
+    list_presets: Annotated[
+        bool, typer.Option("--list-presets", help="List the presets (--model preset:NAME) and exit.")
+    ] = False,
+    random_weights: Annotated[
+        bool, typer.Option("--random-weights", help="Accepted as by the other commands; info reads no weights.")
+    ] = False,
+    quant: QuantOption = None,
+    tp: TpOption = 1,
+    gpu: GpuOption = None,
+    link_bandwidth: LinkBandwidthOption = None,
+    link_latency: LinkLatencyOption = None,
 ) -> None:
     """Show a model's architecture, sizes and speed-of-light decode/prefill on the current device."""
-    from llmrun.devices import DTYPE_NAMES, resolve_device, resolve_dtype
+    if list_presets:
+        return _print_presets(as_json)
+    from llmrun.devices import resolve_device, resolve_dtype
     from llmrun.loading.loader import read_model_args
     from llmrun.loading.presets import is_preset, load_preset
     from llmrun.loading.sources import DEFAULT_MODEL, resolve_model
+    from llmrun.model.quant import parse_quant
     from llmrun.profiler.modelinfo import model_info
-    from llmrun.profiler.roofs import device_info, select_roofs
 
+    quant_spec = parse_quant(quant)  # checked before anything is read
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if prompt_len is not None:
@@ -64,18 +89,62 @@ def info(
         prompt_len = min(512, args.context_length)
     elif prompt_len > args.context_length:
         raise LlmrunError(f"--prompt-len {prompt_len} exceeds the model's context of {args.context_length}")
-    roofs = select_roofs(
-        torch_device,
-        DTYPE_NAMES[torch_dtype],
-        measure="again" if measure else "fallback",
-        on_measure=lambda name: print(f"measuring the roofs of {name} (once; cached)", file=sys.stderr),
-    )
-    result = model_info(args, torch_dtype, roofs, device_info(torch_device), prompt_len=prompt_len)
+    roofs, entry = _roofs(torch_device, torch_dtype, gpu, measure)
+    result = model_info(args, torch_dtype, roofs, _device(torch_device, entry), prompt_len=prompt_len, quant=quant_spec)
     fields = {"model": model or DEFAULT_MODEL, "source": source, **result.to_json()}
+    if tp > 1:
+        fields["tensor_parallel"] = tp_fields(args, torch_dtype, roofs, entry, tp, link_bandwidth, link_latency)
     if as_json:
         print(json.dumps(fields))
     else:
         _print_table(fields)
+
+
+def _roofs(device, dtype, gpu: str | None, measure: bool):
+    """(roofs, spec-table entry or None): ``--gpu``'s datasheet roofs, else this device's (measured once)."""
+    from llmrun.devices import DTYPE_NAMES
+    from llmrun.profiler.roofs import match_spec, select_roofs, spec_gpu
+
+    if gpu is not None:
+        return spec_gpu(gpu, DTYPE_NAMES[dtype])
+    roofs = select_roofs(
+        device,
+        DTYPE_NAMES[dtype],
+        measure="again" if measure else "fallback",
+        on_measure=lambda name: print(f"measuring the roofs of {name} (once; cached)", file=sys.stderr),
+    )
+    entry = match_spec(_device(device, None)["name"]) if device.type == "cuda" else None
+    return roofs, entry
+
+
+def _device(device, entry: dict | None) -> dict[str, str]:
+    """The ``device`` field: this device, or the spec-table GPU predicted for (``--gpu``)."""
+    from llmrun.profiler.roofs import device_info
+
+    return {"name": entry["name"], "kind": "cuda"} if entry is not None else device_info(device)
+
+
+def _print_presets(as_json: bool) -> None:
+    """Every preset: its ``--model`` name, parameter count, layers and hidden size, and the hub model it copies."""
+    from llmrun.loading.presets import PRESET_PREFIX, load_preset, preset_names
+    from llmrun.model.memory import parameter_counts
+
+    presets = [load_preset(name) for name in preset_names()]
+    rows = [
+        {
+            "model": f"{PRESET_PREFIX}{p.name}",
+            "parameters": parameter_counts(p.args).total,
+            "layers": p.args.num_hidden_layers,
+            "hidden_size": p.args.hidden_size,
+            "hub_id": p.hub_id,
+        }
+        for p in presets
+    ]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        print(f"{row['model']:<28} {_count(row['parameters']):<28} {row['layers']:>3} layers  {row['hub_id']}")
 
 
 def _print_table(fields: dict) -> None:
@@ -110,6 +179,12 @@ def _print_table(fields: dict) -> None:
             f"{_bytes(fields['weight_bytes'])}; read per decoded token {_bytes(fields['decode_bytes_per_token'])}",
         ),
         (
+            "stored as",
+            f"matrices and embedding {fields['stored_as']['matrices']}, norms {fields['stored_as']['norms']}; "
+            f"{fields['bytes_per_weight']:.3g} bytes per weight; fits in "
+            + (", ".join(fields["fits_gpus"]) or "no GPU of the spec table"),
+        ),
+        (
             "KV cache",
             f"{_bytes(kv['bytes_per_token'])} per token, {_bytes(kv['bytes_full_context'])} at "
             f"{fields['context_length']} tokens",
@@ -128,6 +203,8 @@ def _print_table(fields: dict) -> None:
             f"{_seconds(sol['prefill_s'])} ({sol['prefill_flops'] / 1e12:.4g} TFLOP, {sol['prefill_tok_s']:.4g} tok/s)",
         ),
     ]
+    if "tensor_parallel" in fields:
+        rows += tp_rows(fields["tensor_parallel"], _bytes)
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,7 +21,10 @@ ModelOption = Annotated[
     ),
 ]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-DtypeOption = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")]
+DtypeOption = Annotated[
+    str,
+    typer.Option("--dtype", help="bf16, fp16 or fp32. Default: auto (bf16 on GPU, fp32 on CPU).", show_default=False),
+]
 RevisionOption = Annotated[
     str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).", show_default=False)
 ]
@@ -29,50 +33,49 @@ ThreadsOption = Annotated[
     int | None,
     typer.Option("--threads", "-t", help="CPU threads. Default: torch's (one per core).", show_default=False),
 ]
+QuantOption = Annotated[
+    str | None,
+    typer.Option(
+        "--quant",
+        help="Weights: auto (as stored; a GGUF's Q4/Q8 stay quantized), none (float), int8, int4[:GROUP] "
+        "(GROUP 32, 64, 128 or 256; default 32).",
+        show_default=False,
+    ),
+]
 RandomWeightsOption = Annotated[
     bool,
     typer.Option(
         "--random-weights",
-        help="Random weights (built on the device) instead of the checkpoint's; required for preset:NAME.",
+        help="Random weights, not the checkpoint's (needed for preset:NAME).",
     ),
 ]
 
 # Sampling flags of generate and chat. None means not given: the model's generation_config.json decides,
 # else llama.cpp's defaults (see llmrun.generation.generation_config and llmrun.generation.sampling.SamplingParams).
-_FROM_MODEL = "Default: the model's generation_config.json, else"
+_FROM_MODEL = "Default: the model's, else"
 TemperatureOption = Annotated[
     float | None,
-    typer.Option("--temperature", "--temp", help=f"0 means greedy (argmax). {_FROM_MODEL} 0.8.", show_default=False),
+    typer.Option("--temperature", "--temp", help=f"0 is greedy (argmax). {_FROM_MODEL} 0.8.", show_default=False),
 ]
 TopKOption = Annotated[
     int | None,
-    typer.Option(
-        "--top-k", help=f"Keep the k most likely tokens; 0 turns it off. {_FROM_MODEL} 40.", show_default=False
-    ),
+    typer.Option("--top-k", help=f"Keep the k likeliest (0: all). {_FROM_MODEL} 40.", show_default=False),
 ]
 TopPOption = Annotated[
     float | None,
-    typer.Option(
-        "--top-p",
-        help=f"Nucleus sampling: keep the smallest set with this probability mass. {_FROM_MODEL} 0.95.",
-        show_default=False,
-    ),
+    typer.Option("--top-p", help=f"Nucleus: keep this much mass. {_FROM_MODEL} 0.95.", show_default=False),
 ]
 MinPOption = Annotated[
     float | None,
-    typer.Option(
-        "--min-p", help=f"Drop tokens less likely than min-p x the top token. {_FROM_MODEL} 0.05.", show_default=False
-    ),
+    typer.Option("--min-p", help=f"Drop p < min-p x the top p. {_FROM_MODEL} 0.05.", show_default=False),
 ]
 RepetitionPenaltyOption = Annotated[
     float | None,
     typer.Option(
-        "--repetition-penalty",
-        "--repeat-penalty",
-        help=f"Penalty for tokens already seen; 1 is off. {_FROM_MODEL} 1.",
+        "--repetition-penalty", "--repeat-penalty", help=f"Penalty on tokens seen; 1 is off. {_FROM_MODEL} 1.",
         show_default=False,
     ),
-]
+]  # fmt: skip
 SeedOption = Annotated[
     int | None,
     typer.Option(
@@ -82,8 +85,21 @@ SeedOption = Annotated[
 CtxSizeOption = Annotated[
     int | None,
     typer.Option(
-        "--ctx-size", "-c", help="Context window in tokens (at most the model's). Default: see the command.",
+        "--ctx-size", "-c", help="Context window in tokens. Default: the model's (chat: 4096).",
         show_default=False,
+    ),
+]  # fmt: skip
+PromptOption = Annotated[
+    str | None, typer.Option("--prompt", "-p", help="The prompt (as the PROMPT argument).", show_default=False)
+]
+PromptFileOption = Annotated[
+    Path | None, typer.Option("--file", "-f", help="Read the prompt from this UTF-8 file.", show_default=False)
+]
+ChatTemplateOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--chat-template", metavar="FILE", show_default=False,
+        help="Jinja chat template to use instead of the model's (sandboxed).",
     ),
 ]  # fmt: skip
 
@@ -144,3 +160,19 @@ def check_positive(value: float | None, flag: str) -> None:
     """``LlmrunError`` naming ``flag`` unless ``value`` is None or a finite number above 0 (NaN and inf are refused)."""
     if value is not None and not (math.isfinite(value) and value > 0):
         raise LlmrunError(f"{flag} must be a positive number (finite, above 0), got {value}")
+
+
+def read_text_file(path: Path, flag: str = "") -> str:
+    """The text of the UTF-8 file ``path`` (given to ``flag``, if any); ``LlmrunError`` naming the file and
+    what is wrong with it: missing, a directory, not UTF-8, unreadable."""
+    label = f"{flag} {path}" if flag else str(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LlmrunError(f"{label} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise LlmrunError(f"{label} is a directory, not a text file; give the path of a file") from None
+    except UnicodeDecodeError as exc:
+        raise LlmrunError(f"{label} is not a UTF-8 text file (byte {exc.start}); convert it to UTF-8") from None
+    except OSError as exc:
+        raise LlmrunError(f"{label}: cannot read it ({exc.strerror})") from None

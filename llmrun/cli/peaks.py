@@ -9,6 +9,7 @@ Examples:
     llmrun peaks --refresh            # measure again (do it on a quiet machine)
     llmrun peaks --device cuda --json
     llmrun peaks --device cpu --dtype fp16
+    llmrun peaks --tp 2               # the link: all-reduce latency and bus bandwidth
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Annotated
 import typer
 
 from llmrun.cli.options import DeviceOption, JsonOption
+from llmrun.cli.peaks_tp import link_peaks
+from llmrun.distributed.group import in_group
 from llmrun.errors import LlmrunError
 
 
@@ -32,8 +35,13 @@ def peaks(
         bool, typer.Option("--refresh", help="Measure again (the decode kernels too) instead of using the cache.")
     ] = False,
     as_json: JsonOption = False,
+    tp: Annotated[
+        int, typer.Option("--tp", help="Measure the link instead: all-reduce latency and bus bandwidth over N ranks.")
+    ] = 1,
 ) -> None:
     """Measured, spec-sheet and NVML roofs of a device."""
+    if tp != 1 or in_group():
+        return link_peaks(tp, device, as_json)
     from rich.console import Console
     from rich.table import Table
 

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
+from llmrun.cli.options import read_text_file
 from llmrun.errors import LlmrunError
 
 
-def read_prompt(prompt: str | None) -> str:
-    """The prompt argument, or stdin for ``-``/no argument; non-UTF-8 input and empty prompts are refused."""
-    if prompt is not None and prompt != "-":
+def read_prompt(prompt: str | None, option: str | None = None, file: Path | None = None) -> str:
+    """The prompt: the argument, ``-p`` or ``-f FILE`` (one of them), else stdin for ``-``/nothing.
+
+    Non-UTF-8 input and empty prompts are refused; so is a prompt given twice.
+    """
+    given = [name for name, value in (("PROMPT", prompt), ("-p", option), ("-f", file)) if value is not None]
+    if len(given) > 1:
+        raise LlmrunError(f"the prompt is given twice ({' and '.join(given)}); give one of them")
+    if file is not None:
+        text = read_text_file(file, "-f")
+    elif option is not None:
+        text = check_utf8(option, "-p")
+    elif prompt is not None and prompt != "-":
         text = check_utf8(prompt, "the prompt argument")
     elif prompt is None and sys.stdin.isatty():
-        raise LlmrunError("no prompt given; pass it as an argument, or '-' to read stdin")
+        raise LlmrunError("no prompt given; pass it as an argument, with -p TEXT or -f FILE, or '-' to read stdin")
     else:
         raw = sys.stdin.buffer.read()
         try:
@@ -70,14 +82,42 @@ def generation_flags(max_new_tokens: int, threads: int | None, **sampling: Any) 
     return given
 
 
-def open_for_generation(model: str | None, device: str, dtype: str, given: dict[str, Any], **session_options: Any):
+def read_chat_template(path: Path | None):
+    """``--chat-template FILE`` compiled (a syntax error names the file and its line), or None when not given."""
+    if path is None:
+        return None
+    from llmrun.generation.chat_template import ChatTemplate
+
+    return ChatTemplate(read_text_file(path, "--chat-template"), origin=str(path)).check()
+
+
+def open_for_generation(
+    model: str | None,
+    device: str,
+    dtype: str,
+    given: dict[str, Any],
+    chat_template=None,
+    ranks=None,
+    **session_options: Any,
+):
     """(session, sampling settings): the model opened, and ``given``'s flags completed from its
-    ``generation_config.json``. The caller measures the decode kernel (``llmrun.profiler.tuning``)
-    once its own checks of the input have passed."""
+    ``generation_config.json``; ``chat_template`` (``read_chat_template``) replaces the model's own.
+    The caller measures the decode kernel (``llmrun.profiler.tuning``) once its own checks of the
+    input have passed. ``ranks`` is what ``llmrun.cli.parallel.tensor_parallel`` returned: this
+    rank's shard on its device, with a seed common to the ranks."""
+    from llmrun.cli.parallel import rank_device, shared_sampling
     from llmrun.generation.generation_config import sampling_params
     from llmrun.loading.session import open_session
 
-    session = open_session(model, device, dtype, **session_options)
+    device, parallel = rank_device(ranks, device)
+    given = shared_sampling(ranks, given)
+    session = open_session(model, device, dtype, parallel=parallel, **session_options)
+    if chat_template is not None:
+        if not hasattr(session.tokenizer, "use_chat_template"):
+            raise LlmrunError(
+                "--chat-template needs the model's tokenizer; this random-weights model has none (it uses bytes)"
+            )
+        session.tokenizer.use_chat_template(chat_template)
     return session, sampling_params(given, session.model_dir)
 
 

@@ -44,7 +44,10 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         if not self.tokenizer.has_chat_template:
-            raise LlmrunError("this model has no chat template; use 'llmrun generate --no-chat' instead")
+            raise LlmrunError(
+                "this model has no chat template; give one with --chat-template FILE, "
+                "or use 'llmrun generate --no-chat' for plain text"
+            )
         self.reset()
 
     def reset(self) -> None:

@@ -22,11 +22,17 @@ from llmrun.errors import LlmrunError
 
 
 class ChatTemplate:
-    """One chat template's source, compiled on first use."""
+    """One chat template's source, compiled on first use; ``origin`` (a file's path) is named in its errors."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, origin: str | None = None) -> None:
         self.source = source
+        self._name = f"The chat template {origin}" if origin else "The chat template"
         self._compiled: jinja2.Template | None = None
+
+    def check(self) -> ChatTemplate:
+        """This template, compiled now (``LlmrunError`` on a syntax error) rather than at the first message."""
+        self._compile()
+        return self
 
     def render(
         self, messages: list[dict[str, str]], add_generation_prompt: bool, special_tokens: dict[str, str]
@@ -47,21 +53,19 @@ class ChatTemplate:
             )
         except jinja2.exceptions.SecurityError as exc:
             raise LlmrunError(
-                f"The chat template tried an unsafe operation and was stopped ({exc}): "
-                "use a trusted template or --no-chat."
+                f"{self._name} tried an unsafe operation and was stopped ({exc}): use a trusted template or --no-chat."
             ) from exc
         except jinja2.exceptions.UndefinedError as exc:
             raise LlmrunError(
-                f"The chat template used an undefined value ({exc}): fix the template or use --no-chat."
+                f"{self._name} used an undefined value ({exc}): fix the template or use --no-chat."
             ) from exc
         except jinja2.exceptions.TemplateError as exc:
             raise LlmrunError(
-                f"The chat template refused these messages ({exc}): change the messages or use --no-chat."
+                f"{self._name} refused these messages ({exc}): change the messages or use --no-chat."
             ) from exc
         except (TypeError, ValueError, LookupError, ArithmeticError) as exc:
             raise LlmrunError(
-                f"The chat template failed while rendering ({type(exc).__name__}: {exc}): "
-                "fix the template or use --no-chat."
+                f"{self._name} failed while rendering ({type(exc).__name__}: {exc}): fix the template or use --no-chat."
             ) from exc
 
     def _compile(self) -> jinja2.Template:
@@ -70,7 +74,7 @@ class ChatTemplate:
                 self._compiled = _template_env().from_string(self.source)
             except jinja2.exceptions.TemplateSyntaxError as exc:
                 raise LlmrunError(
-                    f"The chat template has a syntax error on line {exc.lineno} ({exc.message}): "
+                    f"{self._name} has a syntax error on line {exc.lineno} ({exc.message}): "
                     "fix the template or use --no-chat."
                 ) from exc
         return self._compiled

@@ -33,10 +33,11 @@ def prompt_ids(
     the template or the system message.
     """
     use_chat = tokenizer.has_chat_template if settings.chat is None else settings.chat
-    if use_chat and not tokenizer.has_chat_template:
-        raise LlmrunError(f"{model_name} has no chat template; use --no-chat")
+    if (use_chat or settings.system) and not tokenizer.has_chat_template:
+        what = "--system needs a chat template, and" if settings.system else "--chat:"
+        raise LlmrunError(f"{what} {model_name} has no chat template; give one with --chat-template FILE")
     if not use_chat and settings.system:
-        raise LlmrunError("--system needs chat mode; drop it or use --chat")
+        raise LlmrunError("--system needs chat mode; drop --no-chat or --system")
     room = context - min(max_new_tokens, context - 1)  # prompt tokens that leave room for the answer
     if use_chat:
         ids = tokenizer.encode_chat(chat_messages(text, settings.system))

@@ -119,6 +119,10 @@ class Tokenizer:
         """Whether the model ships a chat template (``render_chat`` raises without one)."""
         return self._chat_template is not None
 
+    def use_chat_template(self, template: ChatTemplate) -> None:
+        """Render chats through ``template`` from now on, instead of the model's own (``--chat-template``)."""
+        self._chat_template = template
+
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` runs tokenizer.json's post-processor (e.g. BOS)."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -136,7 +140,7 @@ class Tokenizer:
             LlmrunError: the model has no chat template, or the template is broken or unsafe.
         """
         if self._chat_template is None:
-            raise LlmrunError("This model has no chat template: run without --chat (use --no-chat).")
+            raise LlmrunError("This model has no chat template: give one with --chat-template FILE, or use --no-chat.")
         return self._chat_template.render(messages, add_generation_prompt, self._special_tokens)
 
     def encode_chat(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:

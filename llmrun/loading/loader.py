@@ -7,10 +7,18 @@ checkpoint's own dtype that is zero-copy: the parameters are the mapped pages. T
 gate/up projections are the exception: they are copied into one fused matrix per block
 (``llmrun.model.transformer.fuse_projections``), and their mapped pages are released after the copy, so the
 resident total stays one copy of the weights.
+
+A quantized checkpoint (``P.weight`` integer codes beside ``P.weight_scale`` and, 4-bit, ``P.weight_zero``:
+the layout of ``llmrun.model.quant.weight``) loads its matrices as ``QuantWeight``s, each kernel's
+packed form made on the device at load; ``quant`` asks for another format instead (``none``
+dequantizes every matrix as it loads; ``int8``/``int4`` quantize a float model after loading it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import math
 from pathlib import Path
 
 import torch
@@ -24,6 +32,7 @@ from llmrun.jsonfiles import read_json_object
 from llmrun.loading.safetensors import MappedFiles, TensorEntry, checkpoint_files, read_index
 from llmrun.model.config import ModelArgs
 from llmrun.model.memory import weight_bytes
+from llmrun.model.quant import QuantEmbedding, QuantLinear, QuantSpec, QuantWeight, prepare_model, quantize_model
 from llmrun.model.transformer import Transformer, fuse_projections
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,19 +44,43 @@ def read_model_args(path: Path) -> ModelArgs:
     return ModelArgs.from_dict(raw, source=str(path))
 
 
-def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype, *, progress: bool = True) -> Transformer:
+def load_model(
+    model_dir: Path, device: torch.device, dtype: torch.dtype, *, progress: bool = True, quant: QuantSpec | None = None
+) -> Transformer:
     """Load config and safetensors weights of ``model_dir`` onto ``device`` in ``dtype``.
 
-    Running out of memory is an ``LlmrunError`` that gives the bytes needed and free.
+    ``quant`` None keeps the checkpoint's own form (quantized or float); a ``QuantSpec`` makes every
+    matrix that format (``none``: float). Running out of memory is an ``LlmrunError`` that gives the
+    bytes needed and free.
     """
     with oom_guard(device, "loading the weights"):
-        return _load(model_dir, device, dtype, progress)
+        entries = read_index(checkpoint_files(model_dir))
+        groups = quantized_groups(entries)
+        if groups:
+            model = _load_quantized(model_dir, entries, groups, device, dtype, progress, native=quant is None)
+        else:
+            model = _load(model_dir, entries, device, dtype, progress)
+        if quant is not None and quant.kind != "none":
+            quantize_loaded(model, quant, progress)
+        if groups or quant is not None:
+            _return_freed_memory()
+        return model
 
 
-def _load(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: bool) -> Transformer:
+def quantize_loaded(model: Transformer, quant: QuantSpec, progress: bool = True) -> None:
+    """Quantize a loaded float model's matrices to ``quant`` in place, with a progress bar on a terminal."""
+    total = sum(p.nbytes for p in model.parameters())
+    with _progress_bar(progress and total > 64 * 2**20) as bar:
+        task = bar.add_task(f"quantizing to {quant.name}", total=total)
+        quantize_model(model, quant, lambda n: bar.advance(task, n))
+    prepare_model(model)
+
+
+def _load(
+    model_dir: Path, entries: dict[str, TensorEntry], device: torch.device, dtype: torch.dtype, progress: bool
+) -> Transformer:
     args = read_model_args(model_dir / "config.json")
     check_fits(weight_bytes(args, dtype), device, f"the weights of {model_dir.name} in {DTYPE_NAMES[dtype]}")
-    entries = read_index(checkpoint_files(model_dir))
     with torch.device("meta"):
         model = Transformer(args)
     entries = _validated(model, entries)
@@ -68,9 +101,17 @@ def _load(model_dir: Path, device: torch.device, dtype: torch.dtype, progress: b
     return model.eval()
 
 
-def _validated(model: Transformer, entries: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
-    """Drop tensors the model ignores; refuse missing, unexpected, misshapen or non-float ones."""
+def _validated(
+    model: Transformer, entries: dict[str, TensorEntry], quantized: dict[str, tuple[int, int]] | None = None
+) -> dict[str, TensorEntry]:
+    """Drop tensors the model ignores; refuse missing, unexpected, misshapen or non-float ones.
+
+    ``quantized`` maps the names of the matrices stored quantized (not in ``entries``) to their shapes.
+    """
     expected = model.expected_tensors()
+    for name, shape in (quantized or {}).items():
+        if name not in expected or tuple(expected.pop(name)) != shape:
+            raise LlmrunError(f"quantized tensor {name!r} has no place of shape {list(shape)} in this config.json")
     entries = {n: e for n, e in entries.items() if not model.ignores_tensor(n)}
     missing = sorted(expected.keys() - entries.keys())
     if missing:
@@ -92,6 +133,101 @@ def _validated(model: Transformer, entries: dict[str, TensorEntry]) -> dict[str,
         if entry.dtype not in FLOAT_DTYPES:
             raise LlmrunError(f"tensor {name!r} in {entry.file.name} has dtype {entry.dtype}; weights must be float")
     return entries
+
+
+def quantized_groups(entries: dict[str, TensorEntry]) -> dict[str, dict[str, TensorEntry]]:
+    """The quantized matrices of a checkpoint: name -> {``""``: codes, ``"_scale"``, ``"_zero"``} entries."""
+    return {
+        name.removesuffix("_scale"): {
+            suffix: entries[name.removesuffix("_scale") + suffix]
+            for suffix in ("", "_scale", "_zero")
+            if name.removesuffix("_scale") + suffix in entries
+        }
+        for name in entries
+        if name.endswith(".weight_scale")
+    }
+
+
+def _load_quantized(
+    model_dir: Path,
+    entries: dict[str, TensorEntry],
+    groups: dict[str, dict[str, TensorEntry]],
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+    *,
+    native: bool,
+) -> Transformer:
+    """Load a quantized checkpoint: its matrices as ``QuantWeight``s (``native``) or dequantized to ``dtype``."""
+    args = read_model_args(model_dir / "config.json")
+    mapped = MappedFiles()
+    weights = {name: _quant_weight(name, group, mapped, device, dtype) for name, group in groups.items()}
+    stored = sum(w.nbytes for w in weights.values()) if native else 0
+    stored_entries = {name + suffix: entry for name, group in groups.items() for suffix, entry in group.items()}
+    floats = {n: e for n, e in entries.items() if n not in stored_entries}
+    with torch.device("meta"):
+        model = Transformer(args)
+    floats = _validated(model, floats, {name: w.shape for name, w in weights.items()})
+    float_bytes = sum(math.prod(e.shape) for e in floats.values()) * dtype.itemsize
+    needed = stored + float_bytes + (0 if native else weight_bytes(args, dtype))
+    check_fits(needed, device, f"the weights of {model_dir.name}")
+    with _progress_bar(progress and stored + float_bytes > 64 * 2**20) as bar:
+        task = bar.add_task(f"loading {model_dir.name}", total=len(weights) + len(floats))
+        for name, weight in weights.items():
+            _install(model, name, weight if native else weight.dequantize(dtype).to(device))
+            bar.advance(task)
+        for name, tensor in mapped.iter_tensors(floats):
+            _assign(model, name, tensor.to(device=device, dtype=dtype))
+            bar.advance(task)
+    model.tie_weights()
+    fuse_projections(model)
+    _release(mapped, stored_entries)  # q/k/v and gate/up are copied into fused matrices
+    if native:  # each kernel holds its own form: the weight's mapped pages are dropped once it is made
+        groups_of = {id(weights[name]): group for name, group in groups.items()}
+
+        def done(weight: QuantWeight) -> None:
+            _release(mapped, groups_of.get(id(weight), {}))
+            _return_freed_memory()  # the stored codes just dropped, and the packing's scratch
+
+        prepare_model(model, done)
+    return model.eval()
+
+
+def _return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Packing and fusing quantized weights frees many megabyte-sized blocks that glibc keeps in its
+    heap rather than returning, so the process would stay as large as its peak while loading.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def _release(mapped: MappedFiles, entries: dict[str, TensorEntry]) -> None:
+    """Drop the mapped pages of ``entries`` from memory (read back from the file if used again)."""
+    for entry in entries.values():
+        mapped.release(entry)
+
+
+def _quant_weight(
+    name: str, group: dict[str, TensorEntry], mapped: MappedFiles, device: torch.device, dtype: torch.dtype
+) -> QuantWeight:
+    """One stored quantized matrix as a ``QuantWeight`` on ``device`` (checked: ``LlmrunError`` if it is not one)."""
+    tensors = {suffix: mapped.tensor(entry) for suffix, entry in group.items()}
+    weight = QuantWeight(tensors[""], tensors["_scale"], tensors.get("_zero"), dtype=dtype, name=name)
+    return weight.to(device)
+
+
+def _install(model: Transformer, name: str, weight: QuantWeight | torch.Tensor) -> None:
+    """Put a loaded matrix at checkpoint name ``name`` (``....weight``): a quantized one replaces its module."""
+    if isinstance(weight, torch.Tensor):
+        _assign(model, name, weight)
+        return
+    module_path = name.removesuffix(".weight")
+    owner_path, _, leaf = module_path.rpartition(".")
+    old = model.get_submodule(module_path)
+    module = QuantEmbedding(weight) if isinstance(old, nn.Embedding) else QuantLinear(weight)
+    setattr(model.get_submodule(owner_path) if owner_path else model, leaf, module)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

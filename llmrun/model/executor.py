@@ -34,21 +34,37 @@ def forward(
     probe: Probe = NULL_PROBE,
     *,
     last_only: bool = False,
+    padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """tokens (B, T) int64 -> logits (B, T, V) float32.
 
     With a cache the tokens take the next T positions (from ``cache.length``, which then grows by T)
     and attend to everything before them; without one they are positions 0..T-1 and attend only to
     each other. With ``last_only`` the lm_head runs on the last position alone: (B, 1, V).
+
+    ``padding`` (B,) int64 says how many of each row's first tokens are left padding (any ids): no
+    query attends to them and the row's positions count from its first real token, so a padded
+    row's logits are those of the row alone. Given with a cache it is kept as ``cache.padding`` for
+    the later passes, and must come with the first tokens of an empty cache.
     """
     start = cache.reserve(tokens.shape[1]) if cache is not None else 0
     _check_activations(model, tokens.shape, start, all_logits=not last_only)
+    if padding is not None:
+        if padding.shape != tokens.shape[:1]:
+            raise ValueError(f"padding must be ({tokens.shape[0]},), got shape {tuple(padding.shape)}")
+        padding = padding.to(tokens.device, torch.int64) if bool(padding.any()) else None
+        if cache is not None:
+            if start:
+                raise ValueError("padding comes with the first tokens of an empty cache")
+            cache.padding = padding
+    if cache is not None:
+        padding = cache.padding
     decoder = model.model
     with probe.region("embed"):
         x = decoder.embed_tokens(tokens)  # (B, T, d)
-    rope = model.rotary.angles(start, tokens.shape[1], x.device, x.dtype)
+    rope = model.rotary.angles(start, tokens.shape[1], x.device, x.dtype, padding)
     for i, block in enumerate(decoder.layers):
-        x = block(x, rope, start, cache.layers[i] if cache is not None else None, probe)
+        x = block(x, rope, start, cache.layers[i] if cache is not None else None, probe, padding)
     if cache is not None:
         cache.length = start + tokens.shape[1]
     if last_only:
@@ -68,9 +84,19 @@ def _check_activations(model: Transformer, shape: torch.Size, start: int, *, all
         check_fits(nbytes, weight.device, f"a forward pass of {batch} x {tokens} tokens")
 
 
-def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache, probe: Probe = NULL_PROBE) -> torch.Tensor:
-    """Run prompt tokens (B, T) through all layers after the cache's filled positions; logits of the last (B, V)."""
-    return forward(model, tokens, cache, probe, last_only=True)[:, -1]
+def prefill(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cache: KVCache,
+    probe: Probe = NULL_PROBE,
+    *,
+    padding: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run prompt tokens (B, T) through all layers after the cache's filled positions; logits of the last (B, V).
+
+    ``padding`` (B,) int64: each row's count of left-padded tokens, into an empty cache (see ``forward``).
+    """
+    return forward(model, tokens, cache, probe, last_only=True, padding=padding)[:, -1]
 
 
 def decode_step(
@@ -87,8 +113,10 @@ def decode_step(
     ``fast`` None takes the fast path when no probe is given (and ``LLMRUN_FAST`` is not 0); True
     asks for it, False forces the eager ops. With ``copy=False`` the fast path returns its own
     logits buffer, valid until the next step on this cache, so that a step allocates nothing.
+    A padded cache (``cache.padding``) always runs the eager ops: the fast decoders take one position
+    for the whole batch and attend to every key, so each row's positions and mask need the eager path.
     """
-    if probe is NULL_PROBE and fast is not False and (fast or fast_enabled()):
+    if probe is NULL_PROBE and fast is not False and (fast or fast_enabled()) and cache.padding is None:
         decoder = fast_decoder(model, cache)
         if decoder is not None:
             logits = decoder.step(token)
@@ -97,8 +125,11 @@ def decode_step(
 
 
 def make_cache(model: Transformer, batch: int, max_seq_len: int) -> KVCache:
-    """A KV cache for ``batch`` sequences of up to ``max_seq_len`` tokens, in the model's dtype/device."""
-    args = model.args
+    """A KV cache for ``batch`` sequences of up to ``max_seq_len`` tokens, in the model's dtype/device.
+
+    On a tensor-parallel shard it holds this rank's key/value heads (``model.local_args``).
+    """
+    args = model.local_args
     weight = model.model.embed_tokens.weight
     return KVCache(
         args.num_hidden_layers,

@@ -5,6 +5,10 @@ place; nothing is reallocated while generating. ``length`` is the number of posi
 (the same for every sequence of the batch): the executor writes new tokens at ``length`` and
 advances it, so callers never pass positions. ``trim`` forgets the positions past a prefix (a
 chat turn that shares the start of the conversation), ``reset`` empties the cache.
+
+Prompts of different lengths share one cache by left padding: ``padding`` (B,) int64 holds each
+row's count of padded positions at the start (None: no row is padded). Attention never looks at a
+row's padded keys, and a row's RoPE positions count from its first real token.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class KVCache:
         check_fits(nbytes, torch.device(device), f"a KV cache of {batch} x {max_seq_len} positions")
         self.max_seq_len = max_seq_len
         self.length = 0
+        self.padding: torch.Tensor | None = None  # (B,) int64 left-padded positions per row; None: none
         # the fast decoder on these buffers (llmrun.model.fastpath.fast_decoder), built on first use
         self.decoder = None
         self.layers = [
@@ -66,6 +71,11 @@ class KVCache:
         """Positions still empty."""
         return self.max_seq_len - self.length
 
+    @property
+    def padded(self) -> bool:
+        """Whether some row starts with padded positions."""
+        return self.padding is not None and bool(self.padding.any())
+
     def reserve(self, tokens: int) -> int:
         """The position where ``tokens`` new positions start; ValueError if they do not fit."""
         if tokens > self.free:
@@ -73,8 +83,10 @@ class KVCache:
         return self.length
 
     def trim(self, length: int) -> None:
-        """Keep the first ``length`` positions (at most those filled) and forget the rest."""
+        """Keep the first ``length`` positions (at most those filled) and forget the rest (the padding too at 0)."""
         self.length = max(0, min(self.length, length))
+        if self.length == 0:
+            self.padding = None
 
     def grow(self, max_seq_len: int) -> None:
         """Hold ``max_seq_len`` positions from now on (never fewer than now), keeping the filled ones.
@@ -93,8 +105,9 @@ class KVCache:
         self.decoder = None
 
     def reset(self) -> None:
-        """Forget every position (the buffers are overwritten by the next tokens)."""
+        """Forget every position and the padding (the buffers are overwritten by the next tokens)."""
         self.length = 0
+        self.padding = None
 
     @property
     def nbytes(self) -> int:

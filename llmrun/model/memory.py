@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from llmrun.model.config import ModelArgs
+from llmrun.model.quant import QuantSpec
 
 LOGITS_BYTES = 4  # the executor's logits are float32
 
@@ -43,9 +44,20 @@ def parameter_counts(args: ModelArgs) -> ParameterCounts:
     return ParameterCounts(non_embedding + embedding + lm_head, embedding, lm_head, non_embedding)
 
 
-def weight_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
-    """Bytes of every weight in ``dtype``."""
-    return parameter_counts(args).total * dtype.itemsize
+def weight_bytes(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None) -> int:
+    """Bytes of every weight in ``dtype``, or with the matrices and embedding stored as ``quant`` (int8, int4)."""
+    return int(parameter_counts(args).total * weight_width(args, dtype, quant))
+
+
+def weight_width(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None) -> float:
+    """Bytes per weight element, from the shapes alone: ``dtype``'s size, or with ``quant`` int8 1 + 4/d
+    (one float32 scale per row of d columns, the hidden size, as most matrices have) and int4:G
+    0.5 + 8/G (a float32 scale and zero per G columns). The norms (float) are under 0.1% of a model."""
+    if quant is None or quant.kind not in ("int8", "int4"):
+        return float(dtype.itemsize)
+    if quant.kind == "int8":
+        return 1 + 4 / args.hidden_size
+    return 0.5 + 8 / quant.group
 
 
 def kv_cache_bytes(args: ModelArgs, batch: int, positions: int, dtype: torch.dtype) -> int:

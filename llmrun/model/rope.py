@@ -60,20 +60,34 @@ class Rotary:
         self.inv_freq = rope_inv_freq(args)
         self._on_device: dict[torch.device, torch.Tensor] = {}
 
-    def angles(self, start: int, t: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def angles(
+        self,
+        start: int,
+        t: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        padding: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (T, head_dim) for positions start..start+T-1, in ``dtype``.
 
+        With ``padding`` (B,) int64, row b's first ``padding[b]`` positions are left padding and its
+        positions count from its first real token, as transformers' position ids under an attention
+        mask: cos and sin are (B, 1, T, head_dim), position max(0, start + i - padding[b]).
         With dynamic RoPE past ``max_position_embeddings`` the frequencies follow the sequence length
-        start+T, as transformers recomputes them each forward (keys already cached keep their angles).
+        (the longest row's), as transformers recomputes them each forward (keys already cached keep their angles).
         """
-        if self.args.rope_type == "dynamic" and start + t > self.args.max_position_embeddings:
-            inv_freq = rope_inv_freq(self.args, start + t).to(device)
+        dynamic = self.args.rope_type == "dynamic"
+        longest = start + t - (int(padding.min()) if dynamic and padding is not None else 0)
+        if dynamic and longest > self.args.max_position_embeddings:
+            inv_freq = rope_inv_freq(self.args, longest).to(device)
         else:
             inv_freq = self._on_device.get(device)
             if inv_freq is None:
                 inv_freq = self._on_device.setdefault(device, self.inv_freq.to(device))
         positions = torch.arange(start, start + t, device=device, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)
+        if padding is not None:  # (B, 1, T): one row of positions per sequence, broadcast over the heads
+            positions = (positions[None, :] - padding.to(device, torch.float32)[:, None]).clamp_(min=0)[:, None]
+        freqs = positions[..., None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -81,7 +95,7 @@ class Rotary:
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q (B, H, T, D) and k (B, Hkv, T, D) by angles cos/sin (T, D)."""
+    """Rotate q (B, H, T, D) and k (B, Hkv, T, D) by angles cos/sin (T, D) or, per row, (B, 1, T, D)."""
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 

@@ -18,7 +18,9 @@ from torch import nn
 from llmrun.model.attention import attend
 from llmrun.model.config import ModelArgs
 from llmrun.model.kvcache import LayerCache
+from llmrun.model.parallel import Collectives
 from llmrun.model.probe import Probe
+from llmrun.model.quant import QuantLinear, fuse_quantized, product
 from llmrun.model.rope import Rotary, apply_rope
 
 
@@ -77,6 +79,9 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, index: int) -> None:
         super().__init__()
         self.index = index
+        # Set on a tensor-parallel rank's shard (``llmrun.model.parallel``): sums the row-parallel
+        # o_proj and down_proj products over the ranks; None on one device.
+        self.parallel: Collectives | None = None
         self.self_attn = Attention(args)
         self.self_attn.window = args.attention_windows()[index]
         self.mlp = MLP(args)
@@ -90,10 +95,12 @@ class Block(nn.Module):
         start: int,
         cache: LayerCache | None,
         probe: Probe,
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, d) at positions start..start+T-1 -> (B, T, d); writes K/V into ``cache``.
 
-        ``rope`` is the (cos, sin) pair from ``Rotary.angles`` for those positions.
+        ``rope`` is the (cos, sin) pair from ``Rotary.angles`` for those positions; ``padding`` (B,)
+        the left-padded positions of each row, which attention masks out (None: no row is padded).
         """
         i, attn, mlp = self.index, self.self_attn, self.mlp
         b, t, _ = x.shape
@@ -101,7 +108,7 @@ class Block(nn.Module):
             h = self.input_layernorm(x)
         with probe.region("qkv_proj", i):
             if attn.wqkv is not None:
-                q, k, v = F.linear(h, attn.wqkv, attn.bqkv).split(attn.split_sizes, dim=-1)
+                q, k, v = product(h, attn.wqkv, attn.bqkv).split(attn.split_sizes, dim=-1)
             else:
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
             q = q.view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -110,22 +117,28 @@ class Block(nn.Module):
         with probe.region("rope", i):
             q, k = apply_rope(q, k, *rope)
         with probe.region("attention", i):
-            o = attend(q, k, v, start, cache, window=attn.window)  # (B, H, T, D)
+            o = attend(q, k, v, start, cache, window=attn.window, padding=padding)  # (B, H, T, D)
         with probe.region("o_proj", i):
             o = attn.o_proj(o.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
+        if self.parallel is not None:
+            with probe.region("attn_allreduce", i):
+                o = self.parallel.all_reduce(o)
         with probe.region("attn_residual", i):
             x = x + o
         with probe.region("mlp_norm", i):
             h = self.post_attention_layernorm(x)
         with probe.region("gate_up_proj", i):
             if mlp.wgate_up is not None:
-                gate, up = F.linear(h, mlp.wgate_up, mlp.bgate_up).chunk(2, dim=-1)  # (B, T, f) each
+                gate, up = product(h, mlp.wgate_up, mlp.bgate_up).chunk(2, dim=-1)  # (B, T, f) each
             else:
                 gate, up = mlp.gate_proj(h), mlp.up_proj(h)
         with probe.region("act", i):
             h = F.silu(gate) * up
         with probe.region("down_proj", i):
             h = mlp.down_proj(h)
+        if self.parallel is not None:
+            with probe.region("mlp_allreduce", i):
+                h = self.parallel.all_reduce(h)
         with probe.region("mlp_residual", i):
             return x + h
 
@@ -149,6 +162,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
+        # The shapes of this process's modules: ``args`` itself, or one tensor-parallel rank's share
+        # (``llmrun.model.parallel``), where ``args`` stays the whole model's and ``parallel`` is set.
+        self.local_args = args
+        self.parallel: Collectives | None = None
         self.model = Decoder(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = Rotary(args)
@@ -160,7 +177,11 @@ class Transformer(nn.Module):
     def tie_weights(self) -> None:
         """With tied embeddings, make ``lm_head.weight`` the embedding matrix itself (after loading new tensors)."""
         if self.args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            embed = self.model.embed_tokens.weight
+            if isinstance(embed, torch.Tensor):
+                self.lm_head.weight = embed
+            else:  # a quantized embedding: the lm_head multiplies by the same codes
+                self.lm_head = QuantLinear(embed)
 
     def expected_tensors(self) -> dict[str, torch.Size]:
         """Checkpoint names and shapes this model needs (a tied lm_head is not stored)."""
@@ -202,6 +223,13 @@ def fuse_projections(
             if getattr(owner, weight_attr) is not None:
                 continue
             linears = [getattr(owner, name) for name in parts]
+            if any(isinstance(lin, QuantLinear) for lin in linears):
+                whole, modules = fuse_quantized(linears)
+                setattr(owner, weight_attr, whole.weight)
+                setattr(owner, bias_attr, whole.bias)
+                for name, module in zip(parts, modules, strict=True):
+                    setattr(owner, name, module)
+                continue
             ref = linears[0].weight
             target = {
                 "device": device or ref.device,

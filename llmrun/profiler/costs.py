@@ -33,7 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmrun.model.config import ModelArgs
-from llmrun.model.probe import LAYER_OPS, MODEL_OPS
+from llmrun.model.parallel import ShardPlan
+from llmrun.model.probe import LAYER_OPS, MODEL_OPS, PARALLEL_LAYER_OPS
+from llmrun.model.quant import weight_width
+from llmrun.model.transformer import Transformer
 
 LINEAR_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 """The ops that are matrix multiplications with weights (what ``FlopCounterMode`` sees as aten.mm)."""
@@ -61,9 +64,10 @@ class Cost:
 
 @dataclass(frozen=True)
 class Widths:
-    """Bytes per element: weights ``w``, activations ``a``, KV cache ``c``."""
+    """Bytes per element: weights ``w`` (fractional for quantized weights: codes plus scales and
+    zeros), activations ``a``, KV cache ``c``."""
 
-    w: int
+    w: float
     a: int
     c: int
 
@@ -151,15 +155,45 @@ def model_costs(args: ModelArgs, batch: int, tokens: int, widths: Widths) -> dic
     }
 
 
+def rank_args(args: ModelArgs, tp: int) -> ModelArgs:
+    """The shapes one of ``tp`` tensor-parallel ranks computes with (``args`` itself for ``tp`` 1)."""
+    return args if tp == 1 else ShardPlan(args, 0, tp).local_args
+
+
+def ring_allreduce_bytes(message_bytes: float, tp: int) -> float:
+    """Bytes each rank sends (and receives) in a ring all-reduce of ``message_bytes``: 2(N-1)/N of it."""
+    return 2 * (tp - 1) / tp * message_bytes
+
+
+def communication_costs(args: ModelArgs, batch: int, tokens: int, widths: Widths, tp: int) -> dict[str, Cost]:
+    """Per layer of a ``tp``-rank shard: the all-reduces of the (B·T, d) activations after o_proj and down_proj.
+
+    Their bytes are link bytes (``ring_allreduce_bytes``), no FLOPs counted.
+    """
+    cost = Cost(0, ring_allreduce_bytes(widths.a * batch * tokens * args.hidden_size, tp))
+    return dict.fromkeys(PARALLEL_LAYER_OPS, cost)
+
+
 def step_costs(
-    args: ModelArgs, batch: int, tokens: int, start: int, widths: Widths
+    args: ModelArgs, batch: int, tokens: int, start: int, widths: Widths, tp: int = 1
 ) -> dict[tuple[str, int | None], Cost]:
-    """Cost of every (op, layer) of one step; layer is None for the ops outside the blocks."""
-    by_window = {w: layer_costs(args, batch, tokens, start, widths, w) for w in set(args.attention_windows())}
+    """Cost of every (op, layer) of one step; layer is None for the ops outside the blocks.
+
+    With ``tp`` > 1: one rank's share (``rank_args``), its all-reduces, and the sample over the
+    gathered vocabulary.
+    """
+    rank = rank_args(args, tp)
+    by_window = {w: layer_costs(rank, batch, tokens, start, widths, w) for w in set(args.attention_windows())}
+    if tp > 1:
+        comm = communication_costs(args, batch, tokens, widths, tp)
+        for layer in by_window.values():
+            layer.update(comm)
+    ops = LAYER_OPS + (PARALLEL_LAYER_OPS if tp > 1 else ())
     costs: dict[tuple[str, int | None], Cost] = {
-        (op, i): by_window[w][op] for i, w in enumerate(args.attention_windows()) for op in LAYER_OPS
+        (op, i): by_window[w][op] for i, w in enumerate(args.attention_windows()) for op in ops
     }
-    costs.update({(op, None): cost for op, cost in model_costs(args, batch, tokens, widths).items()})
+    costs.update({(op, None): cost for op, cost in model_costs(rank, batch, tokens, widths).items()})
+    costs[("sample", None)] = model_costs(args, batch, tokens, widths)["sample"]
     return costs
 
 
@@ -168,7 +202,14 @@ def total(costs: dict[tuple[str, int | None], Cost]) -> Cost:
     return Cost(sum(c.flops for c in costs.values()), sum(c.bytes for c in costs.values()))
 
 
-def decode_weight_bytes(args: ModelArgs, width: int) -> int:
+def model_widths(model: Transformer) -> Widths:
+    """The widths of a loaded model: its stored bytes per weight element (``llmrun.model.quant.weight_width``:
+    codes, scales and zeros where quantized), and its dtype's size for the activations and the cache."""
+    dtype_bytes = model.model.norm.weight.element_size()
+    return Widths(weight_width(model), dtype_bytes, dtype_bytes)
+
+
+def decode_weight_bytes(args: ModelArgs, width: float) -> int:
     """Bytes of the weights one decode step of one sequence reads, ``width`` bytes per element.
 
     Every weight of the blocks and the final norm once, the whole lm_head (tied or not) and one
@@ -190,26 +231,28 @@ def op_cost(costs: dict[tuple[str, int | None], Cost], op: str, layer: int | Non
     return total
 
 
-def prefill_costs(args: ModelArgs, batch: int, prompt_len: int, widths: Widths) -> dict[tuple[str, int | None], Cost]:
-    """One prefill of ``prompt_len`` tokens per sequence from an empty cache."""
-    return step_costs(args, batch, prompt_len, 0, widths)
+def prefill_costs(
+    args: ModelArgs, batch: int, prompt_len: int, widths: Widths, tp: int = 1
+) -> dict[tuple[str, int | None], Cost]:
+    """One prefill of ``prompt_len`` tokens per sequence from an empty cache (one of ``tp`` ranks' share)."""
+    return step_costs(args, batch, prompt_len, 0, widths, tp)
 
 
 def decode_costs(
-    args: ModelArgs, batch: int, prompt_len: int, steps: int, widths: Widths
+    args: ModelArgs, batch: int, prompt_len: int, steps: int, widths: Widths, tp: int = 1
 ) -> dict[tuple[str, int | None], Cost]:
-    """One decode step, averaged over ``steps`` steps after a ``prompt_len``-token prefill.
+    """One decode step, averaged over ``steps`` steps after a ``prompt_len``-token prefill (one of ``tp`` ranks' share).
 
     Step j (0-based) runs one token at position prompt_len + j, so its attention sees
     prompt_len + j + 1 keys; only attention depends on j, and its mean is taken exactly.
     """
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    costs = step_costs(args, batch, 1, prompt_len, widths)
-    windows = args.attention_windows()
+    costs = step_costs(args, batch, 1, prompt_len, widths, tp)
+    windows, rank = args.attention_windows(), rank_args(args, tp)
     mean = {}
     for w in set(windows):
-        parts = [attention_cost(args, batch, 1, prompt_len + j, widths, w) for j in range(steps)]
+        parts = [attention_cost(rank, batch, 1, prompt_len + j, widths, w) for j in range(steps)]
         mean[w] = Cost(sum(p.flops for p in parts) / steps, sum(p.bytes for p in parts) / steps)
     costs.update({("attention", i): mean[w] for i, w in enumerate(windows)})
     return costs

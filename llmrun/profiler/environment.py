@@ -11,6 +11,7 @@ import torch
 
 import llmrun
 from llmrun.devices import DTYPE_NAMES, cpu_model_name
+from llmrun.model.quant import weight_width
 from llmrun.model.transformer import Transformer
 from llmrun.profiler.costs import decode_weight_bytes
 
@@ -35,7 +36,7 @@ def environment(model: Transformer, model_name: str) -> dict[str, object]:
         "threads": torch.get_num_threads(),
         "model": model_name,
         "n_params": sum(p.numel() for p in model.parameters()),
-        "weight_bytes": decode_weight_bytes(model.args, weight.element_size()),
+        "weight_bytes": decode_weight_bytes(model.args, weight_width(model)),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

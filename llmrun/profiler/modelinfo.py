@@ -19,9 +19,10 @@ import torch
 
 from llmrun.devices import DTYPE_NAMES
 from llmrun.model.config import ModelArgs
-from llmrun.model.memory import ParameterCounts, kv_cache_bytes, parameter_counts, weight_bytes
+from llmrun.model.memory import ParameterCounts, kv_cache_bytes, parameter_counts, weight_bytes, weight_width
+from llmrun.model.quant import QuantSpec
 from llmrun.profiler.costs import Cost, Widths, decode_weight_bytes, prefill_costs, step_costs, total
-from llmrun.profiler.roofs import Roofs
+from llmrun.profiler.roofs import Roofs, load_table
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ModelInfo:
     decode_full_context: Cost
     roofs: Roofs
     device: dict[str, str]
+    quant: QuantSpec | None = None
 
     @property
     def kv_bytes_full_context(self) -> int:
@@ -66,6 +68,18 @@ class ModelInfo:
     def prefill_s(self) -> float:
         """Lower bound on a prefill of ``prompt_len`` tokens."""
         return self.roofs.light_s(self.prefill.flops, self.prefill.bytes)
+
+    def storage_json(self) -> dict:
+        """What each tensor kind is stored as, its bytes per weight, and the spec-table GPUs the weights fit in."""
+        fmt = self.quant.name if self.quant is not None else DTYPE_NAMES[self.dtype]
+        width = weight_width(self.args, self.dtype, self.quant)
+        fits = [g["name"] for g in load_table() if g.get("memory_bytes", 0) >= self.weight_bytes]
+        return {
+            "quant": self.quant.name if self.quant is not None else "none",
+            "stored_as": {"matrices": fmt, "embedding": fmt, "norms": DTYPE_NAMES[self.dtype]},
+            "bytes_per_weight": width,
+            "fits_gpus": fits,
+        }
 
     def to_json(self) -> dict:
         """A plain dict for ``llmrun info --json`` (bytes, FLOPs, seconds, tokens per second)."""
@@ -91,6 +105,7 @@ class ModelInfo:
                 "non_embedding": self.params.non_embedding,
             },
             "dtype": DTYPE_NAMES[self.dtype],
+            **self.storage_json(),
             "weight_bytes": self.weight_bytes,
             "decode_bytes_per_token": self.decode_bytes_per_token,
             "kv_cache": {
@@ -111,18 +126,28 @@ class ModelInfo:
 
 
 def model_info(
-    args: ModelArgs, dtype: torch.dtype, roofs: Roofs, device: dict[str, str], *, prompt_len: int = 512
+    args: ModelArgs,
+    dtype: torch.dtype,
+    roofs: Roofs,
+    device: dict[str, str],
+    *,
+    prompt_len: int = 512,
+    quant: QuantSpec | None = None,
 ) -> ModelInfo:
-    """Everything ``llmrun info`` shows for ``args`` in ``dtype`` on ``device`` ({name, kind}) with these ``roofs``."""
+    """Everything ``llmrun info`` shows for ``args`` in ``dtype`` on ``device`` ({name, kind}) with these ``roofs``.
+
+    ``quant`` (int8, int4:G) predicts the model with its matrices and embedding stored that way:
+    the cost model's weight bytes are then the codes plus their scales and zeros (``weight_width``).
+    """
     params = parameter_counts(args)
-    widths = Widths.uniform(dtype.itemsize)
+    widths = Widths(weight_width(args, dtype, quant), dtype.itemsize, dtype.itemsize)
     context = args.context_length
     return ModelInfo(
         args=args,
         dtype=dtype,
         params=params,
-        weight_bytes=weight_bytes(args, dtype),
-        decode_bytes_per_token=decode_weight_bytes(args, dtype.itemsize),
+        weight_bytes=weight_bytes(args, dtype, quant),
+        decode_bytes_per_token=decode_weight_bytes(args, widths.w),
         kv_bytes_per_token=kv_cache_bytes(args, 1, 1, dtype),
         context_length=context,
         prompt_len=prompt_len,
@@ -131,4 +156,5 @@ def model_info(
         decode_full_context=total(step_costs(args, 1, 1, context - 1, widths)),
         roofs=roofs,
         device=device,
+        quant=quant if quant is not None and quant.kind in ("int8", "int4") else None,
     )

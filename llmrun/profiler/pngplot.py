@@ -2,8 +2,10 @@
 
 Same geometry as ``llmrun.profiler.plot``: log-log axes with a grid line per decade, the bandwidth
 roof (black slope), the compute roof (grey flat line), a dotted ridge line, and one marker per op
-per run: filled circles for prefill (blue), filled triangles for decode (orange). There is no text;
-the JSON report holds the numbers and ``plot`` draws the labelled chart where matplotlib exists.
+per run: circles for prefill, triangles for decode, in the colour of the op's family
+(``plot.FAMILIES``), the marker's area proportional to the op's share of its phase's time. There is
+no text; the JSON report holds the numbers and ``plot`` draws the labelled chart where matplotlib
+exists.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import struct
 import zlib
 from pathlib import Path
 
+from llmrun.profiler.plot import FAMILIES, family
+
 WIDTH, HEIGHT, MARGIN = 900, 600, 40
 WHITE, GRID, BLACK, GREY = (255, 255, 255), (225, 225, 225), (0, 0, 0), (120, 120, 120)
-PHASE_COLOUR = {"prefill": (31, 119, 180), "decode": (255, 127, 14)}
+MAX_RADIUS = 22  # pixels: the marker of an op taking its whole phase
 
 
 class Canvas:
@@ -64,13 +68,13 @@ def draw_png(report: dict, path: Path) -> Path:
     peak_f, peak_b = report["roofs"]["peak_flops"], report["roofs"]["peak_bytes_per_s"]
     ridge = peak_f / peak_b
     points = [
-        (run["phase"], row["intensity"], row["achieved_flops_per_s"])
+        (run["phase"], row["intensity"], row["achieved_flops_per_s"], row)
         for run in report["runs"]
         for row in run["ops"]
         if row["flops"] > 0 and row["bytes"] > 0 and row["time_s"] > 0
     ]
-    xs = [x for _, x, _ in points] + [ridge]
-    ys = [y for _, _, y in points] + [peak_f]
+    xs = [x for _, x, _, _ in points] + [ridge]
+    ys = [y for _, _, y, _ in points] + [peak_f]
     x_lo, x_hi = math.floor(math.log10(min(xs) / 2)), math.ceil(math.log10(max(xs) * 2))
     y_lo, y_hi = math.floor(math.log10(min(min(ys), min(xs) * peak_b) / 2)), math.ceil(math.log10(peak_f * 2))
 
@@ -91,8 +95,18 @@ def draw_png(report: dict, path: Path) -> Path:
     canvas.line(px(x_start), py(x_start * peak_b), px(ridge), py(peak_f), BLACK, width=3)
     canvas.line(px(ridge), py(peak_f), px(10**x_hi), py(peak_f), GREY, width=3)
     canvas.line(px(ridge), py(peak_f), px(ridge), HEIGHT - MARGIN, GREY, dash=4)
-    for phase, x, y in points:
-        canvas.marker(px(x), py(y), PHASE_COLOUR[phase], triangle=phase == "decode")
+    for phase, x, y, row in sorted(points, key=lambda p: -p[3]["share"]):  # small markers drawn over large ones
+        colour = _rgb(FAMILIES[family(row["op"])][0])
+        canvas.marker(px(x), py(y), colour, triangle=phase == "decode", r=marker_radius(row))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(canvas.png())
     return path
+
+
+def marker_radius(row: dict) -> int:
+    """Pixel radius of an op row's marker: its area proportional to the op's share (at least 1 pixel)."""
+    return max(1, round(MAX_RADIUS * math.sqrt(max(row["share"], 0.0))))
+
+
+def _rgb(hex_colour: str) -> tuple[int, int, int]:
+    return tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from llmrun.devices import DTYPE_NAMES
 from llmrun.model.transformer import Transformer
-from llmrun.profiler.costs import Widths
+from llmrun.profiler.caches import cache_note, last_level_cache
+from llmrun.profiler.costs import decode_weight_bytes, model_widths
 from llmrun.profiler.environment import git_commit
 from llmrun.profiler.measure import check_context, check_memory, measure
 from llmrun.profiler.report import build_report
-from llmrun.profiler.roofline import build_run
+from llmrun.profiler.roofline import Run, build_run
 from llmrun.profiler.roofs import device_info, select_roofs
+from llmrun.profiler.trace import write_trace
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,9 @@ class ProfileSettings:
     Every (batch, prompt length) pair runs ``warmup`` unmeasured and ``repeats`` measured repeats
     of one prefill and ``decode_tokens`` decode steps. ``roofs`` is the preferred source
     (``llmrun.profiler.roofs.SOURCES``); ``peak_flops`` (FLOP/s) and ``peak_bandwidth`` (bytes/s)
-    override either roof. ``random_weights`` is recorded in the report's settings.
+    override either roof. ``random_weights`` is recorded in the report's settings. ``path`` is the
+    decode path timed (``fast``: what generation runs; ``eager``: the layer-by-layer ops); prefill
+    always runs eager.
     """
 
     prompt_lens: tuple[int, ...] = (512,)
@@ -42,6 +47,7 @@ class ProfileSettings:
     peak_flops: float | None = None
     peak_bandwidth: float | None = None
     random_weights: bool = False
+    path: str = "fast"
 
     @property
     def steps(self) -> int:
@@ -64,6 +70,7 @@ class ProfileSettings:
             "per_layer": self.per_layer,
             "seed": self.seed,
             "random_weights": self.random_weights,
+            "path": self.path,
         }
 
 
@@ -74,13 +81,15 @@ def run_profile(
     *,
     on_step: Callable[[], None] | None = None,
     on_measure: Callable[[str], None] | None = None,
+    trace: Path | None = None,
 ) -> dict:
     """The profile report of ``model`` (called ``name``) on the device and in the dtype of its weights.
 
     Every run is checked against the model's context and the memory free before anything is
     measured (the roofs included). ``on_step`` is called after every step (``settings.steps`` in
     all); ``on_measure`` gets the device's name just before its roofs are measured (the first time
-    only; they are cached).
+    only; they are cached). With ``trace`` the measured steps are also written there as a
+    Chrome/Perfetto trace (``llmrun.profiler.trace``).
     """
     weight = model.lm_head.weight
     device, dtype = weight.device, weight.dtype
@@ -106,10 +115,15 @@ def run_profile(
         repeats=settings.repeats,
         warmup=settings.warmup,
         seed=settings.seed,
+        path=settings.path,
         on_step=on_step,
     )
-    widths = Widths.uniform(dtype.itemsize)
-    runs = [build_run(model.args, t, widths, roofs, per_layer=settings.per_layer) for t in timings]
+    if trace is not None:
+        write_trace(timings, trace, model=name)
+    widths = model_widths(model)  # quantized weights: their codes, scales and zeros
+    tp = model.parallel.size if model.parallel is not None else 1
+    runs = [build_run(model.args, t, widths, roofs, per_layer=settings.per_layer, tp=tp) for t in timings]
+    _add_notes(runs, decode_weight_bytes(model.args, widths.w), device)
     environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "git_commit": git_commit()}
     return build_report(
         runs,
@@ -119,3 +133,23 @@ def run_profile(
         roofs=roofs,
         settings={**settings.to_json(), **environment},
     )
+
+
+GRAPH_NOTE = (
+    "op times are GPU times between timing events captured inside the CUDA graph of the uncompiled step "
+    "(torch.compile fuses kernels across ops, leaving no op boundaries); unprobed_time_s is the compiled, "
+    "graphed step that generate and bench run"
+)
+
+
+def _add_notes(runs: list[Run], weight_bytes: int, device: torch.device) -> None:
+    """Note on each run whose reads fit the device's on-chip cache (``llmrun.profiler.caches``), and on
+    each decode run timed inside a CUDA graph what its op times are."""
+    cache = last_level_cache(device)
+    gpu = device.type == "cuda"
+    for run in runs:
+        if gpu and run.phase == "decode" and run.path == "fast":
+            run.notes.append(GRAPH_NOTE)
+        note = cache_note(run.phase, weight_bytes, run.totals.bytes, cache, gpu=gpu)
+        if note is not None:
+            run.notes.append(note)

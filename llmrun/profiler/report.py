@@ -1,8 +1,9 @@
 """The profile report: one JSON-able dict, rendered as rich tables, JSON, CSV or markdown.
 
 Every format is rendered from the same dict (``build_report``), so they carry the same numbers:
-JSON and CSV at full precision, markdown to 4 significant digits. Units are those of the JSON
-fields (seconds, FLOPs, bytes, per second); the rich table uses ms, GFLOP, MB, GFLOP/s and GB/s.
+JSON and CSV at full precision in the JSON fields' units (seconds, FLOPs, bytes, per second);
+the rich table and markdown in the units people read (ms, %, GFLOP, MB, GFLOP/s, GB/s), the
+table with the columns that fit the terminal, markdown with all of them.
 Field meanings are in docs/roofline.md and the schema (``llmrun.profiler.schema``).
 """
 
@@ -33,8 +34,13 @@ CONVENTIONS = {
     "attributed_s and unattributed_s are medians over the steps",
     "roofline_fraction": "max(flops/peak_flops, bytes/peak_bytes_per_s) / time_s (speed-of-light time over time)",
     "bound": "compute if intensity >= ridge (peak_flops / peak_bytes_per_s), else memory",
-    "executor": "the eager layer-by-layer path of llmrun.model.executor, which runs whenever a probe is given "
-    "(the decode fast path, without per-op hooks, is not what is timed here)",
+    "path": "decode runs on the path named by the run's path: fast = the fast decoder that generate and bench run, "
+    "marked after each op group (a fused group is named by its parts joined with '+' and costs their sum); eager = "
+    "the layer-by-layer executor, one region per op. Prefill has no separate fast path: it always runs eager",
+    "probe_overhead": "time_s / unprobed_time_s - 1, unprobed_time_s being the median wall time of the same decode "
+    "steps run again without a probe (the step bench times)",
+    "light_s": "speed-of-light seconds of the op, max(flops/peak_flops, bytes/peak_bytes_per_s); time_s / light_s "
+    "is how far the op is from it (the table's 'x light')",
 }
 
 OP_FIELDS = (
@@ -51,6 +57,7 @@ OP_FIELDS = (
     "achieved_bytes_per_s",
     "attainable_flops_per_s",
     "roofline_fraction",
+    "light_s",
     "bound",
 )
 TOTAL_FIELDS = (
@@ -66,8 +73,10 @@ TOTAL_FIELDS = (
     "tokens_per_s",
     "attributed_s",
     "unattributed_s",
+    "unprobed_time_s",
+    "probe_overhead",
 )
-RUN_FIELDS = ("phase", "batch", "prompt_len", "context_len", "mean_context_len", "decode_tokens")
+RUN_FIELDS = ("phase", "batch", "prompt_len", "context_len", "mean_context_len", "decode_tokens", "path")
 
 
 def build_report(
@@ -98,6 +107,7 @@ def _run_json(run: Run) -> dict:
         **{k: data[k] for k in RUN_FIELDS},
         "ops": [{k: row[k] for k in OP_FIELDS} for row in data["ops"]],
         "totals": {k: data["totals"][k] for k in TOTAL_FIELDS},
+        "notes": data["notes"],
     }
 
 
@@ -123,29 +133,30 @@ def to_csv(report: dict) -> str:
     return out.getvalue()
 
 
-def _g(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def run_title(run: dict) -> str:
-    """'prefill · batch 1 · prompt 512 · context 512'."""
-    return f"{run['phase']} · batch {run['batch']} · prompt {run['prompt_len']} · context {run['context_len']}"
+    """'decode · batch 1 · prompt 512 · context 544 · fast path'."""
+    return (
+        f"{run['phase']} · batch {run['batch']} · prompt {run['prompt_len']} · context {run['context_len']} · "
+        f"{run.get('path', 'eager')} path"
+    )
 
 
 def summary_line(run: dict) -> str:
-    """tokens/s, MFU, MBU and the unattributed time of one run, in words."""
+    """tokens/s, MFU, MBU, the unattributed time and (decode) the probe's overhead of one run, in words."""
     t = run["totals"]
     unit = "step" if run["phase"] == "decode" else "pass"
-    return (
+    line = (
         f"{t['tokens_per_s']:.1f} tokens/s · {t['time_s'] * 1e3:.2f} ms per {unit} "
         f"(IQR {t['time_s_iqr'] * 1e3:.2f} ms, n={t['samples']}) · MFU {t['mfu']:.1%} · MBU {t['mbu']:.1%} · "
         f"unattributed "
         f"{t['unattributed_s'] * 1e3:.2f} ms ({t['unattributed_s'] / t['time_s']:.1%})"
     )
+    if t.get("unprobed_time_s"):
+        line += (
+            f" · without the probe {t['unprobed_time_s'] * 1e3:.2f} ms per step "
+            f"({run['batch'] / t['unprobed_time_s']:.1f} tokens/s; probe overhead {t['probe_overhead']:+.1%})"
+        )
+    return line
 
 
 def roofs_lines(report: dict) -> list[str]:
@@ -164,56 +175,102 @@ def roofs_lines(report: dict) -> list[str]:
     return lines
 
 
+def _layer(row: dict) -> str:
+    if row["layer"] is not None:
+        return str(row["layer"])
+    return "" if row["layers"] == 1 else f"mean of {row['layers']}"
+
+
+def _gap(row: dict) -> str:
+    """Measured time over speed-of-light time: '2.5x', '840x'."""
+    if not row["light_s"]:
+        return ""
+    gap = row["time_s"] / row["light_s"]
+    return f"{gap:.0f}x" if gap >= 100 else f"{gap:.3g}x"
+
+
+# (header, cell of an op row, priority): priority 0 is always shown; the table adds the others in
+# priority order while they fit the terminal (all of them with --wide, and in markdown).
+COLUMNS = (
+    ("layer", _layer, 0),
+    ("op", lambda r: r["op"], 0),
+    ("time ms", lambda r: f"{r['time_s'] * 1e3:.3f}", 0),
+    ("share", lambda r: f"{r['share']:.1%}", 0),
+    ("x light", _gap, 1),
+    ("% roofline", lambda r: f"{r['roofline_fraction']:.1%}", 1),
+    ("bound", lambda r: r["bound"], 1),
+    ("GB/s", lambda r: f"{r['achieved_bytes_per_s'] / 1e9:.4g}", 2),
+    ("GFLOP/s", lambda r: f"{r['achieved_flops_per_s'] / 1e9:.4g}", 2),
+    ("FLOP/B", lambda r: f"{r['intensity']:.3g}", 3),
+    ("IQR ms", lambda r: f"{r['time_s_iqr'] * 1e3:.3f}", 3),
+    ("GFLOP", lambda r: f"{r['flops'] / 1e9:.4g}", 4),
+    ("MB", lambda r: f"{r['bytes'] / 1e6:.4g}", 4),
+    ("attainable GFLOP/s", lambda r: f"{r['attainable_flops_per_s'] / 1e9:.4g}", 5),
+)
+COLUMN_PAD = 3  # a rich table column's padding and rule, in characters
+
+
+def table_rows(run: dict, columns: tuple = COLUMNS) -> list[list[str]]:
+    """The cells of ``columns`` for every op row of ``run``, then the unattributed time as its own row."""
+    rows = [[cell(row) for _, cell, _ in columns] for row in run["ops"]]
+    t = run["totals"]
+    unattributed = {"time ms": f"{t['unattributed_s'] * 1e3:.3f}", "share": f"{t['unattributed_s'] / t['time_s']:.1%}"}
+    rows.append([unattributed.get(name, "(unattributed)" if name == "op" else "") for name, _, _ in columns])
+    return rows
+
+
+def fitting_columns(runs: list[dict], width: int, *, wide: bool = False) -> tuple:
+    """The columns of ``COLUMNS`` that fit ``width`` characters for every run, by priority (all with ``wide``)."""
+    if wide:
+        return COLUMNS
+    cells = [row for run in runs for row in table_rows(run)]
+    need = [max(len(name), *(len(row[i]) for row in cells)) + COLUMN_PAD for i, (name, _, _) in enumerate(COLUMNS)]
+    chosen, used = set(), 1
+    for priority in sorted({p for _, _, p in COLUMNS}):
+        group = [i for i, (_, _, p) in enumerate(COLUMNS) if p == priority]
+        extra = sum(need[i] for i in group)
+        if priority and used + extra > width:
+            break
+        chosen.update(group)
+        used += extra
+    return tuple(c for i, c in enumerate(COLUMNS) if i in chosen)
+
+
 def to_markdown(report: dict) -> str:
-    """Markdown: roofs and conventions, then per run a summary line and a table (JSON units, 4 digits)."""
+    """Markdown: roofs and conventions, then per run a summary line, notes and the full table (ms and %)."""
     lines = ["# llmrun profile", ""]
     lines += [f"- {line.strip()}" for line in roofs_lines(report)]
     lines += ["", "Conventions:", ""]
     lines += [f"- {k}: {v}" for k, v in report["conventions"].items()]
     for run in report["runs"]:
         lines += ["", f"## {run_title(run)}", "", summary_line(run), ""]
-        lines.append("| " + " | ".join(OP_FIELDS) + " |")
-        lines.append("|" + "---|" * len(OP_FIELDS))
-        for row in run["ops"]:
-            lines.append("| " + " | ".join(_g(row[k]) for k in OP_FIELDS) + " |")
-        totals = run["totals"]
-        lines += ["", "| " + " | ".join(TOTAL_FIELDS) + " |", "|" + "---|" * len(TOTAL_FIELDS)]
-        lines.append("| " + " | ".join(_g(totals[k]) for k in TOTAL_FIELDS) + " |")
+        lines += [f"Note: {note}" for note in run.get("notes", [])]
+        lines += [""] if run.get("notes") else []
+        lines.append("| " + " | ".join(name for name, _, _ in COLUMNS) + " |")
+        lines.append("|" + "---|" * len(COLUMNS))
+        lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(run)]
     return "\n".join(lines) + "\n"
 
 
-def render_tables(report: dict, console) -> None:
-    """Rich tables, one per run, with a summary line under each."""
+def render_tables(report: dict, console, *, wide: bool = False) -> None:
+    """Rich tables, one per run, with the columns that fit ``console.width`` (all with ``wide``) and a summary."""
     from rich.table import Table
 
     for line in roofs_lines(report):
         console.print(line, highlight=False, markup=False)
+    columns = fitting_columns(report["runs"], console.width, wide=wide)
     for run in report["runs"]:
         table = Table(title=run_title(run), title_justify="left", caption_justify="left")
-        table.caption = summary_line(run)
-        columns = ("layer", "op", "time ms", "IQR ms", "share", "GFLOP", "MB", "FLOP/B", "GFLOP/s", "GB/s")
-        for name in (*columns, "attainable GFLOP/s", "% roofline"):
-            table.add_column(name, justify="left" if name in ("layer", "op") else "right")
-        table.add_column("bound")
-        for row in run["ops"]:
-            layer = "" if row["layers"] == 1 else f"mean of {row['layers']}"
-            layer = str(row["layer"]) if row["layer"] is not None else layer
-            table.add_row(
-                layer,
-                row["op"],
-                f"{row['time_s'] * 1e3:.3f}",
-                f"{row['time_s_iqr'] * 1e3:.3f}",
-                f"{row['share']:.1%}",
-                f"{row['flops'] / 1e9:.4g}",
-                f"{row['bytes'] / 1e6:.4g}",
-                f"{row['intensity']:.3g}",
-                f"{row['achieved_flops_per_s'] / 1e9:.4g}",
-                f"{row['achieved_bytes_per_s'] / 1e9:.4g}",
-                f"{row['attainable_flops_per_s'] / 1e9:.4g}",
-                f"{row['roofline_fraction']:.1%}",
-                row["bound"],
-            )
+        table.caption = "\n".join([summary_line(run), *(f"note: {note}" for note in run.get("notes", []))])
+        for name, _, _ in columns:
+            table.add_column(name, justify="left" if name in ("layer", "op", "bound") else "right")
+        for cells in table_rows(run, columns):
+            table.add_row(*cells)
         console.print(table)
+    if len(columns) < len(COLUMNS):
+        shown = {name for name, _, _ in columns}
+        hidden = ", ".join(name for name, _, _ in COLUMNS if name not in shown)
+        console.print(f"(columns left out to fit the terminal: {hidden}; --wide shows them)", highlight=False)
 
 
 FAIL_METRICS = ("mfu", "mbu")

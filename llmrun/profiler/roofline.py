@@ -13,13 +13,15 @@ one row whose time, FLOPs and bytes are the mean over the ``layers`` layers it s
 
 Per step, wall time = (sum of its op times) + (time in no op). ``attributed_s`` and
 ``unattributed_s`` are the medians of those two over the steps, so they add up to the median
-wall time only approximately; sum(row.time_s × row.layers) ≈ attributed_s likewise.
+wall time only approximately; sum(row.time_s × row.layers) ≈ attributed_s likewise. Where the
+same steps were also run without a probe, ``unprobed_time_s`` is their median wall time and
+``probe_overhead`` = time_s / unprobed_time_s − 1.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmrun.model.config import ModelArgs
 from llmrun.profiler import costs as C
@@ -45,6 +47,7 @@ class OpRow:
     attainable_flops_per_s: float
     roofline_fraction: float
     bound: str
+    light_s: float
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Totals:
     tokens_per_s: float
     attributed_s: float
     unattributed_s: float
+    unprobed_time_s: float | None = None
+    probe_overhead: float | None = None
 
 
 @dataclass
@@ -77,6 +82,8 @@ class Run:
     decode_tokens: int
     ops: list[OpRow]
     totals: Totals
+    path: str = "eager"
+    notes: list[str] = field(default_factory=list)
 
 
 def _iqr(values: list[float]) -> float:
@@ -107,17 +114,19 @@ def _grouped(steps, per_layer: bool) -> tuple[list[tuple[str, int | None, tuple[
     return keys, per_step
 
 
-def _costs(args: ModelArgs, timing: PhaseTiming, widths: C.Widths) -> dict:
+def _costs(args: ModelArgs, timing: PhaseTiming, widths: C.Widths, tp: int) -> dict:
     if timing.phase == "prefill":
-        return C.prefill_costs(args, timing.batch, timing.prompt_len, widths)
-    return C.decode_costs(args, timing.batch, timing.prompt_len, timing.decode_tokens, widths)
+        return C.prefill_costs(args, timing.batch, timing.prompt_len, widths, tp)
+    return C.decode_costs(args, timing.batch, timing.prompt_len, timing.decode_tokens, widths, tp)
 
 
-def build_run(args: ModelArgs, timing: PhaseTiming, widths: C.Widths, roofs: Roofs, *, per_layer: bool) -> Run:
-    """Rows and totals of one measured phase."""
+def build_run(
+    args: ModelArgs, timing: PhaseTiming, widths: C.Widths, roofs: Roofs, *, per_layer: bool, tp: int = 1
+) -> Run:
+    """Rows and totals of one measured phase (of one of ``tp`` tensor-parallel ranks: its share of the work)."""
     if not timing.steps:
         raise ValueError(f"no measured steps for {timing.phase}")
-    costs = _costs(args, timing, widths)
+    costs = _costs(args, timing, widths, tp)
     walls = [s.wall_s for s in timing.steps]
     wall = statistics.median(walls)
     keys, per_step = _grouped(timing.steps, per_layer)
@@ -148,12 +157,25 @@ def build_run(args: ModelArgs, timing: PhaseTiming, widths: C.Widths, roofs: Roo
         attributed_s=attributed,
         unattributed_s=statistics.median(s.unattributed_s for s in timing.steps),
     )
+    if timing.unprobed_s:
+        totals.unprobed_time_s = statistics.median(timing.unprobed_s)
+        totals.probe_overhead = wall / totals.unprobed_time_s - 1
     if timing.phase == "prefill":
         context, mean_context = timing.prompt_len, float(timing.prompt_len)
     else:
         context = timing.prompt_len + timing.decode_tokens
         mean_context = timing.prompt_len + (timing.decode_tokens + 1) / 2
-    return Run(timing.phase, timing.batch, timing.prompt_len, context, mean_context, timing.decode_tokens, rows, totals)
+    return Run(
+        timing.phase,
+        timing.batch,
+        timing.prompt_len,
+        context,
+        mean_context,
+        timing.decode_tokens,
+        rows,
+        totals,
+        timing.path,
+    )
 
 
 def _row(op: str, layer: int | None, n: int, t: float, iqr: float, cost: C.Cost, wall: float, roofs: Roofs) -> OpRow:
@@ -175,4 +197,5 @@ def _row(op: str, layer: int | None, n: int, t: float, iqr: float, cost: C.Cost,
         attainable_flops_per_s=min(roofs.peak_flops, intensity * roofs.peak_bytes_per_s),
         roofline_fraction=light / t if t else 0.0,
         bound=roofs.bound(f, b),
+        light_s=light,
     )

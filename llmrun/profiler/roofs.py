@@ -125,6 +125,21 @@ def spec_roof(name: str, dtype: str, table: list[dict] | None = None) -> Roof:
     return Roof("spec", entry["flops"].get(dtype), entry["bytes_per_s"], f"{entry['name']}: {entry['source']}")
 
 
+def spec_gpu(name: str, dtype: str) -> tuple[Roofs, dict]:
+    """(datasheet roofs, table entry) of the GPU called ``name`` (its table ``name`` or an NVML name), for
+    predictions about a GPU not present (``llmrun info --gpu``); an unknown name lists the known ones."""
+    wanted = _normal(name)
+    for entry in load_table():
+        if wanted == _normal(entry.get("name", "")) or any(_normal(n) == wanted for n in entry.get("nvml_names", [])):
+            flops = entry["flops"].get(dtype)
+            if flops is None:
+                raise LlmrunError(f"{entry['name']} lists no {dtype} FLOP/s in {table_path().name}")
+            roof = Roof("spec", flops, entry["bytes_per_s"], f"{entry['name']}: {entry['source']}")
+            return Roofs(flops, entry["bytes_per_s"], "spec", [roof]), entry
+    known = ", ".join(entry.get("name", "?") for entry in load_table())
+    raise LlmrunError(f"--gpu {name!r} is not in {table_path().name}; known GPUs: {known}")
+
+
 def nvml_roof(device: torch.device) -> Roof:
     """Theoretical bandwidth and clocks from NVML; a note instead of numbers when NVML is unusable."""
     if device.type != "cuda":

@@ -32,7 +32,11 @@ OP = _object(
             "minimum": 0,
             "description": "block index; null outside the blocks or for a row averaged over layers",
         },
-        "op": {"type": "string", "description": "named op (llmrun.model.probe); fused ops joined by '+'"},
+        "op": {
+            "type": "string",
+            "description": "named op (llmrun.model.probe); fused ops joined by '+'; on a tensor-parallel rank "
+            "also attn_allreduce and mlp_allreduce, whose bytes are link bytes: 2(N-1)/N x the message",
+        },
         "layers": {"type": "integer", "minimum": 1, "description": "layer instances the row stands for"},
         "time_s": {**_NONNEG, "description": "median seconds per step (per layer when averaged)"},
         "time_s_iqr": {**_NONNEG, "description": "interquartile range of time_s over the steps"},
@@ -44,6 +48,7 @@ OP = _object(
         "achieved_bytes_per_s": _NONNEG,
         "attainable_flops_per_s": {**_NONNEG, "description": "min(peak_flops, intensity * peak_bytes_per_s)"},
         "roofline_fraction": {**_NONNEG, "description": "max(flops/peak_flops, bytes/peak_bytes_per_s) / time_s"},
+        "light_s": {**_NONNEG, "description": "speed-of-light seconds, max(flops/peak_flops, bytes/peak_bytes_per_s)"},
         "bound": {"enum": ["memory", "compute"]},
     }
 )
@@ -62,6 +67,12 @@ TOTALS = _object(
         "tokens_per_s": {**_NONNEG, "description": "prefill: batch*prompt_len/time_s; decode: batch/time_s"},
         "attributed_s": {**_NONNEG, "description": "median over steps of the sum of op times"},
         "unattributed_s": {**_NUM, "description": "median over steps of wall time not in any op"},
+        "unprobed_time_s": {
+            "type": ["number", "null"],
+            "minimum": 0,
+            "description": "median wall seconds of the same decode steps without a probe (null: not measured)",
+        },
+        "probe_overhead": {**_NULLABLE_NUM, "description": "time_s / unprobed_time_s - 1 (null: not measured)"},
     }
 )
 
@@ -73,8 +84,10 @@ RUN = _object(
         "context_len": {"type": "integer", "minimum": 1, "description": "keys seen by attention at the last step"},
         "mean_context_len": {**_NONNEG, "description": "mean over the measured steps"},
         "decode_tokens": {**_COUNT, "description": "decode steps per repeat (0 for prefill)"},
+        "path": {"enum": ["fast", "eager"], "description": "what ran: the decode fast path or the eager ops"},
         "ops": {"type": "array", "items": OP, "minItems": 1},
         "totals": TOTALS,
+        "notes": {"type": "array", "items": {"type": "string"}, "description": "caveats, e.g. on-chip caches"},
     }
 )
 

@@ -1,5 +1,6 @@
-"""Timers: a ``Probe`` that records how long each of the executor's named ops takes, and
-``time_calls`` for microbenchmarks (measured roofs, the kernel floor).
+"""Timers: a ``Probe`` that records how long each of the executor's named ops takes (regions of the
+eager path, marks of the fast path), and ``time_calls`` for microbenchmarks (measured roofs, the
+kernel floor).
 
 On the CPU each region is bracketed by ``time.perf_counter``. On CUDA each region records a pair
 of CUDA events on the current stream and nothing waits for them: the only synchronization is
@@ -34,10 +35,16 @@ OpKey = tuple[str, int | None]
 
 @dataclass
 class StepTiming:
-    """One measured step: its wall time and the time of every op in it (seconds)."""
+    """One measured step: its wall time, the time of every op in it, and when each op ran (seconds).
+
+    ``spans`` lists every timed interval in order as (key, start, duration), ``start`` counted from
+    the step's start; ``start_s`` is the step's start on the host clock (``time.perf_counter``).
+    """
 
     wall_s: float
     ops: dict[OpKey, float] = field(default_factory=dict)
+    spans: list[tuple[OpKey, float, float]] = field(default_factory=list)
+    start_s: float = 0.0
 
     @property
     def attributed_s(self) -> float:
@@ -51,16 +58,17 @@ class StepTiming:
 
 
 class _CpuRegion:
-    __slots__ = ("records", "key", "t0")
+    __slots__ = ("timer", "key", "t0")
 
-    def __init__(self, records: list, key: OpKey) -> None:
-        self.records, self.key = records, key
+    def __init__(self, timer: OpTimer, key: OpKey) -> None:
+        self.timer, self.key = timer, key
 
     def __enter__(self) -> None:
         self.t0 = perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        self.records.append((self.key, perf_counter() - self.t0))
+        t1 = self.timer._last = perf_counter()
+        self.timer._records.append((self.key, self.t0, t1))
 
 
 class _CudaRegion:
@@ -74,16 +82,18 @@ class _CudaRegion:
         self.start.record(self.timer._stream())
 
     def __exit__(self, *exc: object) -> None:
-        end = self.timer._event()
+        end = self.timer._last = self.timer._event()
         end.record(self.timer._stream())
         self.timer._records.append((self.key, self.start, end))
 
 
 class OpTimer(Probe):
-    """Times every region the executor marks; ``step()`` groups them into ``StepTiming``s.
+    """Times every region the executor marks, and every interval between marks of the fast path.
 
-    Only regions inside a ``step()`` count. Events on CUDA come from a pool that is reused
-    step after step, so recording allocates no events once warm.
+    ``step()`` groups them into ``StepTiming``s; only regions and marks inside a ``step()`` count.
+    A mark (``Probe.mark``) ends the interval that began at the previous mark or region end (or at
+    the step's start). Events on CUDA come from a pool that is reused step after step, so recording
+    allocates no events once warm.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -93,12 +103,28 @@ class OpTimer(Probe):
         self._records: list = []
         self._pool: list[torch.cuda.Event] = []
         self._used = 0
+        self._last: object = 0.0  # where the next mark's interval starts: a time (CPU) or an event (CUDA)
 
     def region(self, op: str, layer: int | None = None) -> _CpuRegion | _CudaRegion:
         """Time the enclosed op (see ``Probe.region``)."""
         if self.cuda:
             return _CudaRegion(self, (op, layer))
-        return _CpuRegion(self._records, (op, layer))
+        return _CpuRegion(self, (op, layer))
+
+    def mark(self, op: str | None, layer: int | None = None) -> None:
+        """End the current interval and give it to ``op`` at ``layer`` (None: to no op; see ``Probe.mark``)."""
+        if self.cuda:
+            now = self._event()
+            now.record(self._stream())
+        else:
+            now = perf_counter()
+        if op is not None:
+            self._records.append(((op, layer), self._last, now))
+        self._last = now
+
+    def add_intervals(self, intervals: list[tuple[OpKey, torch.cuda.Event, torch.cuda.Event]]) -> None:
+        """Count (key, start event, end event) intervals recorded on this device (by a CUDA graph's replay)."""
+        self._records.extend(intervals)
 
     def _stream(self) -> torch.cuda.Stream:
         """The current stream of the timed device (not of whichever GPU is current)."""
@@ -123,23 +149,33 @@ class OpTimer(Probe):
         self._records.clear()
         self._used = 0
         t0 = perf_counter()
+        if self.cuda:
+            self._last = begin = self._event()
+            begin.record(self._stream())
+        else:
+            self._last = begin = t0
         yield
         if self.cuda:
             torch.cuda.synchronize(self.device)
         wall = perf_counter() - t0
-        ops: dict[OpKey, float] = {}
-        if self.cuda:
-            for key, start, end in self._records:
-                ops[key] = ops.get(key, 0.0) + start.elapsed_time(end) / 1e3  # elapsed_time is in ms
+        if self.cuda:  # elapsed_time is in ms
+            spans = [(k, begin.elapsed_time(a) / 1e3, a.elapsed_time(b) / 1e3) for k, a, b in self._records]
         else:
-            for key, seconds in self._records:
-                ops[key] = ops.get(key, 0.0) + seconds
+            spans = [(k, a - begin, b - a) for k, a, b in self._records]
         self._records.clear()
-        self.steps.append(StepTiming(wall, ops))
+        self.steps.append(step_timing(wall, spans, t0))
 
     def reset(self) -> None:
         """Forget the recorded steps (after warm-up)."""
         self.steps.clear()
+
+
+def step_timing(wall_s: float, spans: list[tuple[OpKey, float, float]], start_s: float = 0.0) -> StepTiming:
+    """The ``StepTiming`` of a step of ``wall_s`` seconds whose timed intervals are ``spans`` (key, start, seconds)."""
+    ops: dict[OpKey, float] = {}
+    for key, _start, seconds in spans:
+        ops[key] = ops.get(key, 0.0) + seconds
+    return StepTiming(wall_s, ops, spans, start_s)
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:

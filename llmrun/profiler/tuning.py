@@ -34,10 +34,13 @@ from llmrun.devices import available_memory, cpu_model_name
 from llmrun.jsonfiles import read_json_object, write_json_atomic
 from llmrun.model.fastpath import fast_enabled
 from llmrun.model.fastpath.gemv import PRODUCTS, onednn_supported
+from llmrun.model.quant import is_quantized
 from llmrun.model.transformer import Transformer
 from llmrun.paths import llmrun_home
 from llmrun.profiler.costs import decode_weight_bytes
 from llmrun.profiler.kernel_floor import decode_matrices, products_pass
+from llmrun.profiler.quant_tuning import cache_path as quant_cache_path
+from llmrun.profiler.quant_tuning import tune_quant
 from llmrun.profiler.timers import time_calls
 
 SAMPLE_BYTES = 64 * 2**20  # layer weights timed per kernel (at least one layer)
@@ -96,6 +99,10 @@ def tune_decode(model: Transformer) -> KernelChoice | None:
 
     The first measurement of a shape shows a status line on a terminal's stderr; later runs read the cache.
     """
+    if is_quantized(model):  # each quantized weight kind's kernel is measured; float products take torch.mm
+        chosen = tune_quant(model)
+        model.decode_gemv = "mm"
+        return KernelChoice("mm", "quantized weights", note=", ".join(sorted(set(chosen.values()))))
     if model.lm_head.weight.device.type != "cpu" or not fast_enabled():  # only the CPU fast path uses it
         return None
     from rich.console import Console
@@ -115,6 +122,7 @@ def cache_path() -> Path:
 def forget() -> None:
     """Drop every cached choice (the next decode measures again)."""
     cache_path().unlink(missing_ok=True)
+    quant_cache_path().unlink(missing_ok=True)
 
 
 def _pick(seconds: dict[str, float], weight_bytes: int) -> tuple[str, str]:

@@ -1,9 +1,18 @@
 """Import a llama.cpp GGUF file (architecture ``llama``) into a Hugging Face-layout directory.
 
 The output directory holds ``config.json``, ``model.safetensors`` (every tensor dequantized to one float
-dtype), ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json``, so the rest of
-llmrun (and Hugging Face transformers) sees one format, and a marker, ``.llmrun-import.json``, naming
+dtype, or, with ``quantized``, the Q4_0/Q4_1/Q4_K/Q8_0 matrices kept quantized), ``tokenizer.json``,
+``tokenizer_config.json`` and ``generation_config.json``, so the rest of llmrun (and, for a float
+import, Hugging Face transformers) sees one format, and a marker, ``.llmrun-import.json``, naming
 the file it was imported from: only a directory carrying it (or an empty one) is ever replaced.
+
+A quantized import stores each such matrix ``P.weight`` as three tensors, never in a device's packed
+layout (``llmrun.model.quant.weight``, ``llmrun.loading.gguf.tensors``): ``P.weight`` the codes
+(int8 (N, K) for Q8_0; uint8 (N, K/2) for the 4-bit types, two codes 0..15 per byte, column 2j in
+the high nibble), ``P.weight_scale`` float32 (N, K/32) and, 4-bit only, ``P.weight_zero`` float32
+(N, K/32); w = code · scale, or (code - 8) · scale + zero. Its marker says so (``"weights"``), so
+a float import is never taken for a quantized one, nor the reverse. Hugging Face transformers
+cannot read a quantized import; a float one (the default of ``import_gguf``) is what it compares with.
 
 The parts: ``metadata`` (opening the file, typed metadata, the architecture check), ``config``
 (config.json, rope scaling), ``tensors`` (names, dequantization, the rotary permutation undone) and
@@ -37,11 +46,20 @@ from llmrun.errors import LlmrunError
 from llmrun.jsonfiles import read_json_object, write_json_atomic
 from llmrun.loading.gguf.config import build_config
 from llmrun.loading.gguf.metadata import Metadata, check_architecture, check_gguf_file, open_reader
-from llmrun.loading.gguf.tensors import TensorJob, check_quant_types, load_tensor, plan_tensors
+from llmrun.loading.gguf.tensors import (
+    TensorJob,
+    check_quant_types,
+    keeps_quantized,
+    load_quantized,
+    load_tensor,
+    plan_tensors,
+)
 from llmrun.loading.gguf.tokenizer import build_tokenizer, generation_config, tokenizer_config
 from llmrun.loading.safetensors import TensorSpec, write_safetensors
 
 MARKER = ".llmrun-import.json"
+QUANTIZED_WEIGHTS = "gguf-quantized-1"  # the marker's "weights" for a quantized import (layout version 1)
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})  # GGUF tensor types that hold floats, not codes
 
 
 def import_gguf(
@@ -52,6 +70,7 @@ def import_gguf(
     overwrite: bool = False,
     progress: bool = True,
     source: dict[str, Any] | None = None,
+    quantized: bool = False,
 ) -> Path:
     """Import a llama.cpp GGUF file (architecture ``llama``) into a Hugging Face-layout directory.
 
@@ -71,6 +90,8 @@ def import_gguf(
         overwrite: replace an earlier import at ``out_dir``.
         progress: show a progress bar over tensors on stderr.
         source: the identity recorded in the marker; default ``gguf_identity(gguf_path)``.
+        quantized: keep Q4_0, Q4_1, Q4_K and Q8_0 matrices quantized (other types are dequantized
+            to ``dtype``, with a note on stderr naming them).
 
     Returns:
         ``out_dir``.
@@ -84,7 +105,7 @@ def import_gguf(
     dtype_name = str(torch_dtype).removeprefix("torch.")
     check_gguf_file(gguf_path)
     _check_out_dir(out_dir, overwrite)
-    marker = {"source": source or gguf_identity(gguf_path), "dtype": dtype_name}
+    marker = _marker(source or gguf_identity(gguf_path), dtype_name, quantized)
     reader = open_reader(gguf_path)
     meta = Metadata(reader.fields)
     check_architecture(meta, gguf_path)
@@ -98,7 +119,7 @@ def import_gguf(
         write_json_atomic(tmp / "generation_config.json", generation_config(meta))
         write_json_atomic(tmp / "tokenizer_config.json", tokenizer_config(meta, config))
         tokenizer.save(str(tmp / "tokenizer.json"))
-        _write_weights(tmp / "model.safetensors", jobs, torch_dtype, progress)
+        _write_weights(tmp / "model.safetensors", jobs, torch_dtype, progress, quantized)
         write_json_atomic(tmp / MARKER, marker)
     return out_dir
 
@@ -121,10 +142,16 @@ def gguf_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def is_import_of(out_dir: Path, source: dict[str, Any], dtype: str = "float32") -> bool:
-    """Whether ``out_dir`` holds a complete import of ``source`` (a ``gguf_identity``) at ``dtype``."""
+def is_import_of(out_dir: Path, source: dict[str, Any], dtype: str = "float32", *, quantized: bool = False) -> bool:
+    """Whether ``out_dir`` holds a complete import of ``source`` (a ``gguf_identity``) at ``dtype``,
+    quantized or not."""
     marker = _read_marker(out_dir)
-    return marker == {"source": source, "dtype": dtype} and (out_dir / "config.json").is_file()
+    return marker == _marker(source, dtype, quantized) and (out_dir / "config.json").is_file()
+
+
+def _marker(source: dict[str, Any], dtype: str, quantized: bool) -> dict[str, Any]:
+    """What the marker of an import of ``source`` holds (a float import's marker has no ``weights``)."""
+    return {"source": source, "dtype": dtype, **({"weights": QUANTIZED_WEIGHTS} if quantized else {})}
 
 
 def _read_marker(out_dir: Path) -> dict[str, Any] | None:
@@ -168,17 +195,50 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise LlmrunError(f"{out_dir} already holds an earlier import; pass --overwrite to replace it")
 
 
-def _write_weights(path: Path, jobs: list[TensorJob], dtype: torch.dtype, progress: bool) -> None:
-    """Dequantize every tensor into one safetensors file at ``dtype``, one tensor in memory at a time."""
-    specs = [TensorSpec(job.hf_name, job.shape, dtype) for job in jobs]
+def _write_weights(path: Path, jobs: list[TensorJob], dtype: torch.dtype, progress: bool, quantized: bool) -> None:
+    """Write every tensor into one safetensors file, one tensor in memory at a time: dequantized at
+    ``dtype``, or (``quantized``) in its stored quantized form where ``keeps_quantized``."""
+    kept = {job.hf_name for job in jobs if quantized and keeps_quantized(job)}
+    specs = [spec for job in jobs for spec in _specs(job, dtype, job.hf_name in kept)]
+    if quantized:
+        _note_dequantized(jobs, kept)
     with _progress_bar(progress, len(jobs)) as advance:
-        write_safetensors(path, specs, _converted(jobs, dtype, advance))
+        write_safetensors(path, specs, _converted(jobs, dtype, kept, advance))
 
 
-def _converted(jobs: list[TensorJob], dtype: torch.dtype, advance: Callable[[], None]) -> Iterator[torch.Tensor]:
-    """Each job's tensor in HF layout at ``dtype``, loaded only when asked for; ``advance`` after each."""
+def _specs(job: TensorJob, dtype: torch.dtype, kept: bool) -> list[TensorSpec]:
+    """The checkpoint tensors one job writes: one float tensor, or codes, scales (and zeros)."""
+    if not kept:
+        return [TensorSpec(job.hf_name, job.shape, dtype)]
+    n, k = job.shape
+    eight_bit = job.source.tensor_type.name == "Q8_0"
+    codes = TensorSpec(job.hf_name, (n, k if eight_bit else k // 2), torch.int8 if eight_bit else torch.uint8)
+    groups = (n, k // 32)
+    extra = ["_scale"] if eight_bit else ["_scale", "_zero"]
+    return [codes, *(TensorSpec(job.hf_name + suffix, groups, torch.float32) for suffix in extra)]
+
+
+def _note_dequantized(jobs: list[TensorJob], kept: set[str]) -> None:
+    """Say on stderr which matrices of other quantized types are dequantized in a quantized import
+    (float matrices, F32/F16/BF16, are simply converted)."""
+    types = {job.source.tensor_type.name for job in jobs if len(job.shape) == 2 and job.hf_name not in kept}
+    other = sorted(types - FLOAT_TYPES)
+    if other:
+        Console(stderr=True).print(
+            f"note: {', '.join(other)} matrices are dequantized (llmrun runs Q4_0, Q4_1, Q4_K and Q8_0 quantized)",
+            highlight=False,
+        )
+
+
+def _converted(
+    jobs: list[TensorJob], dtype: torch.dtype, kept: set[str], advance: Callable[[], None]
+) -> Iterator[torch.Tensor]:
+    """Each job's tensors in HF layout (``_specs`` order), loaded only when asked for; ``advance`` after each job."""
     for job in jobs:
-        yield torch.from_numpy(np.require(load_tensor(job), requirements=["C", "W"])).to(dtype)
+        if job.hf_name in kept:
+            yield from (torch.from_numpy(a) for a in load_quantized(job).values())
+        else:
+            yield torch.from_numpy(np.require(load_tensor(job), requirements=["C", "W"])).to(dtype)
         advance()
 
 

@@ -1,4 +1,17 @@
-"""The tensors of an imported GGUF: GGUF names to HF names, dequantized, with llama.cpp's rotary permutation undone."""
+"""The tensors of an imported GGUF: GGUF names to HF names, dequantized or kept quantized, rotary permutation undone.
+
+Q4_0, Q4_1, Q4_K and Q8_0 matrices can be kept quantized (``load_quantized``) in llmrun's stored
+form (``llmrun.model.quant.weight``): per group of 32 columns, w = code · scale (Q8_0, int8 codes)
+or w = (code - 8) · scale + zero (4-bit codes 0..15), with float32 scales and zeros:
+
+* Q4_0: w = (q - 8)·d, so scale d, zero 0;
+* Q4_1: w = q·d + m, so scale d, zero m + 8d;
+* Q4_K: w = q·d·sc - dmin·m per sub-block of 32, so scale d·sc, zero 8·d·sc - dmin·m;
+* Q8_0: w = q·d, so scale d.
+
+The same algebra as gguf's own dequantize, evaluated in another order: Q4_0 and Q8_0 give the
+same float32 values, Q4_1 and Q4_K the same up to float32 rounding of the sums.
+"""
 
 from __future__ import annotations
 
@@ -109,6 +122,93 @@ def load_tensor(job: TensorJob) -> np.ndarray:
     if job.unpermute_heads:
         array = _unpermute_rotary(array, job.unpermute_heads)
     return array
+
+
+QUANTIZED_TYPES = (
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q8_0,
+)
+
+
+def keeps_quantized(job: TensorJob) -> bool:
+    """Whether ``job``'s tensor is a matrix in a type llmrun runs quantized."""
+    return job.source.tensor_type in QUANTIZED_TYPES and len(job.shape) == 2
+
+
+def load_quantized(job: TensorJob) -> dict[str, np.ndarray]:
+    """The stored form of a ``keeps_quantized`` tensor: checkpoint suffix -> array, in HF row order.
+
+    ``""``: codes, int8 (N, K) for Q8_0, uint8 (N, K/2) two 4-bit codes per byte (column 2j in the
+    high nibble) otherwise; ``"_scale"`` and (4-bit) ``"_zero"``: float32 (N, K/32).
+
+    Raises:
+        LlmrunError: the tensor's bytes do not hold that shape (a corrupt file).
+    """
+    n, k = job.shape
+    qtype = job.source.tensor_type
+    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.asarray(job.source.data).reshape(-1).view(np.uint8)
+    if k % block or raw.size != n * (k // block) * block_bytes:
+        raise LlmrunError(f"Tensor {job.source.name} of the GGUF file has {raw.size} bytes, not a {qtype.name} "
+                          f"({n}, {k}) matrix; download the file again.")  # fmt: skip
+    blocks = raw.reshape(n, k // block, block_bytes)
+    arrays = _SPLITTERS[qtype](blocks)
+    if job.unpermute_heads:
+        arrays = {key: _unpermute_rotary(a, job.unpermute_heads) for key, a in arrays.items()}
+    return {key: np.ascontiguousarray(a) for key, a in arrays.items()}
+
+
+def _half(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The float16 at byte ``start`` of every block, as float32 (N, blocks)."""
+    return blocks[..., start : start + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Bytes (..., 16·c) holding 32·c codes as ggml lays them (per 32 codes: low nibbles then high) -> codes."""
+    low, high = qs & 0x0F, qs >> 4
+    return np.stack((low, high), axis=-2).reshape(*qs.shape[:-1], -1)
+
+
+def _packed(codes: np.ndarray, n: int) -> np.ndarray:
+    """Codes (N, ..., 32) 0..15 -> (N, K/2) uint8 with column 2j in the high nibble."""
+    flat = codes.reshape(n, -1)
+    return (flat[:, 0::2] << 4) | flat[:, 1::2]
+
+
+def _split_q8_0(blocks: np.ndarray) -> dict[str, np.ndarray]:
+    n = blocks.shape[0]
+    return {"": blocks[..., 2:].copy().view(np.int8).reshape(n, -1), "_scale": _half(blocks, 0)}
+
+
+def _split_q4_0(blocks: np.ndarray) -> dict[str, np.ndarray]:
+    d = _half(blocks, 0)
+    return {"": _packed(_nibbles(blocks[..., 2:]), blocks.shape[0]), "_scale": d, "_zero": np.zeros_like(d)}
+
+
+def _split_q4_1(blocks: np.ndarray) -> dict[str, np.ndarray]:
+    d, m = _half(blocks, 0), _half(blocks, 2)
+    return {"": _packed(_nibbles(blocks[..., 4:]), blocks.shape[0]), "_scale": d, "_zero": m + 8 * d}
+
+
+def _split_q4_k(blocks: np.ndarray) -> dict[str, np.ndarray]:
+    n, nb = blocks.shape[:2]
+    d, dmin = _half(blocks, 0)[..., None], _half(blocks, 2)[..., None]
+    sc, mins = gguf.quants.Q4_K.get_scale_min(blocks[..., 4:16].reshape(n * nb, 12))
+    scale = d * sc.reshape(n, nb, 8).astype(np.float32)
+    zero = 8 * scale - dmin * mins.reshape(n, nb, 8).astype(np.float32)
+    qs = blocks[..., 16:].reshape(n, nb, 4, 32)  # 4 chunks of 64 codes: 32 low nibbles, then 32 high
+    codes = np.stack((qs & 0x0F, qs >> 4), axis=-2)  # (N, blocks, 4, 2, 32): sub-block 2c + nibble
+    return {"": _packed(codes, n), "_scale": scale.reshape(n, -1), "_zero": zero.reshape(n, -1)}
+
+
+_SPLITTERS = {
+    GGMLQuantizationType.Q4_0: _split_q4_0,
+    GGMLQuantizationType.Q4_1: _split_q4_1,
+    GGMLQuantizationType.Q4_K: _split_q4_k,
+    GGMLQuantizationType.Q8_0: _split_q8_0,
+}
 
 
 def _dequantize_raw(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:

@@ -26,8 +26,9 @@ compiled with ``torch.compile`` and captured in one CUDA graph per span, which e
 span replays, with no host-device synchronisation and no allocation inside a step. The logits a step
 returns live in a buffer that the next step overwrites.
 
-The profiler never sees this path: a probe needs the eager ops (``llmrun.model.executor`` runs eager
-whenever a probe is given), and ``llmrun bench`` reports this path's speed beside it.
+``decode_step`` with a probe runs the eager ops, one region each; ``FastDecoder.step(token, probe)``
+runs this path with the probe marking the end of each op group (``Probe.mark``, a no-op by
+default), which is how ``llmrun profile`` times what generate runs (``llmrun.profiler.steps``).
 """
 
 from __future__ import annotations

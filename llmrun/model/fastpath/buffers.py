@@ -34,11 +34,12 @@ class DecodeBuffers:
       sliced attention, ([B,] Hkv, ...) without the batch dimension at B=1, and ``matmul`` that
       multiplies them: a 3-d ``bmm`` at B=1 (a 4-d matmul costs extra dispatches), else ``matmul``;
     * the weights as ``products`` multiplies by them: ``layers`` (one ``LayerPlan`` per block),
-      ``lm_head``; and ``embed``, ``final_norm``, ``eps``.
+      ``lm_head`` (float or quantized, ``llmrun.model.quant``); and ``embed`` (read by ``lookup``),
+      ``final_norm``, ``eps``.
     """
 
     def __init__(self, model: Transformer, cache: KVCache, products) -> None:
-        args = model.args
+        args = model.local_args  # one rank's shapes on a tensor-parallel shard
         embed = model.model.embed_tokens.weight
         self.device, self.dtype = embed.device, embed.dtype
         b, n_kv, s_max, hd = cache.layers[0].k.shape
@@ -72,6 +73,13 @@ class DecodeBuffers:
         ]
         self.lm_head = products.pack(model.lm_head.weight)
         products.keep(self.x, self.h, self.qkv, self.o, self.gate_up, self.act, self.logits_mm)
+
+    def lookup(self, token: torch.Tensor) -> None:
+        """The embedding rows of token ids (B,) into ``x`` (a quantized embedding dequantizes those rows only)."""
+        if isinstance(self.embed, torch.Tensor):
+            torch.index_select(self.embed, 0, token, out=self.x)
+        else:
+            self.x.copy_(self.embed.dequantize(self.dtype, token))
 
     def empty(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A new uninitialised tensor on the model's device, in the model's dtype unless ``dtype`` says otherwise."""

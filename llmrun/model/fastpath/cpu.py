@@ -10,6 +10,7 @@ from llmrun.model.fastpath.buffers import DecodeBuffers, LayerPlan
 from llmrun.model.fastpath.gemv import PRODUCTS, cpu_gemv
 from llmrun.model.fastpath.step import FastDecoder
 from llmrun.model.kvcache import KVCache
+from llmrun.model.probe import NULL_PROBE, Probe
 from llmrun.model.transformer import Transformer
 
 # Keys from which float32 decode attention runs on all threads: over shorter spans a parallel region
@@ -73,7 +74,8 @@ class CpuDecoder(FastDecoder):
     ``gemv`` picks the kernel (``cpu_gemv``; default: the model's measured ``decode_gemv``). Attention is bmm,
     softmax in place, bmm over the positions filled so far (a sliding window's last ones), cheaper at
     one query than SDPA's kernel; in bf16/fp16 it runs on float32 copies of K, V and q: a bf16 bmm
-    copies K^T and rounds its scores to bf16.
+    copies K^T and rounds its scores to bf16. ``step(token, probe)`` marks every op group on ``probe``
+    (``llmrun.profiler.timers.OpTimer`` times them); without a probe the step is unchanged.
     """
 
     def __init__(self, model: Transformer, cache: KVCache, *, gemv: str | None = None) -> None:
@@ -85,12 +87,14 @@ class CpuDecoder(FastDecoder):
         self.windows = tuple(dict.fromkeys(plan.window for plan in self.buffers.layers))
         self._spans: dict[int | None, _Span] = {}
 
-    def _step(self, token: torch.Tensor, pos: int) -> None:
+    def _step(self, token: torch.Tensor, pos: int, probe: Probe = NULL_PROBE) -> None:
         b = self.buffers
         with self.threads:
-            self._begin(token, b.cos_table[pos], b.sin_table[pos])
             self._spans = {window: self.scratch.span(pos + 1, window) for window in self.windows}
-            self._layers()
+            self._begin(token, b.cos_table[pos], b.sin_table[pos], probe)
+            self._layers(probe)
+
+    _probed_step = _step
 
     def _attend(self, plan: LayerPlan) -> None:
         b = self.buffers

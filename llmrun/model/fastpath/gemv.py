@@ -12,6 +12,7 @@ import os
 import torch
 
 from llmrun.errors import LlmrunError
+from llmrun.model.quant.product import Weight, product
 
 
 def cpu_gemv(dtype: torch.dtype, choice: str | None = None) -> str:
@@ -50,6 +51,10 @@ class _Products:
     writes x W^T + b (B, N) into ``out``; ``accumulate(acc, x, w, b)`` adds it to ``acc`` and returns
     the tensor holding the sum (``acc`` itself unless the kernel has no in-place form). ``keep``
     names the buffers used in every step, for kernels that prepare something per buffer.
+
+    A quantized weight (``llmrun.model.quant``) is kept as it is and multiplied through
+    ``llmrun.model.quant.product``, whose kernels prepared their forms at load; a float one goes
+    through the subclass's kernel (``pack_dense``, ``dense_product``, ``dense_accumulate``).
     """
 
     def __init__(self, batch: int) -> None:
@@ -58,29 +63,43 @@ class _Products:
     def keep(self, *buffers: torch.Tensor) -> None:
         """Nothing to prepare unless a kernel says otherwise."""
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+    def pack(self, weight: Weight) -> Weight:
+        return self.pack_dense(weight) if isinstance(weight, torch.Tensor) else weight
+
+    def product(self, out: torch.Tensor, x: torch.Tensor, w: Weight, bias: torch.Tensor | None) -> None:
+        if isinstance(w, torch.Tensor):
+            self.dense_product(out, x, w, bias)
+        else:
+            out.copy_(product(x, w, bias))
+
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: Weight, bias: torch.Tensor | None):
+        if isinstance(w, torch.Tensor):
+            return self.dense_accumulate(acc, x, w, bias)
+        return acc.add_(product(x, w, bias))
+
+    def pack_dense(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def dense_product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
         raise NotImplementedError
 
-    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+    def dense_accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
         raise NotImplementedError
 
 
 class _MatmulProducts(_Products):
     """``torch.mm``/``addmm`` on transposed weights, into the given buffers (no allocation)."""
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+    def pack_dense(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t()
 
-    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def dense_product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
         if bias is None:
             torch.mm(x, w, out=out)
         else:
             torch.addmm(bias, x, w, out=out)
 
-    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+    def dense_accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
         acc.addmm_(x, w)
         if bias is not None:
             acc.add_(bias)
@@ -90,20 +109,20 @@ class _MatmulProducts(_Products):
 class _LinearProducts(_Products):
     """oneDNN's linear on plain weights; its outputs are fresh tensors (the op has no ``out=``)."""
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+    def pack_dense(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
 
-    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def dense_product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
         out.copy_(torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], ""))
 
-    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+    def dense_accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
         return torch.ops.mkldnn._linear_pointwise.binary(x, acc, w, bias, "add")  # acc + x W^T (+ b), one kernel
 
 
 class _PackedLinearProducts(_LinearProducts):
     """oneDNN's linear on weights it reordered for this batch size (a second copy of the weights)."""
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+    def pack_dense(self, weight: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(weight, self.batch)
 
 
@@ -129,17 +148,17 @@ class _ConvProducts(_Products):
         kept = self.views.get(id(t))
         return kept[1] if kept is not None else t.view(*t.shape, 1, 1)
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+    def pack_dense(self, weight: torch.Tensor) -> torch.Tensor:
         n, k = weight.shape
         return torch.ops.mkldnn._reorder_convolution_weight(
             weight.view(n, k, 1, 1), [0, 0], [1, 1], [1, 1], 1, [self.batch, k, 1, 1]
         )
 
-    def product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def dense_product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
         out.zero_()
-        self.accumulate(out, x, w, bias)
+        self.dense_accumulate(out, x, w, bias)
 
-    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+    def dense_accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
         torch.ops.mkldnn._convolution_pointwise_(
             self.as_4d(acc), self.as_4d(x), w, bias,
             [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None,

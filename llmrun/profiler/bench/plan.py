@@ -13,12 +13,14 @@ from llmrun.profiler.measure import check_memory
 @dataclass(frozen=True)
 class BenchTest:
     """One llama-bench test: ``n_prompt`` prompt tokens then ``n_gen`` decode steps, per sequence, in a
-    KV cache of ``n_ctx`` positions (0: just the positions the test fills)."""
+    KV cache of ``n_ctx`` positions (0: just the positions the test fills), on ``threads`` CPU threads
+    (0: torch's current number)."""
 
     n_prompt: int
     n_gen: int
     batch: int = 1
     n_ctx: int = 0
+    threads: int = 0
 
     @property
     def positions(self) -> int:
@@ -43,19 +45,22 @@ def plan_tests(
     pairs: Sequence[tuple[int, int]],
     batches: Sequence[int],
     n_ctx: int = 0,
+    threads: Sequence[int] = (0,),
 ) -> list[BenchTest]:
-    """All tests, batch-major: pp for each prompt length, tg for each generation length, then pp+tg pairs.
+    """Every combination, as llama-bench runs them: for each batch size, for each thread count, pp for
+    each prompt length, tg for each generation length, then the pp+tg pairs.
 
     Lengths of 0 are skipped (``-p 0`` runs no pp test); batch sizes must be at least 1. ``n_ctx``
-    is every test's KV cache capacity (0: what each fills).
+    is every test's KV cache capacity (0: what each fills); a thread count of 0 keeps torch's.
     """
     if not batches or min(batches) < 1:
         raise LlmrunError("--batch must be at least 1")
     tests = []
     for b in batches:
-        tests += [BenchTest(n, 0, b, n_ctx) for n in prompts if n > 0]
-        tests += [BenchTest(0, n, b, n_ctx) for n in gens if n > 0]
-        tests += [BenchTest(p, g, b, n_ctx) for p, g in pairs if p > 0 or g > 0]
+        for t in threads:
+            tests += [BenchTest(n, 0, b, n_ctx, t) for n in prompts if n > 0]
+            tests += [BenchTest(0, n, b, n_ctx, t) for n in gens if n > 0]
+            tests += [BenchTest(p, g, b, n_ctx, t) for p, g in pairs if p > 0 or g > 0]
     if not tests:
         raise LlmrunError("nothing to run: give -p, -n or -pg with a length above 0")
     return tests

@@ -11,7 +11,7 @@ from llmrun.errors import LlmrunError
 from llmrun.profiler.bench.run import BenchReport
 
 FORMATS = ("md", "csv", "json", "jsonl")
-CSV_ENV_FIELDS = ("model", "device_name", "dtype", "threads", "git_commit", "torch_version")
+CSV_ENV_FIELDS = ("model", "model_bytes", "n_params", "device_name", "dtype", "git_commit", "torch_version")
 
 
 def render(report: BenchReport, fmt: str) -> str:
@@ -39,15 +39,17 @@ def render(report: BenchReport, fmt: str) -> str:
 def _markdown(report: BenchReport) -> str:
     env, roofs = report.env, report.roofs
     floor = any(r.kernel_floor_tok_s for r in report.rows)
-    head = ["model", "dtype", "threads", "test", "batch", "t/s", "speed of light t/s", "fraction"]
+    head = ["model", "size", "params", "dtype", "threads", "test", "batch", "t/s", "speed of light t/s", "fraction"]
     head += ["kernel floor t/s", "of floor"] if floor else []
-    align = "|" + "|".join(" ---: " if i > 3 else " --- " for i in range(len(head))) + "|"
+    align = "|" + "|".join(" --- " if i in (0, 3, 5) else " ---: " for i in range(len(head))) + "|"
     lines = ["| " + " | ".join(head) + " |", align]
     for r in report.rows:
         cells = [
             str(env["model"]),
+            _size(env.get("model_bytes")),
+            _params(env.get("n_params")),
             str(env["dtype"]),
-            str(env["threads"]),
+            str(r.threads or env["threads"]),
             r.test,
             str(r.batch),
             f"{r.tok_s:.2f} ± {r.tok_s_std:.2f}",
@@ -66,7 +68,23 @@ def _markdown(report: BenchReport) -> str:
         f"fast path {'on' if env.get('fast_path') else 'off'}{_kernel(env)}; roofs ({roofs.source}): "
         f"{roofs.peak_flops / 1e9:.0f} GFLOP/s, {roofs.peak_bytes_per_s / 1e9:.1f} GB/s"
     )
+    if report.interrupted:
+        lines.append("interrupted: the rows above are the tests finished before Ctrl-C")
     return "\n".join(lines)
+
+
+def _size(n_bytes: object) -> str:
+    """Bytes as llama-bench's size column shows them: ``256.00 MiB``, ``14.96 GiB``."""
+    if not isinstance(n_bytes, int | float):
+        return ""
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.2f} MiB"
+
+
+def _params(count: object) -> str:
+    """A parameter count as llama-bench's params column shows it: ``134.52 M``, ``8.03 B``."""
+    if not isinstance(count, int | float):
+        return ""
+    return f"{count / 1e9:.2f} B" if count >= 1e9 else f"{count / 1e6:.2f} M"
 
 
 def _kernel(env: dict) -> str:

@@ -2,8 +2,9 @@
 
 Each test runs ``warmup`` untimed repetitions, then ``repetitions`` timed ones; a row reports the
 mean and standard deviation of the per-repetition tok/s. Decode goes through
-``llmrun.model.executor.decode_step`` (the fast path unless ``fast=False``); building that path (CUDA
-graph capture) is timed once per row as ``prepare_s``, never inside a repetition.
+``llmrun.profiler.steps.decode_token``, the step ``llmrun profile`` profiles (the fast path unless
+``fast=False``); building that path (CUDA graph capture) is timed once per row as ``prepare_s``,
+never inside a repetition.
 
 A row's speed of light is the sum over its phases (the prefill, all decode steps) of
 ``Roofs.light_s`` of the phase's FLOPs and bytes. ``fraction_kind`` names what it measures: ``mfu``
@@ -22,13 +23,15 @@ import torch
 from llmrun.devices import synchronize
 from llmrun.errors import LlmrunError
 from llmrun.model.config import ModelArgs
-from llmrun.model.executor import decode_step, make_cache, prefill, prepare_decode
+from llmrun.model.executor import make_cache, prefill, prepare_decode
 from llmrun.model.transformer import Transformer, fuse_projections
 from llmrun.profiler.bench.plan import BenchTest, check_tests
-from llmrun.profiler.costs import Cost, Widths, decode_costs, prefill_costs, total
+from llmrun.profiler.costs import Cost, Widths, decode_costs, model_widths, prefill_costs, total
 from llmrun.profiler.environment import environment
 from llmrun.profiler.kernel_floor import gemv_floor
 from llmrun.profiler.roofs import Roofs
+from llmrun.profiler.steps import decode_token
+from llmrun.profiler.tuning import tune_decode
 
 
 @dataclass
@@ -51,6 +54,7 @@ class BenchRow:
     fraction: float
     fraction_kind: str  # mfu (compute binds), mbu (memory binds) or sol (pp+tg: two phases)
     prepare_s: float = 0.0
+    threads: int = 0  # the CPU threads torch ran the test on
     kernel_floor_s: float | None = None  # one GEMV pass over all weights (decode rows, when measured)
     kernel_floor_tok_s: float | None = None
     kernel_floor_fraction: float | None = None
@@ -63,10 +67,13 @@ class BenchReport:
     env: dict[str, object]
     roofs: Roofs
     rows: list[BenchRow] = field(default_factory=list)
+    interrupted: bool = False  # Ctrl-C stopped the run: ``rows`` are the tests finished before it
 
     def to_json(self) -> dict:
-        """``{"env": ..., "roofs": ..., "rows": [...]}``; see the README, section "Speed", for the fields."""
-        return {"env": self.env, "roofs": self.roofs.to_json(detail=False), "rows": [asdict(r) for r in self.rows]}
+        """``{"env": ..., "roofs": ..., "rows": [...]}``, and ``"interrupted": true`` after Ctrl-C; see the
+        README, section "Speed", for the fields."""
+        report = {"env": self.env, "roofs": self.roofs.to_json(detail=False), "rows": [asdict(r) for r in self.rows]}
+        return {**report, "interrupted": True} if self.interrupted else report
 
 
 def time_test(
@@ -86,7 +93,7 @@ def time_test(
         if test.n_prompt:
             prefill(model, prompt, cache)
         for j in range(test.n_gen):
-            decode_step(model, steps[:, j], cache, fast=fast, copy=False)
+            decode_token(model, steps[:, j], cache, fast=fast)
 
     times = []
     for r in range(warmup + repetitions):
@@ -152,34 +159,57 @@ def run_bench(
     warmup: int = 1,
     fast: bool = True,
     kernel_floor: bool = False,
+    checked: bool = False,
     on_row: Callable[[BenchRow], None] | None = None,
 ) -> BenchReport:
     """Run every test against ``roofs`` and return the report; ``on_row`` sees each row as it completes.
 
-    With ``kernel_floor`` every tg row (no prompt) also gets the GEMV floor of its batch size
-    (``llmrun.profiler.kernel_floor.gemv_floor``), measured once per batch size.
+    The tests are checked first (``check_tests``) unless the caller did (``checked``). A test with
+    ``threads`` runs on that many CPU threads (the fast path's kernel measured again for each count),
+    and torch's count is restored at the end. With ``kernel_floor`` every tg row (no prompt) also gets
+    the GEMV floor of its batch size (``llmrun.profiler.kernel_floor.gemv_floor``), measured once per
+    batch size and thread count. Ctrl-C ends the run early: the report keeps the rows finished before
+    it and says ``interrupted``.
     """
     if repetitions < 1:
         raise LlmrunError(f"--repetitions must be at least 1, got {repetitions}")
-    check_tests(model, tests)
+    if not checked:
+        check_tests(model, tests)
     fuse_projections(model)  # prefill multiplies the fused matrices too (a no-op after load_model)
-    widths = Widths.uniform(model.lm_head.weight.element_size())
+    widths = model_widths(model)  # quantized weights: their codes, scales and zeros
     report = BenchReport({**environment(model, model_name), "fast_path": fast}, roofs)
-    floors: dict[int, tuple[float, str]] = {}
-    for test in tests:
-        times, prepare_s = time_test(model, test, repetitions=repetitions, warmup=warmup, fast=fast)
-        row = bench_row(test, times, phase_costs(model.args, test, widths), roofs)
-        row.prepare_s = prepare_s
-        if kernel_floor and test.n_gen and not test.n_prompt:
-            if test.batch not in floors:
-                floors[test.batch] = gemv_floor(model, test.batch)
-            floor_s = floors[test.batch][0]
-            row.kernel_floor_s = floor_s
-            row.kernel_floor_tok_s = test.batch / floor_s
-            row.kernel_floor_fraction = row.tok_s / row.kernel_floor_tok_s
-        report.rows.append(row)
-        if on_row is not None:
-            on_row(row)
+    report.env["model_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    floors: dict[tuple[int, int], tuple[float, str]] = {}
+    threads_before = torch.get_num_threads()
+    try:
+        for test in tests:
+            _use_threads(model, test.threads or threads_before, fast)
+            times, prepare_s = time_test(model, test, repetitions=repetitions, warmup=warmup, fast=fast)
+            row = bench_row(test, times, phase_costs(model.args, test, widths), roofs)
+            row.prepare_s, row.threads = prepare_s, torch.get_num_threads()
+            if kernel_floor and test.n_gen and not test.n_prompt:
+                key = (test.batch, row.threads)
+                if key not in floors:
+                    floors[key] = gemv_floor(model, test.batch)
+                row.kernel_floor_s = floors[key][0]
+                row.kernel_floor_tok_s = test.batch / row.kernel_floor_s
+                row.kernel_floor_fraction = row.tok_s / row.kernel_floor_tok_s
+            report.rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        _use_threads(model, threads_before, fast)
     if floors:
-        report.env["kernel_floor_kernel"] = {str(b): name for b, (_, name) in floors.items()}
+        report.env["kernel_floor_kernel"] = {str(b): name for (b, _), (_, name) in floors.items()}
     return report
+
+
+def _use_threads(model: Transformer, threads: int, fast: bool) -> None:
+    """Run on ``threads`` CPU threads from now on; the fast path's CPU kernel is measured for that count."""
+    if threads == torch.get_num_threads():
+        return
+    torch.set_num_threads(threads)
+    if fast:
+        tune_decode(model)

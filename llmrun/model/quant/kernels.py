@@ -1,0 +1,226 @@
+"""The kernels that multiply activations x (M, K) by a ``QuantWeight`` (N, K): y = x W^T (M, N).
+
+Each kernel says which weights, devices and activation dtypes it takes (``accepts``), builds the
+form it multiplies by once per weight on the weight's device (``prepare``, kept in
+``QuantWeight.prepared``: packed layouts depend on the CPU or GPU, so they are made at load, never
+stored), and runs. ``dequant`` takes everything: it dequantizes a block of rows at a time and
+multiplies, the reference the others are tested against. Where the kernel needs another
+activation dtype than the model's (``compute``), x is cast to it and the result back.
+
+Shapes the kernels refuse (checked here, not left to the kernels): ``_weight_int8pack_mm`` with K
+not a multiple of 16 (wrong results, or a crash); the int4 packers with N not a multiple of 16
+(CPU) or 8 (CUDA), a group not in ``INT4_GROUPS``, or (CUDA) K not a multiple of 16 · inner tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmrun.model.quant.quantize import INT4_GROUPS
+from llmrun.model.quant.weight import QuantWeight
+
+DEQUANT_ELEMENTS = 2**22  # weight elements dequantized at once by ``dequant``: bounds its scratch memory
+
+
+class Kernel:
+    """One way to compute x W^T. ``compute`` None: in x's dtype; else x is cast to it and back.
+
+    A kernel that multiplies by its own copy of the codes (repacked, regrouped) keeps it under
+    ``codes_key`` in ``QuantWeight.prepared``, shared by its variants for other activation dtypes;
+    once that copy exists the weight's stored codes may be dropped (``QuantWeight.drop_codes``).
+    """
+
+    name = ""
+    device_type = "cpu"
+    compute: torch.dtype | None = None
+    codes_key: str | None = None
+
+    def accepts(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        """Whether this kernel computes ``weight``'s products correctly for activations in ``dtype``."""
+        has_codes = weight.codes is not None or (self.codes_key is not None and self.codes_key in weight.prepared)
+        return has_codes and weight.device.type == self.device_type and self.takes(weight, self.compute or dtype)
+
+    def own_codes(self, weight: QuantWeight, make) -> torch.Tensor:
+        """This kernel's copy of the codes, ``make()`` the first time (kept under ``codes_key``)."""
+        codes = weight.prepared.get(self.codes_key)
+        if codes is None:
+            codes = weight.prepared[self.codes_key] = make()
+        return codes
+
+    def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        raise NotImplementedError
+
+    def prepare(self, weight: QuantWeight, dtype: torch.dtype) -> object:
+        """The form ``run`` multiplies by, for activations in ``dtype``."""
+        raise NotImplementedError
+
+    def form(self, weight: QuantWeight, dtype: torch.dtype) -> object:
+        """``prepare``'s form for activations in ``dtype``, made once and kept in ``weight.prepared``."""
+        key = f"{self.name}:{dtype}"
+        form = weight.prepared.get(key)
+        if form is None:
+            form = weight.prepared[key] = self.prepare(weight, dtype)
+        return form
+
+    def run(self, x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
+        """x (M, K) -> x W^T (M, N) in x's dtype."""
+        dtype = self.compute or x.dtype
+        return self.multiply(x.to(dtype), self.form(weight, dtype)).to(x.dtype)
+
+    def multiply(self, x: torch.Tensor, form) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Dequant(Kernel):
+    """Dequantize ``DEQUANT_ELEMENTS`` at a time and multiply: any weight, device and dtype."""
+
+    name = "dequant"
+
+    def accepts(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        return weight.codes is not None
+
+    def form(self, weight: QuantWeight, dtype: torch.dtype) -> object:
+        return None  # it multiplies by the stored form itself
+
+    def run(self, x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
+        n, k = weight.shape
+        out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+        step = max(1, DEQUANT_ELEMENTS // k)
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            out[:, rows] = x @ weight.dequantize(x.dtype, rows).t()
+        return out
+
+
+class CpuInt8(Kernel):
+    """``_weight_int8pack_mm``: int8 per channel, K a multiple of 16."""
+
+    name = "int8pack"
+
+    def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        return weight.format == "int8" and weight.shape[1] % 16 == 0 and dtype.is_floating_point
+
+    def prepare(self, weight: QuantWeight, dtype: torch.dtype) -> object:
+        return weight.codes, weight.scales.view(-1).to(dtype)
+
+    def multiply(self, x: torch.Tensor, form) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, *form)
+
+
+class CpuInt8Groups(Kernel):
+    """int8 with a scale per group of columns (GGUF Q8_0): one ``_weight_int8pack_mm`` per group, summed."""
+
+    name, codes_key = "int8pack-groups", "int8-groups-codes"
+
+    def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        return weight.bits == 8 and weight.format != "int8" and weight.group % 16 == 0 and dtype.is_floating_point
+
+    def prepare(self, weight: QuantWeight, dtype: torch.dtype) -> object:
+        n, k = weight.shape
+        group = weight.group
+        codes = self.own_codes(weight, lambda: weight.codes.view(n, k // group, group).transpose(0, 1).contiguous())
+        return codes, weight.scales.t().to(dtype).contiguous(), weight.group  # (G, N)
+
+    def multiply(self, x: torch.Tensor, form) -> torch.Tensor:
+        codes, scales, group = form
+        out = torch.ops.aten._weight_int8pack_mm(x[:, :group], codes[0], scales[0])
+        for g in range(1, codes.shape[0]):
+            out += torch.ops.aten._weight_int8pack_mm(x[:, g * group : (g + 1) * group], codes[g], scales[g])
+        return out
+
+
+class CpuInt4(Kernel):
+    """``_weight_int4pack_mm_for_cpu`` on codes repacked for this CPU: N a multiple of 16."""
+
+    name, codes_key = "int4pack", "cpu-int4-codes"
+
+    def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        return (
+            weight.bits == 4 and weight.group in INT4_GROUPS and weight.shape[0] % 16 == 0 and dtype.is_floating_point
+        )
+
+    def prepare(self, weight: QuantWeight, dtype: torch.dtype) -> object:
+        pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        packed = self.own_codes(weight, lambda: pack(weight.unpacked_codes().to(torch.int32), 1))
+        return packed, weight.group, _scales_and_zeros(weight, dtype)
+
+    def multiply(self, x: torch.Tensor, form) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, *form)
+
+
+class CpuInt8Bf16(CpuInt8):
+    """``CpuInt8`` on bf16 activations (cast from the model's dtype and back)."""
+
+    name, compute = "int8pack-bf16", torch.bfloat16
+
+
+class CpuInt8GroupsBf16(CpuInt8Groups):
+    """``CpuInt8Groups`` on bf16 activations."""
+
+    name, compute = "int8pack-groups-bf16", torch.bfloat16
+
+
+class CpuInt4Bf16(CpuInt4):
+    """``CpuInt4`` on bf16 activations (its scales and zeros rounded to bf16)."""
+
+    name, compute = "int4pack-bf16", torch.bfloat16
+
+
+class CudaInt4(Kernel):
+    """``_weight_int4pack_mm`` (tinygemm, sm80+): bf16 activations, N a multiple of 8, K of 16 · inner tiles."""
+
+    name, device_type, compute, codes_key = "cuda-int4pack", "cuda", torch.bfloat16, "cuda-int4-codes"
+
+    def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        n, k = weight.shape
+        return (
+            weight.bits == 4 and weight.group in INT4_GROUPS and n % 8 == 0 and k % 32 == 0
+            and torch.cuda.get_device_capability(weight.device) >= (8, 0)
+        )  # fmt: skip
+
+    def prepare(self, weight: QuantWeight, dtype: torch.dtype) -> object:
+        k = weight.shape[1]
+        tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+        packed = self.own_codes(weight, lambda: torch.ops.aten._convert_weight_to_int4pack(weight.codes, tiles))
+        return packed, weight.group, _scales_and_zeros(weight, dtype)
+
+    def multiply(self, x: torch.Tensor, form) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm(x, *form)
+
+
+class CudaInt8(Kernel):
+    """int8 per channel on CUDA: F.linear on the codes cast to x's dtype, times the scales."""
+
+    name, device_type = "cuda-int8", "cuda"
+
+    def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        return weight.format == "int8" and dtype.is_floating_point
+
+    def prepare(self, weight: QuantWeight, dtype: torch.dtype) -> object:
+        return weight.codes, weight.scales.view(-1).to(dtype)
+
+    def multiply(self, x: torch.Tensor, form) -> torch.Tensor:
+        codes, scales = form
+        return F.linear(x, codes.to(x.dtype)) * scales
+
+
+def _scales_and_zeros(weight: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    """(K/group, N, 2) in ``dtype``: the int4 kernels' ``qScaleAndZeros``."""
+    return torch.stack((weight.scales.t(), weight.zeros.t()), dim=-1).to(dtype).contiguous()
+
+
+# Every kernel by name, in the order the default choice tries them: the model's own dtype first,
+# then a cast to bf16, and ``dequant`` last, which takes everything.
+KERNELS: dict[str, Kernel] = {
+    kernel.name: kernel
+    for kernel in (
+        CpuInt8(), CpuInt8Groups(), CpuInt4(), CpuInt8Bf16(), CpuInt8GroupsBf16(), CpuInt4Bf16(),
+        CudaInt4(), CudaInt8(), Dequant(),
+    )
+}  # fmt: skip
+
+
+def candidates(weight: QuantWeight, dtype: torch.dtype) -> list[str]:
+    """The kernels that compute ``weight``'s products correctly for activations in ``dtype``, in ``KERNELS`` order."""
+    return [name for name, kernel in KERNELS.items() if kernel.accepts(weight, dtype)]

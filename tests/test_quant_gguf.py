@@ -1,0 +1,173 @@
+"""GGUF files kept quantized: the import's stored form, loading it, ``--quant`` on the command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from badinputs import MERGES, SPECIALS, build_tokenizer
+from gguf import GGMLQuantizationType as Q
+
+from llmrun.cli.app import run
+from llmrun.loading.gguf import import_gguf, is_import_of
+from llmrun.loading.loader import load_model
+from llmrun.loading.safetensors import read_header
+from llmrun.model.executor import forward
+from llmrun.model.quant import parse_quant, quantized_weights
+
+HIDDEN, FFN, HEADS = 64, 128, 4
+TYPES = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "attn_output": Q.Q8_0, "ffn_gate": Q.Q4_1,
+         "ffn_up": Q.Q4_1, "ffn_down": Q.Q4_0, "token_embd": Q.Q8_0}  # fmt: skip
+
+
+def _write_quantized_gguf(path: Path) -> Path:
+    """A 1-layer tied llama GGUF whose matrices are Q4_0, Q4_1 and Q8_0 (quantized by gguf itself)."""
+    tokens = [t for t, _ in sorted(build_tokenizer().get_vocab().items(), key=lambda kv: kv[1])]
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(path, "llama")
+    metadata = {
+        "block_count": 1, "context_length": 64, "embedding_length": HIDDEN, "feed_forward_length": FFN,
+        "head_count": HEADS, "head_count_kv": HEADS, "layer_norm_rms_eps": 1e-5, "tokenizer_model": "gpt2",
+        "tokenizer_pre": "default", "token_list": tokens,
+        "token_types": [1] * (len(tokens) - len(SPECIALS)) + [3] * len(SPECIALS),
+        "token_merges": [f"{a} {b}" for a, b in MERGES], "eos_token_id": len(tokens) - 1,
+    }  # fmt: skip
+    for key, value in metadata.items():
+        getattr(writer, f"add_{key}")(value)
+    shapes = {"token_embd": (len(tokens), HIDDEN), "attn_q": (HIDDEN, HIDDEN), "attn_k": (HIDDEN, HIDDEN),
+              "attn_v": (HIDDEN, HIDDEN), "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (FFN, HIDDEN),
+              "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}  # fmt: skip
+    for name, shape in shapes.items():
+        full = name if name == "token_embd" else f"blk.0.{name}"
+        raw = gguf.quants.quantize(rng.standard_normal(shape).astype(np.float32) * 0.3, TYPES[name])
+        writer.add_tensor(f"{full}.weight", raw, raw_shape=raw.shape, raw_dtype=TYPES[name])
+    for name in ("blk.0.attn_norm", "blk.0.ffn_norm", "output_norm"):
+        writer.add_tensor(f"{name}.weight", np.ones(HIDDEN, dtype=np.float32))
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        step()
+    return path
+
+
+@pytest.fixture(scope="module")
+def imports(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(the GGUF, its float import, its quantized import)."""
+    tmp = tmp_path_factory.mktemp("qgguf")
+    path = _write_quantized_gguf(tmp / "q.gguf")
+    return (
+        path,
+        import_gguf(path, tmp / "float", progress=False),
+        import_gguf(path, tmp / "quant", progress=False, quantized=True),
+    )
+
+
+def test_quantized_import_layout(imports):
+    _, _, quant = imports
+    header = read_header(quant / "model.safetensors")
+    q = header["model.layers.0.self_attn.q_proj.weight"]
+    assert q.dtype == torch.uint8 and q.shape == (HIDDEN, HIDDEN // 2)
+    assert header["model.layers.0.self_attn.q_proj.weight_scale"].shape == (HIDDEN, HIDDEN // 32)
+    assert header["model.layers.0.self_attn.q_proj.weight_zero"].dtype == torch.float32
+    o = header["model.layers.0.self_attn.o_proj.weight"]
+    assert o.dtype == torch.int8 and "model.layers.0.self_attn.o_proj.weight_zero" not in header
+    assert header["model.norm.weight"].dtype == torch.float32
+
+
+def test_the_marker_tells_float_and_quantized_imports_apart(imports):
+    path, float_dir, quant_dir = imports
+    from llmrun.loading.gguf import _read_marker
+
+    assert not is_import_of(float_dir, {"path": str(path)})  # another source: never taken
+    float_source = _read_marker(float_dir)["source"]
+    assert is_import_of(float_dir, float_source) and not is_import_of(float_dir, float_source, quantized=True)
+    assert is_import_of(quant_dir, float_source, quantized=True) and not is_import_of(quant_dir, float_source)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_import_runs_as_the_float_import(imports, dtype):
+    _, float_dir, quant_dir = imports
+    reference = load_model(float_dir, torch.device("cpu"), dtype, progress=False)
+    model = load_model(quant_dir, torch.device("cpu"), dtype, progress=False)
+    formats = {name: w.format for name, w in quantized_weights(model)}
+    assert formats["model.embed_tokens"] == "int8:32" and formats["model.layers.0.mlp.wgate_up"] == "int4:32"
+    # q (Q4_0) and k/v (Q4_1) are both 4-bit in groups of 32: one fused matrix
+    assert formats["model.layers.0.self_attn.wqkv"] == "int4:32"
+    assert type(model.lm_head).__name__ == "QuantLinear"
+    # one copy of the codes: the int4 kernel's packed copy replaces the stored codes; an embedding keeps its own
+    assert model.model.layers[0].self_attn.wqkv.codes is None and model.model.embed_tokens.weight.codes is not None
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    expected, got = forward(reference, tokens), forward(model, tokens)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # only the order of the float arithmetic differs
+    assert (got - expected).abs().max() <= tolerance * expected.abs().max()
+    dequantized = load_model(quant_dir, torch.device("cpu"), dtype, progress=False, quant=parse_quant("none"))
+    assert not list(quantized_weights(dequantized))
+    assert (forward(dequantized, tokens) - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_quantized_checkpoint_quantized_again(imports):
+    _, _, quant_dir = imports
+    model = load_model(quant_dir, torch.device("cpu"), torch.float32, progress=False, quant=parse_quant("int8"))
+    assert {w.format for _, w in quantized_weights(model)} == {"int8"}
+
+
+def test_corrupt_scales_are_one_line(imports, tmp_path, capsys):
+    import shutil
+
+    from llmrun.loading.safetensors import MappedFiles, TensorSpec, write_safetensors
+
+    _, _, quant_dir = imports
+    broken = tmp_path / "broken"
+    shutil.copytree(quant_dir, broken)
+    entries = read_header(quant_dir / "model.safetensors")
+    mapped = MappedFiles()
+    name = "model.layers.0.mlp.down_proj.weight_scale"
+    tensors = {n: mapped.tensor(e) for n, e in entries.items()}
+    tensors[name] = tensors[name][:, :3].contiguous()  # 3 groups cannot split 128 columns
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    write_safetensors(broken / "model.safetensors", specs, list(tensors.values()))
+    assert run(["generate", "hello", "--model", str(broken), "-n", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "do not match codes" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "hi", "--quant", "int3"], "is not a format"),
+        (["perplexity", __file__, "--quant", "int4:100"], "groups of 32"),
+        (["bench", "--quant", "fp8", "-m", "preset:llama-3.1-8b", "--random-weights"], "is not a format"),
+    ],
+)
+def test_bad_quant_flag_is_one_line_exit_2(argv, message, capsys):
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+TEXT = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+    "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. "
+    "Locally nicknamed the Iron Lady, it was constructed as the centrepiece of the 1889 World's Fair, and "
+    "to crown the centennial anniversary of the French Revolution. Although initially criticised by some "
+    "of France's leading artists and intellectuals for its design, it has since become a global cultural "
+    "icon of France and one of the most recognisable structures in the world."
+)
+
+
+@pytest.mark.slow
+def test_smollm2_q4_1_native_perplexity_matches_the_dequantized_run(tmp_path):
+    value = os.environ.get("LLMRUN_SMOLLM2_GGUF")
+    if not value or not Path(value).is_file():
+        pytest.skip("set LLMRUN_SMOLLM2_GGUF to the SmolLM2-135M-Instruct .gguf")
+    from llmrun.generation.perplexity import perplexity
+    from llmrun.generation.tokenizer import Tokenizer
+
+    native = import_gguf(Path(value), tmp_path / "quant", progress=False, quantized=True)
+    dequantized = import_gguf(Path(value), tmp_path / "float", progress=False)
+    ids = Tokenizer.from_dir(native).encode(TEXT)
+    results = [perplexity(load_model(d, torch.device("cpu"), torch.float32, progress=False), ids, 128).perplexity
+               for d in (native, dequantized)]  # fmt: skip
+    assert abs(results[0] / results[1] - 1) < 0.005, results
