@@ -199,6 +199,11 @@ def test_profile_tp2_json_has_the_communication_rows(tmp_path):
         for row in rows.values():
             assert row["bytes"] == 2 * (2 - 1) / 2 * 4 * tokens * d
             assert row["layers"] == 2 and row["time_s"] > 0
+        totals = run["totals"]  # the share of the step in the all-reduces; MBU over main-memory bytes only
+        assert totals["communication_s"] == pytest.approx(sum(r["time_s"] * r["layers"] for r in rows.values()))
+        assert totals["communication_share"] == pytest.approx(totals["communication_s"] / totals["time_s"])
+        link_bytes = sum(r["bytes"] * r["layers"] for r in rows.values())
+        assert totals["mbu"] == pytest.approx((totals["bytes"] - link_bytes) / totals["time_s"] / 1e10)
 
 
 def test_info_tp8_on_h200_predicts_per_rank_bytes_and_the_link_term(capsys):

@@ -75,6 +75,8 @@ TOTAL_FIELDS = (
     "unattributed_s",
     "unprobed_time_s",
     "probe_overhead",
+    "communication_s",
+    "communication_share",
 )
 RUN_FIELDS = ("phase", "batch", "prompt_len", "context_len", "mean_context_len", "decode_tokens", "path")
 
@@ -151,6 +153,8 @@ def summary_line(run: dict) -> str:
         f"unattributed "
         f"{t['unattributed_s'] * 1e3:.2f} ms ({t['unattributed_s'] / t['time_s']:.1%})"
     )
+    if t.get("communication_s") is not None:
+        line += f" · all-reduces {t['communication_s'] * 1e3:.2f} ms ({t['communication_share']:.1%} of the step)"
     if t.get("unprobed_time_s"):
         line += (
             f" · without the probe {t['unprobed_time_s'] * 1e3:.2f} ms per step "

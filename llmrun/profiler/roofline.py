@@ -24,6 +24,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from llmrun.model.config import ModelArgs
+from llmrun.model.probe import PARALLEL_LAYER_OPS
 from llmrun.profiler import costs as C
 from llmrun.profiler.measure import PhaseTiming
 from llmrun.profiler.roofs import Roofs
@@ -68,6 +69,8 @@ class Totals:
     unattributed_s: float
     unprobed_time_s: float | None = None
     probe_overhead: float | None = None
+    communication_s: float | None = None
+    communication_share: float | None = None
 
 
 @dataclass
@@ -141,6 +144,9 @@ def build_run(
         n = max(len(covered), 1)
         rows.append(_row(op, layer, n, statistics.median(times), _iqr(times), cost, wall, roofs))
     phase = C.total(costs)
+    # the all-reduces' bytes cross the link, not main memory: MBU counts the other ops' bytes only
+    communication = [row for row in rows if row.op in PARALLEL_LAYER_OPS]
+    memory_bytes = phase.bytes - sum(row.bytes * row.layers for row in communication)
     attributed = statistics.median(s.attributed_s for s in timing.steps)
     tokens = timing.batch * (timing.prompt_len if timing.phase == "prefill" else 1)
     totals = Totals(
@@ -152,11 +158,14 @@ def build_run(
         flops=phase.flops,
         bytes=phase.bytes,
         mfu=phase.flops / wall / roofs.peak_flops,
-        mbu=phase.bytes / wall / roofs.peak_bytes_per_s,
+        mbu=memory_bytes / wall / roofs.peak_bytes_per_s,
         tokens_per_s=tokens / wall,
         attributed_s=attributed,
         unattributed_s=statistics.median(s.unattributed_s for s in timing.steps),
     )
+    if tp > 1:
+        totals.communication_s = sum(row.time_s * row.layers for row in communication)
+        totals.communication_share = totals.communication_s / wall
     if timing.unprobed_s:
         totals.unprobed_time_s = statistics.median(timing.unprobed_s)
         totals.probe_overhead = wall / totals.unprobed_time_s - 1

@@ -63,7 +63,10 @@ TOTALS = _object(
         "flops": _NONNEG,
         "bytes": _NONNEG,
         "mfu": {**_NONNEG, "description": "flops / time_s / peak_flops"},
-        "mbu": {**_NONNEG, "description": "bytes / time_s / peak_bytes_per_s"},
+        "mbu": {
+            **_NONNEG,
+            "description": "main-memory bytes (all but the all-reduces' link bytes) / time_s / peak_bytes_per_s",
+        },
         "tokens_per_s": {**_NONNEG, "description": "prefill: batch*prompt_len/time_s; decode: batch/time_s"},
         "attributed_s": {**_NONNEG, "description": "median over steps of the sum of op times"},
         "unattributed_s": {**_NUM, "description": "median over steps of wall time not in any op"},
@@ -73,6 +76,11 @@ TOTALS = _object(
             "description": "median wall seconds of the same decode steps without a probe (null: not measured)",
         },
         "probe_overhead": {**_NULLABLE_NUM, "description": "time_s / unprobed_time_s - 1 (null: not measured)"},
+        "communication_s": {
+            **_NULLABLE_NUM,
+            "description": "tensor parallel: seconds per step in attn_allreduce and mlp_allreduce (null: one rank)",
+        },
+        "communication_share": {**_NULLABLE_NUM, "description": "communication_s / time_s (null: one rank)"},
     }
 )
 
