@@ -175,7 +175,7 @@ def _print_table(fields: dict) -> None:
         ),
         ("parameters", f"{_count(p['total'])} total, {_count(p['non_embedding'])} non-embedding"),
         (
-            f"weights ({fields['dtype']})",
+            f"weights ({fields['dtype']}{'' if fields['quant'] == 'none' else ', ' + fields['quant']})",
             f"{_bytes(fields['weight_bytes'])}; read per decoded token {_bytes(fields['decode_bytes_per_token'])}",
         ),
         (
