@@ -214,6 +214,7 @@ def _measure(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from llmrun.loading.session import open_session
+    from llmrun.model.quant import is_quantized
     from llmrun.profiler.profile import run_profile
     from llmrun.profiler.tuning import tune_decode
 
@@ -221,8 +222,8 @@ def _measure(
         model, device, dtype, revision=revision, random_weights=settings.random_weights, with_tokenizer=False,
         quant=quant, parallel=parallel,
     )  # fmt: skip
-    if settings.path == "fast" and settings.decode_tokens:
-        tune_decode(session.model)
+    if is_quantized(session.model) or (settings.path == "fast" and settings.decode_tokens):
+        tune_decode(session.model)  # quantized weights' kernels serve prefill too
     stderr = Console(stderr=True)
     columns = (TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:

@@ -33,6 +33,8 @@ def tune_quant(model: Transformer, batch: int = 1) -> dict[str, str]:
     kinds: dict[str, list[QuantWeight]] = {}
     for _, weight in quantized_weights(model):
         kinds.setdefault(_key(weight, batch), []).append(weight)
+    if not kinds:
+        return {}
     cache = read_json_object(cache_path())
     if cache.get("version") != CACHE_VERSION:
         cache = {}
