@@ -199,6 +199,8 @@ def test_profile_tp2_json_has_the_communication_rows(tmp_path):
         for row in rows.values():
             assert row["bytes"] == 2 * (2 - 1) / 2 * 4 * tokens * d
             assert row["layers"] == 2 and row["time_s"] > 0
+            assert row["bound"] == "link" and row["light_s"] > 0  # rated against the link measured in the run
+        assert any("rated against the link measured in this run" in note for note in run["notes"])
         totals = run["totals"]  # the share of the step in the all-reduces; MBU over main-memory bytes only
         assert totals["communication_s"] == pytest.approx(sum(r["time_s"] * r["layers"] for r in rows.values()))
         assert totals["communication_share"] == pytest.approx(totals["communication_s"] / totals["time_s"])

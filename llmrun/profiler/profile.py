@@ -17,6 +17,7 @@ from llmrun.model.transformer import Transformer
 from llmrun.profiler.caches import cache_note, last_level_cache
 from llmrun.profiler.costs import decode_weight_bytes, model_widths
 from llmrun.profiler.environment import git_commit
+from llmrun.profiler.link import Link, measure_allreduce, measured_link
 from llmrun.profiler.measure import check_context, check_memory, measure
 from llmrun.profiler.report import build_report
 from llmrun.profiler.roofline import Run, build_run
@@ -122,8 +123,15 @@ def run_profile(
         write_trace(timings, trace, model=name)
     widths = model_widths(model)  # quantized weights: their codes, scales and zeros
     tp = model.parallel.size if model.parallel is not None else 1
-    runs = [build_run(model.args, t, widths, roofs, per_layer=settings.per_layer, tp=tp) for t in timings]
+    link = _measure_link(model, timings, device) if tp > 1 else None
+    runs = [build_run(model.args, t, widths, roofs, per_layer=settings.per_layer, tp=tp, link=link) for t in timings]
     _add_notes(runs, decode_weight_bytes(model.args, widths.w), device)
+    if link is not None:
+        for run in runs:
+            run.notes.append(
+                f"attn_allreduce and mlp_allreduce are rated against the link measured in this run ({link.source}): "
+                f"latency {link.latency_s * 1e6:.3g} us, bus bandwidth {link.bytes_per_s / 1e9:.3g} GB/s (bound 'link')"
+            )
     environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "git_commit": git_commit()}
     return build_report(
         runs,
@@ -140,6 +148,15 @@ GRAPH_NOTE = (
     "(torch.compile fuses kernels across ops, leaving no op boundaries); unprobed_time_s is the compiled, "
     "graphed step that generate and bench run"
 )
+
+
+def _measure_link(model: Transformer, timings: list, device: torch.device) -> Link:
+    """The link roof over the model's ranks, from all-reduces of the message sizes the profile's runs send
+    (every rank takes part: the profile runs on all of them)."""
+    element = model.model.embed_tokens.weight.dtype.itemsize  # the activations' dtype
+    tokens = {t.batch * (t.prompt_len if t.phase == "prefill" else 1) for t in timings}
+    sizes = sorted(max(4, n * model.args.hidden_size * element) for n in tokens)
+    return measured_link(measure_allreduce(model.parallel, device, sizes=sizes), "measured")
 
 
 def _add_notes(runs: list[Run], weight_bytes: int, device: torch.device) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from llmrun.model.config import ModelArgs
 from llmrun.model.probe import PARALLEL_LAYER_OPS
 from llmrun.profiler import costs as C
+from llmrun.profiler.link import Link
 from llmrun.profiler.measure import PhaseTiming
 from llmrun.profiler.roofs import Roofs
 
@@ -124,9 +125,19 @@ def _costs(args: ModelArgs, timing: PhaseTiming, widths: C.Widths, tp: int) -> d
 
 
 def build_run(
-    args: ModelArgs, timing: PhaseTiming, widths: C.Widths, roofs: Roofs, *, per_layer: bool, tp: int = 1
+    args: ModelArgs,
+    timing: PhaseTiming,
+    widths: C.Widths,
+    roofs: Roofs,
+    *,
+    per_layer: bool,
+    tp: int = 1,
+    link: Link | None = None,
 ) -> Run:
-    """Rows and totals of one measured phase (of one of ``tp`` tensor-parallel ranks: its share of the work)."""
+    """Rows and totals of one measured phase (of one of ``tp`` tensor-parallel ranks: its share of the work).
+
+    With a ``link`` roof the all-reduce rows are rated against it (bound ``link``): at least the
+    link's latency, and at least their link bytes over its bus bandwidth."""
     if not timing.steps:
         raise ValueError(f"no measured steps for {timing.phase}")
     costs = _costs(args, timing, widths, tp)
@@ -142,7 +153,10 @@ def build_run(
         else:
             cost = C.op_cost(costs, op, None)
         n = max(len(covered), 1)
-        rows.append(_row(op, layer, n, statistics.median(times), _iqr(times), cost, wall, roofs))
+        row = _row(op, layer, n, statistics.median(times), _iqr(times), cost, wall, roofs)
+        if link is not None and op in PARALLEL_LAYER_OPS:
+            _rate_on_link(row, link)
+        rows.append(row)
     phase = C.total(costs)
     # the all-reduces' bytes cross the link, not main memory: MBU counts the other ops' bytes only
     communication = [row for row in rows if row.op in PARALLEL_LAYER_OPS]
@@ -185,6 +199,14 @@ def build_run(
         totals,
         timing.path,
     )
+
+
+def _rate_on_link(row: OpRow, link: Link) -> None:
+    """Rate an all-reduce row against the link instead of main memory."""
+    row.light_s = max(link.latency_s, row.bytes / link.bytes_per_s)
+    row.roofline_fraction = row.light_s / row.time_s if row.time_s else 0.0
+    row.attainable_flops_per_s = 0.0
+    row.bound = "link"
 
 
 def _row(op: str, layer: int | None, n: int, t: float, iqr: float, cost: C.Cost, wall: float, roofs: Roofs) -> OpRow:

@@ -49,7 +49,7 @@ OP = _object(
         "attainable_flops_per_s": {**_NONNEG, "description": "min(peak_flops, intensity * peak_bytes_per_s)"},
         "roofline_fraction": {**_NONNEG, "description": "max(flops/peak_flops, bytes/peak_bytes_per_s) / time_s"},
         "light_s": {**_NONNEG, "description": "speed-of-light seconds, max(flops/peak_flops, bytes/peak_bytes_per_s)"},
-        "bound": {"enum": ["memory", "compute"]},
+        "bound": {"enum": ["memory", "compute", "link"]},
     }
 )
 
