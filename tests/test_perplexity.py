@@ -38,7 +38,9 @@ def test_perplexity_cli_matches_transformers(smollm2_dir, smollm2_hf, tmp_path, 
 
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT, encoding="utf-8")
-    code = run(["perplexity", str(text_file), "--context", "64", "--device", "cpu", "--dtype", "fp32", "--json"])
+    # the float weights transformers reads (the default GGUF otherwise runs quantized, on bf16 activations)
+    argv = ["perplexity", str(text_file), "--context", "64", "--device", "cpu", "--dtype", "fp32", "--quant", "none"]
+    code = run([*argv, "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     ids = Tokenizer.from_dir(smollm2_dir).encode(TEXT)
