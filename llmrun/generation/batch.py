@@ -100,7 +100,7 @@ def _generate_batch(
         if all(row.done for row in rows):
             return
         if step == 0:
-            prepare_s = prepare_decode(model, cache) if cache.padding is None else 0.0
+            prepare_s = prepare_decode(model, cache)  # 0 for a padded cache: it decodes eagerly
         logits = decode_step(model, next_ids, cache, copy=False)  # a buffer reused next step
 
 

@@ -113,10 +113,9 @@ def decode_step(
     ``fast`` None takes the fast path when no probe is given (and ``LLMRUN_FAST`` is not 0); True
     asks for it, False forces the eager ops. With ``copy=False`` the fast path returns its own
     logits buffer, valid until the next step on this cache, so that a step allocates nothing.
-    A padded cache (``cache.padding``) always runs the eager ops: the fast decoders take one position
-    for the whole batch and attend to every key, so each row's positions and mask need the eager path.
+    A padded cache (``cache.padding``) always runs the eager ops (``fastpath.supported``).
     """
-    if probe is NULL_PROBE and fast is not False and (fast or fast_enabled()) and cache.padding is None:
+    if probe is NULL_PROBE and fast is not False and (fast or fast_enabled()):
         decoder = fast_decoder(model, cache)
         if decoder is not None:
             logits = decoder.step(token)

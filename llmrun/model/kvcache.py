@@ -71,11 +71,6 @@ class KVCache:
         """Positions still empty."""
         return self.max_seq_len - self.length
 
-    @property
-    def padded(self) -> bool:
-        """Whether some row starts with padded positions."""
-        return self.padding is not None and bool(self.padding.any())
-
     def reserve(self, tokens: int) -> int:
         """The position where ``tokens`` new positions start; ValueError if they do not fit."""
         if tokens > self.free:

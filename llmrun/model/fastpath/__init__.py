@@ -55,8 +55,12 @@ def supported(model: Transformer, cache: KVCache) -> bool:
 
     Dynamic NTK RoPE changes every angle once the sequence passes ``max_position_embeddings``;
     the fast path precomputes angles per position, so it declines when the cache could get there.
+    A left-padded cache (``cache.padding``) holds rows at different positions, each with its own
+    mask; the fast decoders take one position for the whole batch and attend to every key.
     """
     args = model.args
+    if cache.padding is not None:
+        return False
     return not (args.rope_type == "dynamic" and cache.max_seq_len > args.max_position_embeddings)
 
 
@@ -64,12 +68,12 @@ def fast_decoder(model: Transformer, cache: KVCache) -> FastDecoder | None:
     """The fast decoder bound to ``cache`` (built on first use), or None where the fast path does not apply.
 
     A ``StaticDecoder`` for a cache on a CUDA device, else a ``CpuDecoder``; it lives on
-    ``cache.decoder``, as long as the cache.
+    ``cache.decoder``, as long as the cache (and is not used while the cache is padded).
     """
+    if not supported(model, cache):
+        return None
     decoder = _built(model, cache)
     if decoder is None:
-        if not supported(model, cache):
-            return None
         kind = StaticDecoder if cache.layers[0].k.device.type == "cuda" else CpuDecoder
         decoder = cache.decoder = kind(model, cache)
     return decoder
