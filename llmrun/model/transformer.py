@@ -17,6 +17,7 @@ from torch import nn
 
 from llmrun.model.attention import attend
 from llmrun.model.config import ModelArgs
+from llmrun.model.fused import FUSED_PROJECTIONS
 from llmrun.model.kvcache import LayerCache
 from llmrun.model.parallel import Collectives
 from llmrun.model.probe import Probe
@@ -192,13 +193,6 @@ class Transformer(nn.Module):
         """Whether a checkpoint tensor of this name carries nothing the model needs: a tied lm_head
         (the embedding stands in for it) or the rotary tables some exporters store."""
         return name.endswith("rotary_emb.inv_freq") or (self.args.tie_word_embeddings and name == "lm_head.weight")
-
-
-# Per block: the submodule, the fused weight and bias attribute names, and the projections fused, in row order.
-FUSED_PROJECTIONS = (
-    ("self_attn", "wqkv", "bqkv", ("q_proj", "k_proj", "v_proj")),
-    ("mlp", "wgate_up", "bgate_up", ("gate_proj", "up_proj")),
-)
 
 
 def fuse_projections(

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from llmrun.model.fused import FUSED_PROJECTIONS
 from llmrun.model.quant.kernels import KERNELS
 from llmrun.model.quant.product import StackedWeight, Weight, default_kernel, product, quant_weights
 from llmrun.model.quant.quantize import QuantSpec
@@ -61,10 +62,10 @@ def quantized_weights(model: nn.Module) -> Iterator[tuple[str, QuantWeight]]:
     for name, module in model.named_modules():
         if name in views:
             continue
-        for attr, parts in (("wqkv", ("q_proj", "k_proj", "v_proj")), ("wgate_up", ("gate_proj", "up_proj"))):
+        for _, attr, _, parts in FUSED_PROJECTIONS:
             if isinstance(getattr(module, attr, None), QuantWeight):
                 views.update(f"{name}.{part}" for part in parts)
-        for attr in ("weight", "wqkv", "wgate_up"):
+        for attr in ("weight", *(fused for _, fused, _, _ in FUSED_PROJECTIONS)):
             for weight in quant_weights(getattr(module, attr, None)):
                 if id(weight) not in seen:
                     seen.add(id(weight))
@@ -112,9 +113,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec, advance: Callable[[int], N
     """
     decoder = model.model
     for block in decoder.layers:
-        for owner, attr, parts in ((block.self_attn, "wqkv", ("q_proj", "k_proj", "v_proj")),
-                                   (block.mlp, "wgate_up", ("gate_proj", "up_proj"))):  # fmt: skip
-            _quantize_fused(owner, attr, parts, spec, advance)
+        for owner, attr, _, parts in FUSED_PROJECTIONS:
+            _quantize_fused(getattr(block, owner), attr, parts, spec, advance)
         for owner, name in ((block.self_attn, "o_proj"), (block.mlp, "down_proj")):
             _quantize_linear(owner, name, spec, advance)
     embed = decoder.embed_tokens.weight
