@@ -46,9 +46,6 @@ def check_utf8(text: str, what: str) -> str:
     return text
 
 
-RANDOM_SEED = -1  # --seed -1: draw one
-
-
 def sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed) -> dict[str, Any]:
     """The sampling flags given on the command line (None: not given), as ``SamplingParams`` fields.
 
@@ -56,7 +53,7 @@ def sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, seed) -
     ``generation_config.json`` fills in the rest later (``llmrun.generation.generation_config.sampling_params``).
     ``--seed -1`` means a random seed, as in llama.cpp (the one drawn is reported).
     """
-    from llmrun.generation.sampling import SamplingParams
+    from llmrun.generation.sampling import RANDOM_SEED, SamplingParams
 
     flags = dict(
         temperature=temperature,

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from llmrun.errors import LlmrunError
-from llmrun.generation.sampling import SamplingParams
+from llmrun.generation.sampling import RANDOM_SEED, SamplingParams
 
 MAX_NEW_TOKENS = 2**31 - 1  # the largest budget a prompt may ask for (as the --max-new-tokens flag)
-RANDOM_SEED = -1  # "seed": -1 draws a seed, as --seed -1 does
 
 # Per-prompt sampling settings: key -> the type its value must have (bool is refused where a number is asked).
 SAMPLING_KEYS: dict[str, type | tuple[type, ...]] = {

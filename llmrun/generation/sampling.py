@@ -28,6 +28,8 @@ from llmrun.errors import LlmrunError
 SEED_MAX = 2**64 - 1
 SEED_MIN = -(2**63)
 """torch's generators take seeds up to 2^64 - 1, and negative ones down to -2^63 (counted modulo 2^64)."""
+RANDOM_SEED = -1
+"""The seed that asks for a random one, drawn and reported (llama.cpp's ``--seed -1``)."""
 
 
 def check_seed(seed: int | None) -> None:
