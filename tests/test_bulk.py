@@ -246,6 +246,21 @@ def test_prompt_too_long_names_its_line_before_any_output(model_dir, tmp_path, c
     assert captured.out == "" and f"{path} line 2: the prompt is" in captured.err
 
 
+def test_a_run_that_fails_before_the_prompts_leaves_the_output_file_as_it_was(model_dir, tmp_path, capsys):
+    """--output is checked before loading but replaced only once every prompt is ready: a missing model
+    or a prompt too long for the context leaves an earlier file whole, and creates no empty one."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(_lines([{"prompt": "short"}, {"prompt": "word " * 200}]), encoding="utf-8")
+    earlier, absent = tmp_path / "answers.jsonl", tmp_path / "new.jsonl"
+    earlier.write_text('{"earlier": "results"}\n', encoding="utf-8")
+    for model in (tmp_path / "no-model", model_dir):
+        for out in (earlier, absent):
+            argv = ["generate", "--prompts-file", str(path), "-m", str(model), "--device", "cpu", "--no-chat"]
+            assert run([*argv, "-c", "64", "--output", str(out)]) == 2
+    capsys.readouterr()
+    assert earlier.read_text(encoding="utf-8") == '{"earlier": "results"}\n' and not absent.exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [(["hello"], "not both"), (["-b", "0"], "--batch-size must be at least 1")],

@@ -88,7 +88,7 @@ def run_bulk(request: BulkRequest) -> None:
     path = request.prompts_file
     prompts = parse_prompts(read_text_file(path, "--prompts-file"), path)
     template = read_chat_template(request.chat_template)
-    out = _open_output(request.output)
+    _check_output(request.output)
     session, sampling = open_for_generation(
         request.model, request.device, request.dtype, request.given, template,
         revision=request.revision, random_weights=request.random_weights, quant=request.quant,
@@ -99,6 +99,7 @@ def run_bulk(request: BulkRequest) -> None:
     context = context_size(request.ctx_size, args.context_length, args.context_length)
     jobs = [_Job.build(p, request, session, sampling, settings, context) for p in prompts]
     tune_decode(session.model)
+    out = _open_output(request.output)
     try:
         _run(jobs, request, session, context, out)
     finally:
@@ -106,12 +107,23 @@ def run_bulk(request: BulkRequest) -> None:
             out.close()
 
 
-def _open_output(path: Path | None) -> IO[str]:
-    """stdout, or ``path`` opened for writing (before the model loads, so a bad path fails at once)."""
+def _check_output(path: Path | None) -> None:
+    """Refuse an ``--output`` that cannot be written, before the model loads, without touching what it holds."""
+    if path is None:
+        return
+    existed = path.exists()
+    _open_output(path, "a").close()
+    if not existed:
+        path.unlink()
+
+
+def _open_output(path: Path | None, mode: str = "w") -> IO[str]:
+    """stdout, or ``path`` opened for writing (``_check_output`` has checked it: it is replaced only
+    once every prompt is ready to run)."""
     if path is None:
         return sys.stdout
     try:
-        return path.open("w", encoding="utf-8")
+        return path.open(mode, encoding="utf-8")
     except IsADirectoryError:
         raise LlmrunError(f"--output {path} is a directory; give a file name") from None
     except OSError as exc:
