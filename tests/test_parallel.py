@@ -159,10 +159,23 @@ def test_rank_killed_mid_generation_exits_within_10s(tmp_path):
     assert lines == ["llmrun: rank 1: was killed by SIGKILL"], lines
 
 
-def _rank_pid(parent: int, rank: str) -> int:
-    """The pid of the descendant of ``parent`` whose environment says RANK=``rank``."""
+def _rank_pid(parent: int, rank: str, wait_s: float = 10.0) -> int:
+    """The pid of the descendant of ``parent`` whose environment says RANK=``rank`` (looked for up to ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        processes = _processes()
+        for pid, (_, environ) in processes.items():
+            if pid != parent and f"RANK={rank}".encode() in environ and _descends(pid, parent, processes):
+                return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no rank {rank} under pid {parent}")
+
+
+def _processes() -> dict[int, tuple[int, list[bytes]]]:
+    """pid -> (parent pid, environment) of every process readable now."""
+    found = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == parent:
+        if not entry.name.isdigit():
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
@@ -170,9 +183,15 @@ def _rank_pid(parent: int, rank: str) -> int:
         except OSError:
             continue
         ppid = int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
-        if f"RANK={rank}".encode() in environ and ppid == parent:
-            return int(entry.name)
-    raise AssertionError(f"no rank {rank} under pid {parent}")
+        found[int(entry.name)] = (ppid, environ)
+    return found
+
+
+def _descends(pid: int, ancestor: int, processes: dict[int, tuple[int, list[bytes]]]) -> bool:
+    """Whether ``ancestor`` is ``pid``'s parent, or its parent's, and so on."""
+    while pid in processes and pid != ancestor:
+        pid = processes[pid][0]
+    return pid == ancestor and pid in processes
 
 
 def test_profile_tp2_json_has_the_communication_rows(tmp_path):
