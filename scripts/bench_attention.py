@@ -5,15 +5,17 @@ Usage: python scripts/bench_attention.py [--threads 2] [--rounds 5] [--prefill 5
 
 Two measurements on the default model (or ``--model``), each where llmrun makes the choice:
 
-* bf16 ``prefill``: one prefill of N random tokens from an empty cache with
-  ``llmrun.model.attention.blocked_attention`` (what bf16 on the CPU uses) and with SDPA's causal kernel in its place;
+* ``prefill`` (every dtype): one prefill of N random tokens from an empty cache with
+  ``llmrun.model.attention.blocked_attention`` and with SDPA (``Transformer.prefill_attention`` set to
+  each; the line above the table says which of the two ``llmrun.profiler.attention_tuning`` measured
+  faster here, the one prefill takes);
 * fp32 ``decode``: 12 fast-path decode steps continuing a prompt of C tokens, with attention over 256+
   keys on all threads (``llmrun.model.fastpath.cpu.WIDE_ATTENTION_KEYS``, the default) and with attention always
   on one thread (bf16 decode attention always runs on one); the two take turns on the same cache, so
   the context grows by 24 tokens a round.
 
 Each round runs both variants; the ratio is taken within the round and its median printed
-(> 1: the default is faster).
+(> 1: the first is faster: blocked in the prefill rows, the default in the decode rows).
 """
 
 from __future__ import annotations
@@ -25,21 +27,13 @@ import time
 import unittest.mock
 
 import torch
-import torch.nn.functional as F
 
-import llmrun.model.attention
 import llmrun.model.fastpath.cpu
 from llmrun.devices import DTYPES
 from llmrun.loading.loader import load_model
 from llmrun.loading.sources import resolve_model
 from llmrun.model.executor import decode_step, make_cache, prefill
 from llmrun.profiler.tuning import tune_decode
-
-
-def sdpa(q, k, v, start, *, window=None):
-    """SDPA in place of ``blocked_attention`` (a prompt from an empty cache: plain causal mask)."""
-    assert start == 0 and window is None
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def prefill_seconds(model, n: int) -> float:
@@ -77,6 +71,20 @@ def patched(fn, module, name: str, value):
     return run
 
 
+def with_attention(fn, model, kernel: str):
+    """``fn`` run with ``model.prefill_attention`` set to ``kernel`` (restored after each call)."""
+
+    def run():
+        before = model.prefill_attention
+        model.prefill_attention = kernel
+        try:
+            return fn()
+        finally:
+            model.prefill_attention = before
+
+    return run
+
+
 def compare(name: str, default, alternative, rounds: int) -> None:
     """Alternate the two (rotating which goes first), print medians and the median ratio."""
     a, b = [], []
@@ -97,22 +105,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prefill", default="512,2048", help="prompt lengths for the prefill comparison")
-    parser.add_argument("--contexts", default="64,2048,6000", help="prompt lengths before the decode steps")
+    parser.add_argument("--contexts", default="64,2048,6000", help="decode prompt lengths ('': none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model, progress=False)
     for dtype in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
         model = load_model(model_dir, torch.device("cpu"), DTYPES[dtype], progress=False)
-        tune_decode(model)  # the decode kernel measured fastest here, as the CLI does
+        tune_decode(model)  # the decode kernel and prefill attention measured fastest here, as the CLI does
         print(f"\n{dtype}, {args.threads} threads, medians of {args.rounds} rounds")
-        print("| test | default ms | alternative ms | alternative ÷ default |")
+        print(f"prefill attention measured fastest here: {model.prefill_attention}")
+        print("| test | first ms | alternative ms | alternative ÷ first |")
         print("| --- | ---: | ---: | ---: |")
-        if dtype == "bf16":
-            for n in [int(x) for x in args.prefill.split(",")]:
-                run = functools.partial(prefill_seconds, model, n)
-                alternative = patched(run, llmrun.model.attention, "blocked_attention", sdpa)
-                compare(f"prefill {n}: blocked vs SDPA", run, alternative, args.rounds)
-        for context in [int(x) for x in args.contexts.split(",")] if dtype == "fp32" else []:
+        for n in [int(x) for x in args.prefill.split(",") if x]:
+            run = functools.partial(prefill_seconds, model, n)
+            blocked, sdpa = (with_attention(run, model, kernel) for kernel in ("blocked", "sdpa"))
+            compare(f"prefill {n}: blocked vs SDPA", blocked, sdpa, args.rounds)
+        for context in [int(x) for x in args.contexts.split(",") if x] if dtype == "fp32" else []:
             decoder = Decoder(model, context, room=24 * (args.rounds + 1) + 1)
             run = decoder.seconds
             alternative = patched(run, llmrun.model.fastpath.cpu, "WIDE_ATTENTION_KEYS", 1 << 30)

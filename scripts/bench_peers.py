@@ -53,11 +53,13 @@ class LlmrunWorker:
     def __init__(self, model_dir: Path, dtype: str, threads: int, quant: str = "auto", **_) -> None:
         import torch
 
+        from llmrun.allocator import keep_freed_memory
         from llmrun.devices import DTYPES
         from llmrun.loading.loader import load_model
         from llmrun.model.quant import parse_quant
         from llmrun.profiler.tuning import tune_decode
 
+        keep_freed_memory()  # as the llmrun command does at start
         torch.set_num_threads(threads)
         self.torch = torch
         spec = parse_quant(quant)

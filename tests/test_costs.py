@@ -161,3 +161,39 @@ def test_matmul_intensity_decode_vs_prefill():
     prefill_ = C.prefill_costs(args, 1, 2048, widths)[("gate_up_proj", 0)]
     assert 0.9 < decode.flops / decode.bytes < 1.0
     assert prefill_.flops / prefill_.bytes > 500
+
+
+def test_quantized_ops_cost_the_bytes_of_their_own_weights():
+    """Each linear op reads its own matrices' codes, scales and zeros (as its kernel holds them), per layer."""
+    from torch import nn
+
+    from llmrun.loading.presets import random_model
+    from llmrun.model.quant import KERNELS, parse_quant, prepare_model, quantize_model
+
+    args = ModelArgs(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                     num_attention_heads=4, tie_word_embeddings=True)  # fmt: skip
+    model = random_model(args, torch.device("cpu"), torch.float32, std=0.2)
+    quantize_model(model, parse_quant("int4:32"))
+    model.model.layers[1].mlp.down_proj = nn.Linear(160, 64, bias=False)  # one matrix left float
+    prepare_model(model)
+    d, f, qkv, v = 64, 160, 3 * 64, 320
+
+    def int4(n: int, k: int) -> int:  # packed codes, then float32 scale and zero per 32 columns
+        return n * k // 2 + n * (k // 32) * 2 * 4
+
+    expected = {"qkv_proj": int4(qkv, d), "o_proj": int4(d, d), "gate_up_proj": int4(2 * f, d), "down_proj": int4(d, f)}
+    widths = C.model_widths(model)
+    full = C.step_costs(args, 1, 1, 3, widths)
+    none = C.step_costs(args, 1, 1, 3, C.Widths(0, widths.a, widths.c))
+    read = {key: full[key].bytes - none[key].bytes for key in full}
+    for layer in range(2):
+        for op, nbytes in expected.items():
+            float_down = op == "down_proj" and layer == 1
+            assert read[(op, layer)] == pytest.approx(4 * d * f if float_down else nbytes, rel=1e-9)
+    assert read[("lm_head", None)] == pytest.approx(int4(v, d), rel=1e-9)
+    assert read[("embed", None)] == pytest.approx(d // 2 + (d // 32) * 2 * 4, rel=1e-9)  # one stored row
+    assert read[("attn_norm", 0)] == 4 * d  # the norms stay float32
+    wqkv = model.model.layers[0].self_attn.wqkv  # the formula is what the kernel's form really holds
+    form = KERNELS[wqkv.kernel].form(wqkv, torch.float32)
+    assert sum(t.nbytes for t in form if isinstance(t, torch.Tensor)) == expected["qkv_proj"]
+    assert C.decode_weight_bytes(args, widths) == int(sum(read.values()))

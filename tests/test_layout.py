@@ -1,6 +1,6 @@
 """The package layout's rules: arrows point down, and modules and functions stay small enough to read.
 
-Layers, from the bottom: the core modules (errors, devices, paths, jsonfiles), ``model/`` (the
+Layers, from the bottom: the core modules (errors, devices, paths, jsonfiles, allocator), ``model/`` (the
 transformer, KV cache, executor and decode fast paths), ``generation/`` (tokenizer, sampling, the
 generation loop), ``loading/`` (model files and sources) and ``profiler/`` (timing, costs, roofs,
 reports), then ``cli/``. A module may import its own package, the core, and the packages its
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llmrun"
-CORE = {"llmrun", "llmrun.errors", "llmrun.devices", "llmrun.paths", "llmrun.jsonfiles"}
+CORE = {"llmrun", "llmrun.errors", "llmrun.devices", "llmrun.paths", "llmrun.jsonfiles", "llmrun.allocator"}
 MAY_IMPORT = {
     "core": set(),
     "model": set(),

@@ -177,6 +177,20 @@ def profile_json(tiny_dir: Path, tmp_path: Path, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
+def test_an_op_faster_than_the_compute_roof_says_the_roof_is_too_low():
+    model = tiny_model()
+
+    def notes(peak_flops: float) -> list[str]:
+        settings = ProfileSettings(
+            prompt_lens=(6,), decode_tokens=1, repeats=1, warmup=0, peak_flops=peak_flops, peak_bandwidth=2e10
+        )
+        return [note for run in run_profile(model, "tiny", settings)["runs"] for note in run["notes"]]
+
+    low = [note for note in notes(1e3) if "compute roof" in note]  # every product beats 1 kFLOP/s
+    assert low and all("llmrun peaks --refresh" in note and "(override)" in note for note in low)
+    assert not [note for note in notes(1e18) if "compute roof" in note]
+
+
 def test_profile_cli_json_validates_and_sweeps(tiny_dir, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
     png = tmp_path / "chart.png"

@@ -18,7 +18,9 @@ from llmrun.model.quant import (
     KERNELS,
     QuantWeight,
     candidates,
+    held_weights,
     parse_quant,
+    product_weights,
     quantize_int4,
     quantize_int8,
     quantize_model,
@@ -163,6 +165,20 @@ def test_quantized_model_fast_path_equals_eager(spec, dtype, tied):
     assert (logits[0] - logits[1]).abs().max() <= tolerance * logits[0].abs().max()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_held_weights_count_each_quantized_weight_once_at_its_stored_size(tied):
+    model = _tiny_model(torch.float32, tie_word_embeddings=tied)
+    elements, nbytes = held_weights(model)
+    assert (elements, nbytes) == (sum(p.numel() for p in model.parameters()), 4 * elements)
+    quantize_model(model, parse_quant("int8"))
+    quantized = [w for _, w in quantized_weights(model)]
+    floats = sum(p.numel() for p in model.parameters())  # the norms (and biases) stay float
+    # the same weights, fused or tied ones once; int8 codes (1 byte) and one float32 scale per row
+    assert held_weights(model)[0] == elements == floats + sum(w.shape[0] * w.shape[1] for w in quantized)
+    rows = sum(w.shape[0] for w in quantized)
+    assert held_weights(model)[1] == 4 * floats + (elements - floats) + 4 * rows
+
+
 def test_quantized_model_equals_its_dequantized_weights():
     model = _tiny_model(torch.float32)
     quantize_model(model, parse_quant("int4:32"))
@@ -181,10 +197,12 @@ def test_the_kernels_are_chosen_by_measurement_and_cached(tmp_path, monkeypatch)
     model = _tiny_model(torch.float32)
     quantize_model(model, parse_quant("int4:32"))
     chosen = quant_tuning.tune_quant(model)
-    for _, weight in quantized_weights(model):
+    for weight in product_weights(model):
         assert weight.kernel in candidates(weight, torch.float32)
         own = KERNELS[weight.kernel].codes_key  # the kernel's copy of the codes, shared by its dtype variants
         assert all(key.startswith(f"{weight.kernel}:") or key == own for key in weight.prepared)
+    embed = model.model.embed_tokens.weight  # untied: only looked up in, so no kernel form is made for it
+    assert embed.kernel is None and not embed.prepared and embed.codes is not None
     assert quant_tuning.cache_path().is_file()
     measured = []
     monkeypatch.setattr(quant_tuning, "_fastest", lambda *a: measured.append(a) or "dequant")
@@ -202,8 +220,69 @@ def test_info_predicts_quantized_bytes(capsys):
         assert run([*args, "--quant", quant]) == 0
         sizes[quant] = json.loads(capsys.readouterr().out)
     assert sizes["int4"]["stored_as"]["matrices"] == "int4:32" and sizes["none"]["quant"] == "none"
-    assert sizes["int4"]["bytes_per_weight"] == 0.75 and sizes["none"]["bytes_per_weight"] == 2
+    # CUDA's int4 kernel holds bf16 scales and zeros per 32 codes: 0.5 + 4/32 bytes per weight; the
+    # untied embedding's rows are read as stored (float32 scales and zeros: 0.5 + 8/32), 1.5% of the weights.
+    assert sizes["int4"]["bytes_per_weight"] == pytest.approx(0.625 + 0.125 * 0.0149, rel=1e-3)
+    assert sizes["none"]["bytes_per_weight"] == 2
     assert sizes["int4"]["weight_bytes"] < sizes["int8"]["weight_bytes"] < sizes["none"]["weight_bytes"]
     assert "H200 SXM" in sizes["int4"]["fits_gpus"] and "H200 SXM" not in sizes["none"]["fits_gpus"]
     decode = {q: s["speed_of_light"]["decode_tok_s"] for q, s in sizes.items()}
     assert decode["int4"] > decode["int8"] > decode["none"]  # fewer bytes per token, a higher speed of light
+
+
+def test_a_tied_q8_0_embedding_is_looked_up_in_its_lm_head_kernels_codes():
+    """Q8_0 (int8, a scale per 32 columns): the lm_head's regrouped codes serve the lookups, one copy in all."""
+    from llmrun.model.quant import QuantEmbedding, QuantLinear, prepare_model
+
+    model = _tiny_model(torch.float32, tie_word_embeddings=True)
+    quantize_model(model, parse_quant("int8"))
+    v, d = model.model.embed_tokens.weight.shape
+    codes = torch.randint(-127, 128, (v, d), dtype=torch.int8)
+    weight = QuantWeight(codes, torch.rand(v, d // 32) / 100)
+    model.model.embed_tokens, model.lm_head = QuantEmbedding(weight), QuantLinear(weight)
+    ids = torch.tensor([[0, 7, 319, 7]])
+    expected = weight.dequantize(torch.float32, ids.reshape(-1)).view(1, 4, d)
+    prepare_model(model)
+    assert weight.kernel == "int8pack-groups" and weight.codes is None  # the stored codes were dropped
+    assert torch.equal(model.model.embed_tokens(ids), expected)
+
+
+def test_a_chosen_kernel_settles_the_weight_to_its_own_form(tmp_path, monkeypatch):
+    """Once chosen, the stored scales and zeros are freed where the kernel holds its own; products are unchanged."""
+    from llmrun.model.quant import prepare_model
+    from llmrun.profiler import quant_tuning
+
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path))
+    monkeypatch.setattr(quant_tuning, "_fastest", lambda weight, names, batch: names[0])
+    model = _tiny_model(torch.float32)
+    quantize_model(model, parse_quant("int4:32"))
+    prepare_model(model)
+    tokens = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    before = forward(model, tokens)
+    quant_tuning.tune_quant(model)
+    wqkv = model.model.layers[0].self_attn.wqkv
+    assert wqkv.codes is None and wqkv.scales is None and wqkv.zeros is None
+    assert model.model.layers[0].self_attn.q_proj.weight.scales is None  # its row views hold none either
+    assert model.model.embed_tokens.weight.scales is not None  # an embedding's rows are looked up with them
+    assert candidates(wqkv, torch.float32) == [wqkv.kernel]  # nothing else can be timed: not measured again
+    assert torch.equal(forward(model, tokens), before)
+
+
+@pytest.mark.parametrize("case", ["int8", "int8:32", "int4:32", "int4:64-n40"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_predicted_bytes_are_what_the_default_kernel_reads(case, dtype):
+    """From the shape alone, the bytes of the form the default kernel holds (n 40: int4pack refuses it, dequant)."""
+    from llmrun.model.quant import default_kernel, predicted_read_bytes, read_bytes
+
+    n, k = (40 if case.endswith("n40") else 48), 128
+    w = torch.randn(n, k)
+    if case == "int8:32":  # Q8_0: int8 codes, a float32 scale per 32 columns
+        weight = QuantWeight(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // 32), dtype=dtype)
+    else:
+        weight = parse_quant(case.removesuffix("-n40")).quantize(w)
+        weight.dtype = dtype
+    assert predicted_read_bytes(weight.bits, weight.group, n, k, dtype, "cpu") == read_bytes(weight)
+    kernel = KERNELS[default_kernel(weight, dtype)]
+    form = kernel.form(weight, kernel.compute or dtype)
+    held = weight.nbytes if form is None else sum(t.nbytes for t in form if isinstance(t, torch.Tensor))
+    assert held == read_bytes(weight)

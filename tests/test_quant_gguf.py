@@ -17,7 +17,7 @@ from llmrun.loading.gguf import import_gguf, is_import_of
 from llmrun.loading.loader import load_model
 from llmrun.loading.safetensors import read_header
 from llmrun.model.executor import forward
-from llmrun.model.quant import parse_quant, quantized_weights
+from llmrun.model.quant import KERNELS, parse_quant, quantized_weights
 
 HIDDEN, FFN, HEADS = 64, 128, 4
 TYPES = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "attn_output": Q.Q8_0, "ffn_gate": Q.Q4_1,
@@ -96,15 +96,25 @@ def test_quantized_import_runs_as_the_float_import(imports, dtype):
     # q (Q4_0) and k/v (Q4_1) are both 4-bit in groups of 32: one fused matrix
     assert formats["model.layers.0.self_attn.wqkv"] == "int4:32"
     assert type(model.lm_head).__name__ == "QuantLinear"
-    # one copy of the codes: the int4 kernel's packed copy replaces the stored codes; an embedding keeps its own
-    assert model.model.layers[0].self_attn.wqkv.codes is None and model.model.embed_tokens.weight.codes is not None
+    # one copy of the codes: the int4 kernel's packed copy replaces the stored codes, and the tied Q8_0
+    # embedding's rows are looked up in its lm_head kernel's regrouped codes
+    embed = model.model.embed_tokens.weight
+    assert model.lm_head.weight is embed and KERNELS[embed.kernel].serves_rows
+    assert model.model.layers[0].self_attn.wqkv.codes is None and embed.codes is None
     tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
     expected, got = forward(reference, tokens), forward(model, tokens)
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # only the order of the float arithmetic differs
-    assert (got - expected).abs().max() <= tolerance * expected.abs().max()
     dequantized = load_model(quant_dir, torch.device("cpu"), dtype, progress=False, quant=parse_quant("none"))
     assert not list(quantized_weights(dequantized))
-    assert (forward(dequantized, tokens) - expected).abs().max() <= tolerance * expected.abs().max()
+    if dtype == torch.float32:  # only the order of the float arithmetic differs
+        for logits in (got, forward(dequantized, tokens)):
+            assert (logits - expected).abs().max() <= 1e-4 * expected.abs().max()
+        return
+    # bf16 rounds every op's output; the quantized runs may stray from the float32 logits by at most
+    # twice as far as the float import in bf16 does (a wrong code or scale would move them far more)
+    exact = forward(load_model(float_dir, torch.device("cpu"), torch.float32, progress=False), tokens)
+    bf16_error = (expected.float() - exact).abs().max()
+    for logits in (got, forward(dequantized, tokens)):
+        assert (logits.float() - exact).abs().max() <= 2 * bf16_error
 
 
 def test_quantized_checkpoint_quantized_again(imports):
@@ -171,3 +181,25 @@ def test_smollm2_q4_1_native_perplexity_matches_the_dequantized_run(tmp_path):
     results = [perplexity(load_model(d, torch.device("cpu"), torch.float32, progress=False), ids, 128).perplexity
                for d in (native, dequantized)]  # fmt: skip
     assert abs(results[0] / results[1] - 1) < 0.005, results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_info_predicts_the_bytes_the_loaded_quantized_model_reads(imports, dtype):
+    """From the headers alone, ``info`` (``--quant auto``) counts each matrix as the loaded model's kernels read it."""
+    from llmrun.loading.loader import read_model_args, stored_formats
+    from llmrun.profiler import costs as C
+    from llmrun.profiler.modelinfo import model_info
+    from llmrun.profiler.roofs import Roofs
+
+    _, float_dir, quant_dir = imports
+    formats = stored_formats(quant_dir)
+    assert formats["model.embed_tokens.weight"] == "int8:32" and formats["model.layers.0.mlp.down_proj.weight"]
+    assert stored_formats(float_dir) == {}
+    args = read_model_args(quant_dir / "config.json")
+    roofs, cpu = Roofs(1e11, 1e11, "test"), {"name": "cpu", "kind": "cpu"}
+    info = model_info(args, dtype, roofs, cpu, formats=formats)
+    model = load_model(quant_dir, torch.device("cpu"), dtype, progress=False)  # the default kernels, untuned
+    assert info.decode_bytes_per_token == C.decode_weight_bytes(args, C.model_widths(model))
+    fields = info.to_json()
+    assert fields["quant"] == "auto" and fields["stored_as"]["embedding"] == "int8:32"
+    assert info.weight_bytes < model_info(args, dtype, roofs, cpu).weight_bytes  # the float import's

@@ -14,6 +14,7 @@ import typer
 from typer.core import TyperCommand
 
 from llmrun import __version__
+from llmrun.allocator import keep_freed_memory
 from llmrun.cli import bench, chat, compare, generate, import_gguf, info, parallel, peaks, perplexity, profile, pull
 from llmrun.errors import LlmrunError, ThresholdMissed
 
@@ -122,6 +123,7 @@ def _fail(message: str, code: int) -> int:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` and return the exit code instead of exiting."""
     debug = bool(os.environ.get("LLMRUN_DEBUG"))
+    keep_freed_memory()  # a prefill's activations reuse mapped pages (``llmrun.allocator``)
     parallel.ARGV[:] = sys.argv[1:] if argv is None else argv  # what --tp's ranks run again
     try:
         result = app(args=argv, prog_name="llmrun", standalone_mode=False)

@@ -155,6 +155,7 @@ def _run(
     roofs, run and print; after Ctrl-C print the rows finished so far, then let the interrupt end the
     command (exit 130)."""
     from llmrun.loading.session import open_session
+    from llmrun.profiler.attention_tuning import tune_prefill_attention
     from llmrun.profiler.bench.plan import check_tests
     from llmrun.profiler.bench.render import render
     from llmrun.profiler.bench.run import run_bench
@@ -174,10 +175,13 @@ def _run(
         peak_bandwidth=peak_bandwidth,
         on_measure=lambda name: print(f"measuring the roofs of {name} (once; cached)", file=sys.stderr),
     )
+    attention = tune_prefill_attention(session.model)  # measured here (before tune_decode reads the cache)
     choice = tune_decode(session.model) if bench["fast"] else None
     report = run_bench(session.model, tests, roofs, model_name=session.name, checked=True, on_row=_print_row, **bench)
     if choice is not None:
         report.env["cpu_gemv"] = choice.to_json()
+    if attention is not None:
+        report.env["prefill_attention"] = attention.to_json()
     print(render(report, fmt), flush=True)
     if report.interrupted:
         raise KeyboardInterrupt

@@ -68,7 +68,7 @@ def info(
     if list_presets:
         return _print_presets(as_json)
     from llmrun.devices import resolve_device, resolve_dtype
-    from llmrun.loading.loader import read_model_args
+    from llmrun.loading.loader import read_model_args, stored_formats
     from llmrun.loading.presets import is_preset, load_preset
     from llmrun.loading.sources import DEFAULT_MODEL, resolve_model
     from llmrun.model.quant import parse_quant
@@ -79,18 +79,23 @@ def info(
     torch_dtype = resolve_dtype(dtype, torch_device)
     if prompt_len is not None:
         check_count(prompt_len, "--prompt-len", 1)
+    formats: dict[str, str] = {}  # a quantized checkpoint's matrices, as stored (--quant auto)
     if is_preset(model):
         preset = load_preset(model)
         args, source = preset.args, preset.source
     else:
-        model_dir = resolve_model(model, revision=revision, weights=False)
+        native = quant_spec.kind == "auto"
+        model_dir = resolve_model(model, revision=revision, weights=False, quantized=native)
         args, source = read_model_args(model_dir / "config.json"), str(model_dir)
+        formats = stored_formats(model_dir) if native else {}
     if prompt_len is None:
         prompt_len = min(512, args.context_length)
     elif prompt_len > args.context_length:
         raise LlmrunError(f"--prompt-len {prompt_len} exceeds the model's context of {args.context_length}")
     roofs, entry = _roofs(torch_device, torch_dtype, gpu, measure)
-    result = model_info(args, torch_dtype, roofs, _device(torch_device, entry), prompt_len=prompt_len, quant=quant_spec)
+    result = model_info(
+        args, torch_dtype, roofs, _device(torch_device, entry), prompt_len=prompt_len, quant=quant_spec, formats=formats
+    )
     fields = {"model": model or DEFAULT_MODEL, "source": source, **result.to_json()}
     if tp > 1:
         fields["tensor_parallel"] = tp_fields(args, torch_dtype, roofs, entry, tp, link_bandwidth, link_latency)
@@ -115,6 +120,13 @@ def _roofs(device, dtype, gpu: str | None, measure: bool):
     )
     entry = match_spec(_device(device, None)["name"]) if device.type == "cuda" else None
     return roofs, entry
+
+
+def _stored_as(stored: dict[str, str]) -> str:
+    """``matrices and embedding F``, or ``matrices F, embedding G`` where they differ."""
+    if stored["matrices"] == stored["embedding"]:
+        return f"matrices and embedding {stored['matrices']}"
+    return f"matrices {stored['matrices']}, embedding {stored['embedding']}"
 
 
 def _device(device, entry: dict | None) -> dict[str, str]:
@@ -180,7 +192,7 @@ def _print_table(fields: dict) -> None:
         ),
         (
             "stored as",
-            f"matrices and embedding {fields['stored_as']['matrices']}, norms {fields['stored_as']['norms']}; "
+            f"{_stored_as(fields['stored_as'])}, norms {fields['stored_as']['norms']}; "
             f"{fields['bytes_per_weight']:.3g} bytes per weight; fits in "
             + (", ".join(fields["fits_gpus"]) or "no GPU of the spec table"),
         ),

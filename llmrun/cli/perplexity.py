@@ -67,6 +67,7 @@ def perplexity(
 ) -> None:
     """Token-level perplexity (exp of the mean negative log-likelihood) of FILE."""
     from llmrun.loading.session import open_session
+    from llmrun.profiler.attention_tuning import tune_prefill_attention
     from llmrun.profiler.quant_tuning import tune_quant
 
     check_count(context, "--context", 2)  # the model's own context is checked once it is loaded
@@ -82,6 +83,7 @@ def perplexity(
         model, device, dtype, revision=revision, random_weights=random_weights, quant=quant, parallel=parallel
     )
     tune_quant(session.model)  # each quantized weight kind's kernel, measured (nothing to do for float weights)
+    tune_prefill_attention(session.model)  # CPU prefill's attention kernel, measured
     ids = session.tokenizer.encode(text)
     tokenizer = session.tokenizer
     bos = tokenizer.bos_id if llama_cpp and tokenizer.encode("")[:1] == [tokenizer.bos_id] else None  # BOS it adds

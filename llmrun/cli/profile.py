@@ -208,13 +208,15 @@ def _measure(
 ) -> dict:
     """Open the session (``parallel``: this rank's shard), then ``run_profile`` with a progress bar and the roofs note.
 
-    On the fast path the decode kernel is chosen first, as generate and bench choose it.
+    On the fast path the decode kernel is chosen first, as generate and bench choose it; CPU prefill's
+    attention kernel on every path (``settings.prefill_attention`` of the report).
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from llmrun.loading.session import open_session
     from llmrun.model.quant import is_quantized
+    from llmrun.profiler.attention_tuning import tune_prefill_attention
     from llmrun.profiler.profile import run_profile
     from llmrun.profiler.tuning import tune_decode
 
@@ -222,13 +224,14 @@ def _measure(
         model, device, dtype, revision=revision, random_weights=settings.random_weights, with_tokenizer=False,
         quant=quant, parallel=parallel,
     )  # fmt: skip
+    attention = tune_prefill_attention(session.model)  # measured here (before tune_decode reads the cache)
     if is_quantized(session.model) or (settings.path == "fast" and settings.decode_tokens):
         tune_decode(session.model)  # quantized weights' kernels serve prefill too
     stderr = Console(stderr=True)
     columns = (TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
         task = bar.add_task("profile", total=settings.steps)
-        return run_profile(
+        report = run_profile(
             session.model,
             session.name,
             settings,
@@ -236,6 +239,9 @@ def _measure(
             on_measure=lambda name: stderr.print(f"measuring the roofs of {name} (once; cached)", highlight=False),
             trace=trace,
         )
+    if attention is not None:
+        report["settings"]["prefill_attention"] = attention.to_json()
+    return report
 
 
 def _format(name: str) -> Format:

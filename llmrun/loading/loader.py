@@ -16,8 +16,6 @@ dequantizes every matrix as it loads; ``int8``/``int4`` quantize a float model a
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from llmrun.allocator import return_freed_memory
 from llmrun.devices import DTYPE_NAMES, check_fits, oom_guard
 from llmrun.errors import LlmrunError
 from llmrun.jsonfiles import read_json_object
@@ -63,7 +62,7 @@ def load_model(
         if quant is not None and quant.kind != "none":
             quantize_loaded(model, quant, progress)
         if groups or quant is not None:
-            _return_freed_memory()
+            return_freed_memory()
         return model
 
 
@@ -148,6 +147,24 @@ def quantized_groups(entries: dict[str, TensorEntry]) -> dict[str, dict[str, Ten
     }
 
 
+def stored_formats(model_dir: Path) -> dict[str, str]:
+    """Checkpoint name -> format (``QuantWeight.format``: ``int8``, ``int8:G``, ``int4:G``) of every matrix
+    ``model_dir`` stores quantized, from the safetensors headers alone ({} for a float or weightless directory).
+
+    Raises:
+        LlmrunError: a header that is not safetensors, or scales that do not match their codes.
+    """
+    if not any(model_dir.glob("*.safetensors")):
+        return {}
+    formats = {}
+    for name, group in quantized_groups(read_index(checkpoint_files(model_dir))).items():
+        if "" not in group:
+            raise LlmrunError(f"quantized tensor {name!r} has scales but no codes; the checkpoint is corrupt")
+        meta = [torch.empty(e.shape, dtype=e.dtype, device="meta") for e in group.values()]  # codes, scales[, zeros]
+        formats[name] = QuantWeight(*meta, name=name).format
+    return formats
+
+
 def _load_quantized(
     model_dir: Path,
     entries: dict[str, TensorEntry],
@@ -187,20 +204,10 @@ def _load_quantized(
 
         def done(weight: QuantWeight) -> None:
             _release(mapped, groups_of.get(id(weight), {}))
-            _return_freed_memory()  # the stored codes just dropped, and the packing's scratch
+            return_freed_memory()  # the stored codes just dropped, and the packing's scratch
 
         prepare_model(model, done)
     return model.eval()
-
-
-def _return_freed_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
-
-    Packing and fusing quantized weights frees many megabyte-sized blocks that glibc keeps in its
-    heap rather than returning, so the process would stay as large as its peak while loading.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _release(mapped: MappedFiles, entries: dict[str, TensorEntry]) -> None:

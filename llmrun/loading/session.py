@@ -14,6 +14,7 @@ from llmrun.generation.byte_tokenizer import ByteTokenizer
 from llmrun.loading.loader import load_model, quantize_loaded, read_model_args
 from llmrun.loading.presets import is_preset, load_preset, random_model
 from llmrun.loading.sources import DEFAULT_MODEL, resolve_model
+from llmrun.model.attention import forced_prefill_attention
 from llmrun.model.fastpath.gemv import cpu_gemv
 from llmrun.model.quant import parse_quant
 from llmrun.model.transformer import Transformer
@@ -73,6 +74,7 @@ def open_session(
     torch_dtype = resolve_dtype(dtype, torch_device)
     if torch_device.type == "cpu":
         cpu_gemv(torch_dtype)  # a bad LLMRUN_CPU_GEMV fails here, before any download or output
+    forced_prefill_attention()  # and a bad LLMRUN_PREFILL_ATTENTION
     if is_preset(spec):
         preset = load_preset(spec)
         if not random_weights:

@@ -1,13 +1,34 @@
-"""Causal attention over the KV cache: SDPA, and a blocked kernel for CPU prefill in bf16."""
+"""Causal attention over the KV cache: SDPA, and a blocked kernel that CPU prefill may take instead.
+
+Which of the two prefills faster depends on the CPU, the dtype, the head shape and the PyTorch
+build, so the choice is measured on the user's machine (``llmrun.profiler.attention_tuning``) and
+set on the model (``Transformer.prefill_attention``); without a measurement prefill takes SDPA.
+``LLMRUN_PREFILL_ATTENTION`` (``sdpa``, ``blocked`` or ``auto``) forces the choice.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
+from llmrun.errors import LlmrunError
 from llmrun.model.kvcache import LayerCache
+
+PREFILL_KERNELS = ("sdpa", "blocked")  # the attention kernels CPU prefill chooses between
+
+
+def forced_prefill_attention() -> str | None:
+    """The kernel ``LLMRUN_PREFILL_ATTENTION`` forces (``sdpa`` or ``blocked``), None when unset or ``auto``;
+    any other value raises ``LlmrunError``."""
+    choice = os.environ.get("LLMRUN_PREFILL_ATTENTION", "auto")
+    if choice == "auto":
+        return None
+    if choice not in PREFILL_KERNELS:
+        raise LlmrunError(f"LLMRUN_PREFILL_ATTENTION={choice!r} is not a kernel: set it to auto, sdpa or blocked")
+    return choice
 
 
 def attend(
@@ -19,6 +40,7 @@ def attend(
     *,
     window: int | None = None,
     padding: torch.Tensor | None = None,
+    kernel: str = "sdpa",
 ) -> torch.Tensor:
     """Causal attention of q (B, H, T, D) over the cache's positions 0..start+T-1 (or k, v alone).
 
@@ -28,6 +50,8 @@ def attend(
     ``sliding_window_overlay``; the mask matters only once the sequence is longer than w.
     With ``padding`` (B,) int64, row b's keys 0..padding[b]-1 are left padding that no query sees
     (a padded query sees itself alone, so that its row of the softmax is not empty).
+    ``kernel`` (one of ``PREFILL_KERNELS``) is what runs more than one query on the CPU without
+    padding: ``blocked`` takes ``blocked_attention``; decode, padded rows and CUDA always take SDPA.
     """
     t = q.shape[2]
     if cache is not None:
@@ -40,7 +64,7 @@ def attend(
     if padding is not None:
         mask = _causal_mask(start, t, window, q.device)[None] & _unpadded(padding, start, t, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
-    if t > 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+    if t > 1 and kernel == "blocked" and q.device.type == "cpu":
         return blocked_attention(q, k, v, start, window=window)
     if window is None and (t == 1 or start == 0):
         return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
@@ -73,15 +97,16 @@ def blocked_attention(
 ) -> torch.Tensor:
     """Causal attention of q (B, H, T, D) at positions start.. over k, v (B, Hkv, start+T, D): (B, H, T, D).
 
-    The CPU prefill path in bf16, where SDPA's flash kernel runs far below the bf16 GEMM's rate
-    (docs/performance.md, "Prefill attention in bf16"): query rows go in blocks of
+    The alternative to SDPA for CPU prefill, where SDPA's flash kernel can run far below the GEMM's
+    rate (docs/performance.md, "Prefill attention in bf16"): query rows go in blocks of
     ``ATTENTION_BLOCK``; each block is one batched matmul
     against the keys it can see (the G query heads of a K/V head stacked as G·rows, so K/V are not
     repeated), softmax in place, and one matmul with V. Masking touches only the block's diagonal square
     (and, with a sliding window, its left edge), and no key past the block is multiplied, so about
     half the square is skipped. The numerics are transformers' eager attention: scores accumulated
-    in float32 and rounded to bf16, softmax in float32, probabilities rounded to bf16 for the
-    product with V. Memory: one block's scores, (B·H, rows, keys) in bf16, reused by every block.
+    in float32 and rounded to the inputs' dtype, softmax in float32, probabilities rounded to that
+    dtype for the product with V. Memory: one block's scores, (B·H, rows, keys) in the inputs' dtype,
+    reused by every block.
     """
     b, h, t, d = q.shape
     n_kv = k.shape[1]
@@ -111,7 +136,7 @@ def blocked_attention(
             positions = torch.arange(first, last, device=q.device)[:, None]  # (rows, 1)
             keys = torch.arange(lo, last, device=q.device)[None, :]
             scores.masked_fill_((keys > positions) | (keys <= positions - window), float("-inf"))
-        torch._softmax(flat, -1, False, out=flat)  # in place, computed in float32, rounded to bf16
+        torch._softmax(flat, -1, False, out=flat)  # in place, computed in float32, rounded to the dtype
         block_out = torch.bmm(flat, values[:, lo:last])  # (B·Hkv, G·rows, D)
         out_groups[:, :, :, i0:i1] = block_out.view(b, n_kv, group, rows, d)
     return out.transpose(1, 2)

@@ -53,6 +53,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
         self.split_sizes = (self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd)
         self.window: int | None = None  # sliding attention window in tokens (set by Block), None for full
+        self.prefill_kernel = "sdpa"  # CPU prefill's attention kernel (``Transformer.prefill_attention``)
         # Set by ``fuse_projections``: one (h+2k)·hd × d matrix whose row blocks are q_proj, k_proj and
         # v_proj's weights (those parameters become views of it). Plain attributes, not parameters,
         # so that ``parameters()`` still counts every weight once.
@@ -118,7 +119,7 @@ class Block(nn.Module):
         with probe.region("rope", i):
             q, k = apply_rope(q, k, *rope)
         with probe.region("attention", i):
-            o = attend(q, k, v, start, cache, window=attn.window, padding=padding)  # (B, H, T, D)
+            o = attend(q, k, v, start, cache, window=attn.window, padding=padding, kernel=attn.prefill_kernel)
         with probe.region("o_proj", i):
             o = attn.o_proj(o.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
         if self.parallel is not None:
@@ -174,6 +175,18 @@ class Transformer(nn.Module):
         # name), set by whoever measured the candidates (``llmrun.profiler.tuning``); None: not measured.
         self.decode_gemv: str | None = None
         self.tie_weights()
+
+    @property
+    def prefill_attention(self) -> str:
+        """CPU prefill's attention kernel in every layer (``llmrun.model.attention.PREFILL_KERNELS``): ``sdpa``
+        unless set by whoever measured the two (``llmrun.profiler.attention_tuning``)."""
+        layers = self.model.layers
+        return layers[0].self_attn.prefill_kernel if len(layers) else "sdpa"
+
+    @prefill_attention.setter
+    def prefill_attention(self, kernel: str) -> None:
+        for block in self.model.layers:
+            block.self_attn.prefill_kernel = kernel
 
     def tie_weights(self) -> None:
         """With tied embeddings, make ``lm_head.weight`` the embedding matrix itself (after loading new tensors)."""

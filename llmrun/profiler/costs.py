@@ -19,8 +19,10 @@ Conventions, stated once (the report repeats them):
 * Bytes are a lower bound on main-memory traffic: each op reads its inputs and weights once and
   writes its outputs once (what a fused kernel would move). Weights are read once per step
   whatever the batch; the embedding reads only the looked-up rows; a tied lm_head reads the whole
-  matrix. The KV cache (GQA: k heads, not h) is read over all S positions and written for the T new
-  ones. The executor's lm_head writes float32 logits.
+  matrix. Each weight matrix counts its own bytes per element (``Widths.weight``): a quantized one
+  its codes plus its scales and zeros in the form its kernel reads. The KV cache (GQA: k heads,
+  not h) is read over all S positions and written for the T new ones. The executor's lm_head
+  writes float32 logits.
 * Element-wise ops count a few FLOPs per element: RMSNorm 4 (square, sum, scale, weight),
   RoPE 3 (two multiplies, one add), SiLU·mul 5, residual add 1, argmax 1 per compare.
 * In prefill only the last position goes through final_norm, lm_head and sample (``last_only``).
@@ -30,16 +32,24 @@ Fused op names (``gate_up_proj+act``) cost the sum of their parts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from torch import nn
 
 from llmrun.model.config import ModelArgs
+from llmrun.model.fused import FUSED_PROJECTIONS
 from llmrun.model.parallel import ShardPlan
 from llmrun.model.probe import LAYER_OPS, MODEL_OPS, PARALLEL_LAYER_OPS
-from llmrun.model.quant import weight_width
+from llmrun.model.quant import QuantEmbedding, is_quantized, read_bytes
+from llmrun.model.quant.product import Weight
 from llmrun.model.transformer import Transformer
 
 LINEAR_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
 """The ops that are matrix multiplications with weights (what ``FlopCounterMode`` sees as aten.mm)."""
+LAYER_LINEAR_OPS = LINEAR_OPS[:4]  # those inside each block
+
+FUSED_OPS = {"wqkv": "qkv_proj", "wgate_up": "gate_up_proj"}  # a block's fused matrices by the op they run
 
 LOGITS_BYTES = 4  # the executor returns float32 logits
 TOKEN_BYTES = 8  # int64 token ids
@@ -64,17 +74,24 @@ class Cost:
 
 @dataclass(frozen=True)
 class Widths:
-    """Bytes per element: weights ``w`` (fractional for quantized weights: codes plus scales and
-    zeros), activations ``a``, KV cache ``c``."""
+    """Bytes per element: weights ``w``, activations ``a``, KV cache ``c``; ``matrices`` the weight
+    matrices' own where they differ from ``w`` (quantized: codes plus scales and zeros, fractional),
+    by (op, layer): an op of ``LINEAR_OPS`` or ``embed`` (per looked-up row), layer None for every
+    layer (and for the ops outside the blocks)."""
 
     w: float
     a: int
     c: int
+    matrices: Mapping[tuple[str, int | None], float] = field(default_factory=dict, hash=False)
 
     @classmethod
     def uniform(cls, nbytes: int) -> Widths:
         """Weights, activations and cache all in one dtype of ``nbytes`` bytes per element."""
         return cls(nbytes, nbytes, nbytes)
+
+    def weight(self, op: str, layer: int | None = None) -> float:
+        """Bytes per element of ``op``'s weight matrix at ``layer`` (its own, else every layer's, else ``w``)."""
+        return self.matrices.get((op, layer), self.matrices.get((op, None), self.w))
 
 
 def attention_cost(
@@ -114,12 +131,20 @@ def causal_pairs(first: int, last: int, window: int | None = None) -> int:
 
 
 def layer_costs(
-    args: ModelArgs, batch: int, tokens: int, start: int, widths: Widths, window: int | None = None
+    args: ModelArgs,
+    batch: int,
+    tokens: int,
+    start: int,
+    widths: Widths,
+    window: int | None = None,
+    layer: int | None = None,
 ) -> dict[str, Cost]:
-    """Cost of each per-layer op for ``batch`` sequences of ``tokens`` new tokens after ``start`` cached ones."""
+    """Cost of each per-layer op for ``batch`` sequences of ``tokens`` new tokens after ``start`` cached ones
+    (the weight matrices at ``widths.weight(op, layer)`` bytes per element; norms and biases at ``w``)."""
     d, f, hd = args.hidden_size, args.intermediate_size, args.head_dim
     h, k = args.num_attention_heads, args.num_key_value_heads
     w, a = widths.w, widths.a
+    wqkv, wo, wgu, wdown = (widths.weight(op, layer) for op in LAYER_LINEAR_OPS)
     bt = batch * tokens
     qkv = (h + 2 * k) * hd
     norm = Cost(4 * bt * d, 2 * a * bt * d + w * d)
@@ -129,15 +154,15 @@ def layer_costs(
     mlp_bias = args.mlp_bias
     return {
         "attn_norm": norm,
-        "qkv_proj": Cost(2 * bt * d * qkv, w * d * qkv + qkv_bias + a * bt * (d + qkv)),
+        "qkv_proj": Cost(2 * bt * d * qkv, wqkv * d * qkv + qkv_bias + a * bt * (d + qkv)),
         "rope": Cost(3 * bt * (h + k) * hd, 2 * a * bt * (h + k) * hd + 2 * a * tokens * hd),
         "attention": attention_cost(args, batch, tokens, start, widths, window),
-        "o_proj": Cost(2 * bt * h * hd * d, w * h * hd * d + o_bias + a * bt * (h * hd + d)),
+        "o_proj": Cost(2 * bt * h * hd * d, wo * h * hd * d + o_bias + a * bt * (h * hd + d)),
         "attn_residual": residual,
         "mlp_norm": norm,
-        "gate_up_proj": Cost(4 * bt * d * f, 2 * w * d * f + (2 * w * f if mlp_bias else 0) + a * bt * (d + 2 * f)),
+        "gate_up_proj": Cost(4 * bt * d * f, 2 * wgu * d * f + (2 * w * f if mlp_bias else 0) + a * bt * (d + 2 * f)),
         "act": Cost(5 * bt * f, 3 * a * bt * f),
-        "down_proj": Cost(2 * bt * f * d, w * f * d + (w * d if mlp_bias else 0) + a * bt * (f + d)),
+        "down_proj": Cost(2 * bt * f * d, wdown * f * d + (w * d if mlp_bias else 0) + a * bt * (f + d)),
         "mlp_residual": residual,
     }
 
@@ -148,9 +173,9 @@ def model_costs(args: ModelArgs, batch: int, tokens: int, widths: Widths) -> dic
     w, a = widths.w, widths.a
     bt = batch * tokens
     return {
-        "embed": Cost(0, TOKEN_BYTES * bt + w * bt * d + a * bt * d),
+        "embed": Cost(0, TOKEN_BYTES * bt + widths.weight("embed") * bt * d + a * bt * d),
         "final_norm": Cost(4 * batch * d, 2 * a * batch * d + w * d),
-        "lm_head": Cost(2 * batch * d * v, w * d * v + a * batch * d + LOGITS_BYTES * batch * v),
+        "lm_head": Cost(2 * batch * d * v, widths.weight("lm_head") * d * v + a * batch * d + LOGITS_BYTES * batch * v),
         "sample": Cost(batch * v, LOGITS_BYTES * batch * v + TOKEN_BYTES * batch),
     }
 
@@ -183,15 +208,15 @@ def step_costs(
     gathered vocabulary.
     """
     rank = rank_args(args, tp)
-    by_window = {w: layer_costs(rank, batch, tokens, start, widths, w) for w in set(args.attention_windows())}
-    if tp > 1:
-        comm = communication_costs(args, batch, tokens, widths, tp)
-        for layer in by_window.values():
-            layer.update(comm)
+    comm = communication_costs(args, batch, tokens, widths, tp) if tp > 1 else {}
     ops = LAYER_OPS + (PARALLEL_LAYER_OPS if tp > 1 else ())
-    costs: dict[tuple[str, int | None], Cost] = {
-        (op, i): by_window[w][op] for i, w in enumerate(args.attention_windows()) for op in ops
-    }
+    kinds: dict[tuple, dict[str, Cost]] = {}  # layers with the same window and matrix widths cost the same
+    costs: dict[tuple[str, int | None], Cost] = {}
+    for i, window in enumerate(args.attention_windows()):
+        kind = (window, *(widths.weight(op, i) for op in LAYER_LINEAR_OPS))
+        if kind not in kinds:
+            kinds[kind] = {**layer_costs(rank, batch, tokens, start, widths, window, i), **comm}
+        costs.update({(op, i): kinds[kind][op] for op in ops})
     costs.update({(op, None): cost for op, cost in model_costs(rank, batch, tokens, widths).items()})
     costs[("sample", None)] = model_costs(args, batch, tokens, widths)["sample"]
     return costs
@@ -203,19 +228,44 @@ def total(costs: dict[tuple[str, int | None], Cost]) -> Cost:
 
 
 def model_widths(model: Transformer) -> Widths:
-    """The widths of a loaded model: its stored bytes per weight element (``llmrun.model.quant.weight_width``:
-    codes, scales and zeros where quantized), and its dtype's size for the activations and the cache."""
+    """The widths of a loaded model: its dtype's size for the activations, the cache and the float
+    weights; with quantized weights each matrix's own, per (op, layer), from the form its kernel
+    reads per product (``llmrun.model.quant.read_bytes``: the codes and the scales (and zeros) in
+    the dtype the kernel holds them in), and the embedding's per looked-up row."""
     dtype_bytes = model.model.norm.weight.element_size()
-    return Widths(weight_width(model), dtype_bytes, dtype_bytes)
+    if not is_quantized(model):
+        return Widths(dtype_bytes, dtype_bytes, dtype_bytes)
+    matrices: dict[tuple[str, int | None], float] = {}
+    for i, block in enumerate(model.model.layers):
+        for op, weights in _block_matrices(block).items():
+            matrices[(op, i)] = sum(read_bytes(w) for w in weights) / sum(w.shape[0] * w.shape[1] for w in weights)
+    head, embed = model.lm_head.weight, model.model.embed_tokens
+    matrices[("lm_head", None)] = read_bytes(head) / (head.shape[0] * head.shape[1])
+    row = embed.row_bytes() if isinstance(embed, QuantEmbedding) else embed.weight[0].nbytes
+    matrices[("embed", None)] = row / model.args.hidden_size
+    return Widths(dtype_bytes, dtype_bytes, dtype_bytes, matrices)
 
 
-def decode_weight_bytes(args: ModelArgs, width: float) -> int:
-    """Bytes of the weights one decode step of one sequence reads, ``width`` bytes per element.
+def _block_matrices(block: nn.Module) -> dict[str, list[Weight]]:
+    """The weights each linear op of a block multiplies by: a fused matrix, or its parts'."""
+    out = {}
+    for owner_name, attr, _, parts in FUSED_PROJECTIONS:
+        owner = getattr(block, owner_name)
+        fused = getattr(owner, attr)
+        out[FUSED_OPS[attr]] = [fused] if fused is not None else [getattr(owner, part).weight for part in parts]
+    out["o_proj"], out["down_proj"] = [block.self_attn.o_proj.weight], [block.mlp.down_proj.weight]
+    return out
+
+
+def decode_weight_bytes(args: ModelArgs, width: float | Widths) -> int:
+    """Bytes of the weights one decode step of one sequence reads: ``width`` bytes per element, or
+    each matrix at its own width (a model's ``Widths``).
 
     Every weight of the blocks and the final norm once, the whole lm_head (tied or not) and one
     row of the embedding: the bytes of ``step_costs`` that scale with the weight width.
     """
-    read = total(step_costs(args, 1, 1, 0, Widths(width, 0, 0)))
+    weights = replace(width, a=0, c=0) if isinstance(width, Widths) else Widths(width, 0, 0)
+    read = total(step_costs(args, 1, 1, 0, weights))
     fixed = total(step_costs(args, 1, 1, 0, Widths(0, 0, 0)))  # token ids and float32 logits
     return int(read.bytes - fixed.bytes)
 

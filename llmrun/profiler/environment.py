@@ -11,17 +11,19 @@ import torch
 
 import llmrun
 from llmrun.devices import DTYPE_NAMES, cpu_model_name
-from llmrun.model.quant import weight_width
+from llmrun.model.quant import held_weights
 from llmrun.model.transformer import Transformer
-from llmrun.profiler.costs import decode_weight_bytes
+from llmrun.profiler.costs import decode_weight_bytes, model_widths
 
 
 def environment(model: Transformer, model_name: str) -> dict[str, object]:
     """``env`` of a bench report: versions, commit, device, dtype, threads, model, sizes (bytes), time.
 
-    ``weight_bytes`` is the cost model's bytes of the weights one decode step reads
-    (``llmrun.profiler.costs.decode_weight_bytes``).
+    ``n_params`` and ``model_bytes`` count the weights as the model holds them (quantized ones at their
+    stored size: ``llmrun.model.quant.held_weights``); ``weight_bytes`` is the cost model's bytes of the
+    weights one decode step reads (``llmrun.profiler.costs.decode_weight_bytes``).
     """
+    n_params, model_bytes = held_weights(model)
     weight = model.lm_head.weight
     device = weight.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
@@ -35,8 +37,9 @@ def environment(model: Transformer, model_name: str) -> dict[str, object]:
         "dtype": DTYPE_NAMES.get(weight.dtype, str(weight.dtype)),
         "threads": torch.get_num_threads(),
         "model": model_name,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "weight_bytes": decode_weight_bytes(model.args, weight_width(model)),
+        "n_params": n_params,
+        "model_bytes": model_bytes,
+        "weight_bytes": decode_weight_bytes(model.args, model_widths(model)),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -4,7 +4,9 @@ A pass runs (B, K) @ (K, N) products over the fused matrices the fast path multi
 gate/up and down per layer, then the lm_head) with nothing around them, so no Python-level decode
 through the same kernels can beat its time. ``gemv_floor`` keeps the fastest of several kernels
 (torch's and oneDNN's); ``fastest_gemv`` ranks the fast path's own CPU kernels
-(``llmrun.model.fastpath.gemv.PRODUCTS``) by the same measurement.
+(``llmrun.model.fastpath.gemv.PRODUCTS``) by the same measurement. A model with quantized weights
+has one pass: ``llmrun.model.quant.product`` over each matrix in the form its kernel holds (the
+kernel chosen for it, or the default one), as its decode multiplies by them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from llmrun.model.fastpath.gemv import PRODUCTS, onednn_supported
+from llmrun.model.quant import default_kernel, is_quantized, product, product_weights
+from llmrun.model.quant.product import Weight
 from llmrun.model.transformer import Transformer, fuse_projections
 from llmrun.profiler.timers import time_calls
 
@@ -26,9 +30,10 @@ ONEDNN_LABELS = {"onednn": "oneDNN linear", "packed": "oneDNN linear, prepacked"
 """``gemv_kernels``' names of the fast path's oneDNN kernels (``PRODUCTS`` keys)."""
 
 
-def decode_matrices(model: Transformer) -> list[torch.Tensor]:
+def decode_matrices(model: Transformer) -> list[Weight]:
     """Every weight matrix (N, K) a decode step multiplies by, in order: fused q/k/v, o, gate/up, down
-    per layer, then the lm_head (fusing the model's projections first, in place)."""
+    per layer, then the lm_head (fusing the model's projections first, in place); float tensors, or
+    ``QuantWeight``s and stacks of parts (``llmrun.model.quant``) in a quantized model."""
     fuse_projections(model)
     mats = []
     for block in model.model.layers:
@@ -38,9 +43,22 @@ def decode_matrices(model: Transformer) -> list[torch.Tensor]:
     return mats
 
 
-def _inputs(mats: list[torch.Tensor], batch: int) -> dict[int, torch.Tensor]:
-    """One random input (batch, K) per input width K of the matrices, in their dtype and device."""
-    return {k: torch.randn(batch, k, device=mats[0].device).to(mats[0].dtype) for k in {w.shape[1] for w in mats}}
+def _inputs(mats: list[Weight], batch: int, device: torch.device, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """One random input (batch, K) per input width K of the matrices, in ``dtype`` on ``device``."""
+    return {k: torch.randn(batch, k, device=device).to(dtype) for k in {w.shape[1] for w in mats}}
+
+
+def quantized_pass(mats: list[Weight], inputs: dict[int, torch.Tensor]) -> PassBuilder:
+    """A builder of one pass of ``product`` over ``mats`` (their kernels' forms are made at load)."""
+
+    def build() -> Callable[[], None]:
+        def one_pass() -> None:
+            for w in mats:
+                product(inputs[w.shape[1]], w)
+
+        return one_pass
+
+    return build
 
 
 def products_pass(mats: list[torch.Tensor], inputs: dict[int, torch.Tensor], kernel: str, batch: int) -> PassBuilder:
@@ -72,11 +90,15 @@ def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, PassBuilder]:
     ``torch.mm`` on the transposed weight into a preallocated output, ``F.linear``, ``torch.mv``
     (batch 1) and, on a CPU with oneDNN for the dtype, the fast path's oneDNN kernels
     (``ONEDNN_LABELS``) as ``products_pass`` runs them. A pass's packed copy of the weights lives
-    as long as the pass function.
+    as long as the pass function. A quantized model has the one pass of ``quantized_pass``, named
+    after the kernels its weights run through.
     """
     mats = decode_matrices(model)
-    device, dtype = mats[0].device, mats[0].dtype
-    inputs = _inputs(mats, batch)
+    device, dtype = model.model.norm.weight.device, model.model.norm.weight.dtype
+    inputs = _inputs(mats, batch, device, dtype)
+    if is_quantized(model):
+        kernels = sorted({w.kernel or default_kernel(w, w.dtype) for w in product_weights(model)})
+        return {f"quantized products ({', '.join(kernels)})": quantized_pass(mats, inputs)}
 
     def mm() -> Callable[[], None]:
         outs = [torch.empty(batch, w.shape[0], device=device, dtype=dtype) for w in mats]
@@ -136,7 +158,7 @@ def fastest_gemv(model: Transformer, batch: int = 1, repeats: int = 5) -> tuple[
     device, dtype = mats[0].device, mats[0].dtype
     if device.type != "cpu":
         raise ValueError(f"fastest_gemv ranks CPU kernels; the model is on {device}")
-    inputs = _inputs(mats, batch)
+    inputs = _inputs(mats, batch, device, dtype)
     kernels = [k for k in PRODUCTS if k == "mm" or onednn_supported(dtype)]
     seconds = _median_seconds({k: products_pass(mats, inputs, k, batch) for k in kernels}, device, repeats)
     return min(seconds, key=seconds.get), seconds

@@ -13,13 +13,22 @@ slower of FLOPs ÷ peak FLOP/s and bytes ÷ bandwidth (docs/roofline.md). Batch 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from llmrun.devices import DTYPE_NAMES
 from llmrun.model.config import ModelArgs
-from llmrun.model.memory import ParameterCounts, kv_cache_bytes, parameter_counts, weight_bytes, weight_width
+from llmrun.model.memory import (
+    EMBEDDING,
+    ParameterCounts,
+    kv_cache_bytes,
+    matrix_shapes,
+    matrix_widths,
+    parameter_counts,
+    quant_formats,
+    weight_bytes,
+)
 from llmrun.model.quant import QuantSpec
 from llmrun.profiler.costs import Cost, Widths, decode_weight_bytes, prefill_costs, step_costs, total
 from llmrun.profiler.roofs import Roofs, load_table
@@ -47,7 +56,8 @@ class ModelInfo:
     decode_full_context: Cost
     roofs: Roofs
     device: dict[str, str]
-    quant: QuantSpec | None = None
+    quant: str = "none"
+    formats: dict[str, str] = field(default_factory=dict)
 
     @property
     def kv_bytes_full_context(self) -> int:
@@ -71,12 +81,17 @@ class ModelInfo:
 
     def storage_json(self) -> dict:
         """What each tensor kind is stored as, its bytes per weight, and the spec-table GPUs the weights fit in."""
-        fmt = self.quant.name if self.quant is not None else DTYPE_NAMES[self.dtype]
-        width = weight_width(self.args, self.dtype, self.quant)
+        floats = DTYPE_NAMES[self.dtype]
+        matrices = {self.formats.get(name, floats) for name in matrix_shapes(self.args) if name != EMBEDDING}
+        width = self.weight_bytes / self.params.total  # the average over every weight, as held
         fits = [g["name"] for g in load_table() if g.get("memory_bytes", 0) >= self.weight_bytes]
         return {
-            "quant": self.quant.name if self.quant is not None else "none",
-            "stored_as": {"matrices": fmt, "embedding": fmt, "norms": DTYPE_NAMES[self.dtype]},
+            "quant": self.quant,
+            "stored_as": {
+                "matrices": ", ".join(sorted(matrices)),
+                "embedding": self.formats.get(EMBEDDING, floats),
+                "norms": floats,
+            },
             "bytes_per_weight": width,
             "fits_gpus": fits,
         }
@@ -133,21 +148,28 @@ def model_info(
     *,
     prompt_len: int = 512,
     quant: QuantSpec | None = None,
+    formats: dict[str, str] | None = None,
 ) -> ModelInfo:
     """Everything ``llmrun info`` shows for ``args`` in ``dtype`` on ``device`` ({name, kind}) with these ``roofs``.
 
-    ``quant`` (int8, int4:G) predicts the model with its matrices and embedding stored that way:
-    the cost model's weight bytes are then the codes plus their scales and zeros (``weight_width``).
+    ``quant`` (int8, int4:G) predicts the model with its matrices and embedding stored that way, and
+    ``formats`` (checkpoint name -> format, ``llmrun.loading.loader.stored_formats``) as a quantized
+    checkpoint stores them (``quant`` auto): the cost model's weight bytes are then each matrix's codes
+    plus its scales and zeros in the form the default kernel of ``device``'s kind holds them
+    (``llmrun.model.memory.matrix_widths``).
     """
     params = parameter_counts(args)
-    widths = Widths(weight_width(args, dtype, quant), dtype.itemsize, dtype.itemsize)
+    kind = device.get("kind", "cpu")
+    named = quant is not None and quant.kind in ("int8", "int4")
+    formats = quant_formats(args, quant) if named else dict(formats or {})
+    widths = Widths(dtype.itemsize, dtype.itemsize, dtype.itemsize, matrix_widths(args, dtype, formats, kind))
     context = args.context_length
     return ModelInfo(
         args=args,
         dtype=dtype,
         params=params,
-        weight_bytes=weight_bytes(args, dtype, quant),
-        decode_bytes_per_token=decode_weight_bytes(args, widths.w),
+        weight_bytes=weight_bytes(args, dtype, formats, kind),
+        decode_bytes_per_token=decode_weight_bytes(args, widths),
         kv_bytes_per_token=kv_cache_bytes(args, 1, 1, dtype),
         context_length=context,
         prompt_len=prompt_len,
@@ -156,5 +178,6 @@ def model_info(
         decode_full_context=total(step_costs(args, 1, 1, context - 1, widths)),
         roofs=roofs,
         device=device,
-        quant=quant if quant is not None and quant.kind in ("int8", "int4") else None,
+        quant=quant.name if named else ("auto" if formats else "none"),
+        formats=formats,
     )

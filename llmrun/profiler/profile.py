@@ -21,7 +21,7 @@ from llmrun.profiler.link import Link, measure_allreduce, measured_link
 from llmrun.profiler.measure import check_context, check_memory, measure
 from llmrun.profiler.report import build_report
 from llmrun.profiler.roofline import Run, build_run
-from llmrun.profiler.roofs import device_info, select_roofs
+from llmrun.profiler.roofs import Roofs, device_info, select_roofs
 from llmrun.profiler.trace import write_trace
 
 
@@ -125,7 +125,7 @@ def run_profile(
     tp = model.parallel.size if model.parallel is not None else 1
     link = _measure_link(model, timings, device) if tp > 1 else None
     runs = [build_run(model.args, t, widths, roofs, per_layer=settings.per_layer, tp=tp, link=link) for t in timings]
-    _add_notes(runs, decode_weight_bytes(model.args, widths.w), device)
+    _add_notes(runs, decode_weight_bytes(model.args, widths), device, roofs)
     if link is not None:
         for run in runs:
             run.notes.append(
@@ -159,14 +159,34 @@ def _measure_link(model: Transformer, timings: list, device: torch.device) -> Li
     return measured_link(measure_allreduce(model.parallel, device, sizes=sizes), "measured")
 
 
-def _add_notes(runs: list[Run], weight_bytes: int, device: torch.device) -> None:
-    """Note on each run whose reads fit the device's on-chip cache (``llmrun.profiler.caches``), and on
-    each decode run timed inside a CUDA graph what its op times are."""
+def _add_notes(runs: list[Run], weight_bytes: int, device: torch.device, roofs: Roofs) -> None:
+    """Note on each run whose reads fit the device's on-chip cache (``llmrun.profiler.caches``), on
+    each decode run timed inside a CUDA graph what its op times are, and on each run with an op
+    faster than the compute roof allows (``roof_note``)."""
     cache = last_level_cache(device)
     gpu = device.type == "cuda"
     for run in runs:
         if gpu and run.phase == "decode" and run.path == "fast":
             run.notes.append(GRAPH_NOTE)
-        note = cache_note(run.phase, weight_bytes, run.totals.bytes, cache, gpu=gpu)
-        if note is not None:
-            run.notes.append(note)
+        notes = (cache_note(run.phase, weight_bytes, run.totals.bytes, cache, gpu=gpu), roof_note(run, roofs))
+        run.notes += [note for note in notes if note is not None]
+
+
+ROOF_SLACK = 1.1
+"""How far above the compute roof an op may run before the roof is called too low (timer noise)."""
+
+
+def roof_note(run: Run, roofs: Roofs) -> str | None:
+    """A note when an op of ``run`` did more FLOP/s than ``roofs.peak_flops`` by over ``ROOF_SLACK``.
+
+    No op computes faster than the device can, so the roof is wrong: measured roofs are cached
+    from the first measurement, which a busy machine (or a power state) can leave too low.
+    """
+    fastest = max((row for row in run.ops if row.flops), key=lambda row: row.achieved_flops_per_s, default=None)
+    if fastest is None or fastest.achieved_flops_per_s <= ROOF_SLACK * roofs.peak_flops:
+        return None
+    share = fastest.achieved_flops_per_s / roofs.peak_flops
+    return (
+        f"{fastest.op} ran at {share:.0%} of the compute roof ({roofs.source}): that roof is too low for this "
+        "machine now; measure it again on a quiet machine with `llmrun peaks --refresh`, or give --peak-flops"
+    )

@@ -7,7 +7,9 @@ on the shape, so it is measured: one decode-sized product (batch rows) per disti
 per candidate, the median of a few calls. The choice is cached under
 ``$LLMRUN_HOME/tuning/quant.json`` keyed by device, threads, torch version, dtype, batch, format and
 shape, and set on every weight of that kind (``QuantWeight.kernel``); ``llmrun peaks --refresh``
-forgets it with the rest of the tuning directory's choices when it removes the file.
+forgets it with the rest of the tuning directory's choices when it removes the file. A weight is
+then settled (``llmrun.model.quant.settle``: its stored scales freed where the chosen form holds its
+own), so a later choice (at another thread count) keeps the first one.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from llmrun.allocator import return_freed_memory
 from llmrun.devices import cpu_model_name
 from llmrun.jsonfiles import read_json_object, write_json_atomic
-from llmrun.model.quant import KERNELS, QuantWeight, candidates, quantized_weights
+from llmrun.model.quant import KERNELS, QuantWeight, candidates, product_weights, settle
 from llmrun.model.transformer import Transformer
 from llmrun.paths import llmrun_home
 from llmrun.profiler.timers import time_calls
@@ -31,7 +34,7 @@ CACHE_VERSION = 1
 def tune_quant(model: Transformer, batch: int = 1) -> dict[str, str]:
     """Set the measured kernel on every quantized weight of ``model``; returns kind key -> kernel name."""
     kinds: dict[str, list[QuantWeight]] = {}
-    for _, weight in quantized_weights(model):
+    for weight in product_weights(model):
         kinds.setdefault(_key(weight, batch), []).append(weight)
     if not kinds:
         return {}
@@ -42,16 +45,19 @@ def tune_quant(model: Transformer, batch: int = 1) -> dict[str, str]:
     for key, weights in kinds.items():
         names = candidates(weights[0], weights[0].dtype)
         kernel = cache.get(key) if cache.get(key) in names else None
-        if kernel is None:
-            kernel = names[0] if len(names) == 1 else _fastest(weights[0], names, batch)
-            cache[key] = kernel
+        if kernel is None and len(names) == 1:
+            kernel = names[0]  # nothing to choose, so nothing cached (a settled weight has only its own kernel left)
+        elif kernel is None:
+            kernel = cache[key] = _fastest(weights[0], names, batch)
         chosen_kernel = KERNELS[kernel]
         for weight in weights:  # the chosen kernel's form made now; the other candidates' dropped
             weight.kernel = kernel
             keep = (f"{kernel}:", chosen_kernel.codes_key or f"{kernel}:")
             weight.prepared = {k: v for k, v in weight.prepared.items() if k.startswith(keep)}
             chosen_kernel.form(weight, chosen_kernel.compute or weight.dtype)
+            settle(weight)  # the stored scales and zeros, where the chosen form holds its own
         chosen[key] = kernel
+        return_freed_memory()  # the other candidates' forms just dropped
     write_json_atomic(cache_path(), {**cache, "version": CACHE_VERSION})
     return chosen
 

@@ -166,9 +166,11 @@ def summary_line(run: dict) -> str:
 def roofs_lines(report: dict) -> list[str]:
     """The roofs used, and every source with its note."""
     roofs = report["roofs"]
+    attention = report.get("settings", {}).get("prefill_attention")  # CPU runs carry it
     lines = [
         f"device: {report['device']['name']} ({report['device']['kind']}), dtype {report['dtype']}, "
-        f"model {report['model']}",
+        f"model {report['model']}"
+        + (f", prefill attention {attention['kernel']} ({attention['source']})" if attention else ""),
         f"roofs used ({roofs['source']}): {roofs['peak_flops'] / 1e9:.4g} GFLOP/s, "
         f"{roofs['peak_bytes_per_s'] / 1e9:.4g} GB/s, ridge {roofs['ridge']:.3g} FLOP/byte",
     ]

@@ -37,6 +37,8 @@ from llmrun.model.fastpath.gemv import PRODUCTS, onednn_supported
 from llmrun.model.quant import is_quantized
 from llmrun.model.transformer import Transformer
 from llmrun.paths import llmrun_home
+from llmrun.profiler.attention_tuning import cache_path as attention_cache_path
+from llmrun.profiler.attention_tuning import tune_prefill_attention
 from llmrun.profiler.costs import decode_weight_bytes
 from llmrun.profiler.kernel_floor import decode_matrices, products_pass
 from llmrun.profiler.quant_tuning import cache_path as quant_cache_path
@@ -98,9 +100,13 @@ def tune_decode(model: Transformer) -> KernelChoice | None:
     CPU or with the fast path off (``LLMRUN_FAST=0``).
 
     The first measurement of a shape shows a status line on a terminal's stderr; later runs read the cache.
+    CPU prefill's attention kernel is chosen too, whatever the path (``attention_tuning``), after the
+    quantized weights' kernels, whose measurement frees the forms it does not keep.
     """
-    if is_quantized(model):  # each quantized weight kind's kernel is measured; float products take torch.mm
-        chosen = tune_quant(model)
+    # each quantized weight kind's kernel is measured; float products then take torch.mm
+    chosen = tune_quant(model) if is_quantized(model) else None
+    tune_prefill_attention(model)
+    if chosen is not None:
         model.decode_gemv = "mm"
         return KernelChoice("mm", "quantized weights", note=", ".join(sorted(set(chosen.values()))))
     if model.lm_head.weight.device.type != "cpu" or not fast_enabled():  # only the CPU fast path uses it
@@ -123,6 +129,7 @@ def forget() -> None:
     """Drop every cached choice (the next decode measures again)."""
     cache_path().unlink(missing_ok=True)
     quant_cache_path().unlink(missing_ok=True)
+    attention_cache_path().unlink(missing_ok=True)
 
 
 def _pick(seconds: dict[str, float], weight_bytes: int) -> tuple[str, str]:

@@ -11,18 +11,20 @@
   quantized projections.
 """
 
-from llmrun.model.quant.kernels import KERNELS, candidates
+from llmrun.model.quant.kernels import KERNELS, candidates, predicted_read_bytes
 from llmrun.model.quant.modules import (
     QuantEmbedding,
     QuantLinear,
     fuse_quantized,
+    held_weights,
     is_quantized,
     prepare_model,
+    product_weights,
     quantize_model,
     quantized_weights,
-    weight_width,
+    settle,
 )
-from llmrun.model.quant.product import StackedWeight, default_kernel, product
+from llmrun.model.quant.product import StackedWeight, default_kernel, product, read_bytes
 from llmrun.model.quant.quantize import (
     AUTO_QUANT,
     INT4_GROUPS,
@@ -48,13 +50,17 @@ __all__ = [
     "check_quant_tensors",
     "default_kernel",
     "fuse_quantized",
+    "held_weights",
     "is_quantized",
     "parse_quant",
+    "predicted_read_bytes",
     "prepare_model",
     "product",
+    "product_weights",
     "quantize_int4",
     "quantize_int8",
     "quantize_model",
     "quantized_weights",
-    "weight_width",
+    "read_bytes",
+    "settle",
 ]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from llmrun.model.quant.quantize import INT4_GROUPS
-from llmrun.model.quant.weight import QuantWeight
+from llmrun.model.quant.weight import CODE_DTYPES, QuantWeight
 
 DEQUANT_ELEMENTS = 2**22  # weight elements dequantized at once by ``dequant``: bounds its scratch memory
 
@@ -35,11 +35,17 @@ class Kernel:
     device_type = "cpu"
     compute: torch.dtype | None = None
     codes_key: str | None = None
+    serves_rows = False  # whether ``row_codes`` gives rows back from this kernel's own copy of the codes
+    own_scales = False  # whether every form holds its own copy of the scales (and zeros)
 
     def accepts(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
         """Whether this kernel computes ``weight``'s products correctly for activations in ``dtype``."""
         has_codes = weight.codes is not None or (self.codes_key is not None and self.codes_key in weight.prepared)
-        return has_codes and weight.device.type == self.device_type and self.takes(weight, self.compute or dtype)
+        has_scales = weight.scales is not None or f"{self.name}:{self.compute or dtype}" in weight.prepared
+        return (
+            has_codes and has_scales and weight.device.type == self.device_type
+            and self.takes(weight, self.compute or dtype)
+        )  # fmt: skip
 
     def own_codes(self, weight: QuantWeight, make) -> torch.Tensor:
         """This kernel's copy of the codes, ``make()`` the first time (kept under ``codes_key``)."""
@@ -49,10 +55,23 @@ class Kernel:
         return codes
 
     def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        """Whether this kernel computes products of a weight of ``weight``'s format and shape in ``dtype``."""
         raise NotImplementedError
+
+    def read_bytes(self, weight: QuantWeight, dtype: torch.dtype) -> int:
+        """Bytes of the form ``run`` reads per product with activations in ``dtype``: the codes (1 byte
+        per weight for 8-bit, 1/2 for 4-bit) and the scales (and zeros) in the dtype it holds them in."""
+        n, k = weight.shape
+        scales = n * (k // weight.group) * (2 if weight.bits == 4 else 1)
+        return n * k * weight.bits // 8 + scales * (self.compute or dtype).itemsize
 
     def prepare(self, weight: QuantWeight, dtype: torch.dtype) -> object:
         """The form ``run`` multiplies by, for activations in ``dtype``."""
+        raise NotImplementedError
+
+    def row_codes(self, weight: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
+        """The codes of rows ``ids`` (R,) as (R, K), as ``QuantWeight.unpacked_codes`` gives them, from this
+        kernel's own copy (``serves_rows`` kernels only; the stored codes may be gone)."""
         raise NotImplementedError
 
     def form(self, weight: QuantWeight, dtype: torch.dtype) -> object:
@@ -80,8 +99,14 @@ class Dequant(Kernel):
     def accepts(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
         return weight.codes is not None
 
+    def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        return True
+
     def form(self, weight: QuantWeight, dtype: torch.dtype) -> object:
         return None  # it multiplies by the stored form itself
+
+    def read_bytes(self, weight: QuantWeight, dtype: torch.dtype) -> int:
+        return weight.nbytes
 
     def run(self, x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
         n, k = weight.shape
@@ -111,7 +136,7 @@ class CpuInt8(Kernel):
 class CpuInt8Groups(Kernel):
     """int8 with a scale per group of columns (GGUF Q8_0): one ``_weight_int8pack_mm`` per group, summed."""
 
-    name, codes_key = "int8pack-groups", "int8-groups-codes"
+    name, codes_key, serves_rows, own_scales = "int8pack-groups", "int8-groups-codes", True, True
 
     def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
         return weight.bits == 8 and weight.format != "int8" and weight.group % 16 == 0 and dtype.is_floating_point
@@ -121,6 +146,10 @@ class CpuInt8Groups(Kernel):
         group = weight.group
         codes = self.own_codes(weight, lambda: weight.codes.view(n, k // group, group).transpose(0, 1).contiguous())
         return codes, weight.scales.t().to(dtype).contiguous(), weight.group  # (G, N)
+
+    def row_codes(self, weight: QuantWeight, ids: torch.Tensor) -> torch.Tensor:
+        codes = weight.prepared[self.codes_key][:, ids]  # (G, R, group)
+        return codes.transpose(0, 1).reshape(len(ids), weight.shape[1])
 
     def multiply(self, x: torch.Tensor, form) -> torch.Tensor:
         codes, scales, group = form
@@ -133,7 +162,7 @@ class CpuInt8Groups(Kernel):
 class CpuInt4(Kernel):
     """``_weight_int4pack_mm_for_cpu`` on codes repacked for this CPU: N a multiple of 16."""
 
-    name, codes_key = "int4pack", "cpu-int4-codes"
+    name, codes_key, own_scales = "int4pack", "cpu-int4-codes", True
 
     def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
         return (
@@ -170,14 +199,14 @@ class CpuInt4Bf16(CpuInt4):
 class CudaInt4(Kernel):
     """``_weight_int4pack_mm`` (tinygemm, sm80+): bf16 activations, N a multiple of 8, K of 16 · inner tiles."""
 
-    name, device_type, compute, codes_key = "cuda-int4pack", "cuda", torch.bfloat16, "cuda-int4-codes"
+    name, device_type, compute, codes_key, own_scales = "cuda-int4pack", "cuda", torch.bfloat16, "cuda-int4-codes", True
+
+    def accepts(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        return super().accepts(weight, dtype) and torch.cuda.get_device_capability(weight.device) >= (8, 0)
 
     def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
         n, k = weight.shape
-        return (
-            weight.bits == 4 and weight.group in INT4_GROUPS and n % 8 == 0 and k % 32 == 0
-            and torch.cuda.get_device_capability(weight.device) >= (8, 0)
-        )  # fmt: skip
+        return weight.bits == 4 and weight.group in INT4_GROUPS and n % 8 == 0 and k % 32 == 0
 
     def prepare(self, weight: QuantWeight, dtype: torch.dtype) -> object:
         k = weight.shape[1]
@@ -206,7 +235,9 @@ class CudaInt8(Kernel):
 
 
 def _scales_and_zeros(weight: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
-    """(K/group, N, 2) in ``dtype``: the int4 kernels' ``qScaleAndZeros``."""
+    """(K/group, N, 2) in ``dtype``: the int4 kernels' ``qScaleAndZeros`` (the weight's own where it has one)."""
+    if weight.scales_and_zeros is not None:
+        return weight.scales_and_zeros.to(dtype)
     return torch.stack((weight.scales.t(), weight.zeros.t()), dim=-1).to(dtype).contiguous()
 
 
@@ -224,3 +255,19 @@ KERNELS: dict[str, Kernel] = {
 def candidates(weight: QuantWeight, dtype: torch.dtype) -> list[str]:
     """The kernels that compute ``weight``'s products correctly for activations in ``dtype``, in ``KERNELS`` order."""
     return [name for name, kernel in KERNELS.items() if kernel.accepts(weight, dtype)]
+
+
+def predicted_read_bytes(bits: int, group: int, n: int, k: int, dtype: torch.dtype, device_type: str) -> int:
+    """Bytes per product of an (N, K) weight with ``bits``-bit codes and a scale per ``group`` columns, in the
+    form of the kernel a weight gets without a measured choice (``default_kernel``) on a ``device_type``
+    device with activations in ``dtype``: computed from the shape alone, before any weight exists (a CUDA
+    device is taken to be sm80 or newer)."""
+    codes = torch.empty(n, k * bits // 8, dtype=CODE_DTYPES[bits], device="meta")
+    scales = torch.empty(n, k // group, dtype=torch.float32, device="meta")
+    weight = QuantWeight(codes, scales, torch.empty_like(scales) if bits == 4 else None, dtype=dtype)
+    default = [
+        kern
+        for kern in KERNELS.values()
+        if kern.device_type == device_type and kern.takes(weight, kern.compute or dtype)
+    ]
+    return (default[0] if default else KERNELS["dequant"]).read_bytes(weight, dtype)

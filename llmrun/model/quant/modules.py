@@ -8,6 +8,7 @@ float tensors (norms, biases, unquantized matrices).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -40,11 +41,15 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
         self.weight = weight
-        weight.keep_codes = True  # its rows are looked up from the stored codes
+        weight.keep_codes = True  # its rows are looked up in the stored codes (or a kernel's that serves rows)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.weight.dequantize(self.weight.dtype, ids.reshape(-1))
         return rows.view(*ids.shape, self.embedding_dim)
+
+    def row_bytes(self) -> int:
+        """Bytes one lookup reads: a row of codes and its float32 scales (and zeros)."""
+        return self.weight.nbytes // self.num_embeddings
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -72,36 +77,59 @@ def quantized_weights(model: nn.Module) -> Iterator[tuple[str, QuantWeight]]:
                     yield (f"{name}.{attr}" if attr != "weight" else name), weight
 
 
-def weight_width(model: nn.Module) -> float:
-    """Stored bytes per weight element of a loaded model, over all its weights: a float model's dtype
-    size; with quantized matrices their codes, scales and zeros, and the float tensors as they are."""
-    quantized = list(quantized_weights(model))
-    elements = sum(w.shape[0] * w.shape[1] for _, w in quantized)
-    nbytes = sum(w.nbytes for _, w in quantized)
+def held_weights(model: nn.Module) -> tuple[int, int]:
+    """(weight elements, bytes) of ``model`` as it holds them: every float parameter, and every quantized
+    weight once (a tied or fused one too) at its stored size (codes, scales and zeros: ``QuantWeight.nbytes``)."""
+    quantized = [weight for _, weight in quantized_weights(model)]
     floats = {id(p): p for p in model.parameters()}.values()
-    elements += sum(p.numel() for p in floats)
-    return (nbytes + sum(p.nbytes for p in floats)) / max(elements, 1)
+    elements = sum(p.numel() for p in floats) + sum(w.shape[0] * w.shape[1] for w in quantized)
+    return elements, sum(p.nbytes for p in floats) + sum(w.nbytes for w in quantized)
+
+
+def product_weights(model: nn.Module) -> Iterator[QuantWeight]:
+    """The quantized weights some product multiplies by: ``quantized_weights``'s but an embedding only looked up in."""
+    linear = {id(w) for m in model.modules() if isinstance(m, QuantLinear) for w in quant_weights(m.weight)}
+    lookup = {id(m.weight) for m in model.modules() if isinstance(m, QuantEmbedding)} - linear
+    return (weight for _, weight in quantized_weights(model) if id(weight) not in lookup)
 
 
 def prepare_model(model: nn.Module, done: Callable[[QuantWeight], None] = lambda weight: None) -> None:
-    """Make every quantized weight's kernel form now (packing it for this device), not at the first product;
+    """Make every product weight's kernel form now (packing it for this device), not at the first product;
     a weight without a kernel gets the default one (``default_kernel``), so no product call looks it up.
 
     Where that kernel keeps its own copy of the codes, the stored codes are dropped (unless an
-    embedding reads them), with those of the row views made of them: one copy of the codes in memory.
-    ``done(weight)`` is called after each weight (the loader drops its mapped pages there).
+    embedding reads them and the kernel cannot serve its rows), with those of the row views made of
+    them: one copy of the codes in memory. ``done(weight)`` is called after each weight (the loader
+    drops its mapped pages there).
     """
-    for _, weight in quantized_weights(model):
+    views: dict[int, list[QuantWeight]] = {}  # the row views of each fused weight, by its id
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, QuantWeight) and weight.parent is not None:
+            views.setdefault(id(weight.parent), []).append(weight)
+    for weight in product_weights(model):
         weight.kernel = weight.kernel or default_kernel(weight, weight.dtype)
         kernel = KERNELS[weight.kernel]
         kernel.form(weight, kernel.compute or weight.dtype)
-        if kernel.codes_key is not None and not weight.keep_codes:
+        if kernel.codes_key is not None and (kernel.serves_rows or not weight.keep_codes):
+            if kernel.serves_rows:
+                weight.row_codes = functools.partial(kernel.row_codes, weight)
             weight.drop_codes()
+            for view in views.get(id(weight), ()):  # the codes are freed once no view holds them either
+                view.drop_codes()
+                view.drop_scales()
         done(weight)
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, QuantWeight) and weight.parent is not None and weight.parent.codes is None:
-            weight.drop_codes()
+
+
+def settle(weight: QuantWeight) -> None:
+    """Free the stored scales and zeros of a weight whose kernel now holds its own codes and scales (not an
+    embedding's, whose rows are looked up with them): only that kernel's form multiplies by it from now on.
+
+    For the end of a kernel choice (``llmrun.profiler.quant_tuning``): no other candidate can be timed after it.
+    """
+    kernel = KERNELS[weight.kernel] if weight.kernel is not None else None
+    if kernel is not None and kernel.own_scales and weight.codes is None and not weight.keep_codes:
+        weight.drop_scales()
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, advance: Callable[[int], None] = lambda n: None) -> None:

@@ -52,6 +52,16 @@ def default_kernel(weight: QuantWeight, dtype: torch.dtype) -> str:
     return candidates(weight, dtype)[0]
 
 
+def read_bytes(weight: Weight) -> int:
+    """Bytes one product by ``weight`` reads: a float tensor's own; a ``QuantWeight``'s form in its kernel
+    (``Kernel.read_bytes``: the kernel it runs through, else the one it would get for its dtype); a stack's sum."""
+    if isinstance(weight, torch.Tensor):
+        return weight.nbytes
+    if isinstance(weight, StackedWeight):
+        return sum(read_bytes(part) for part in weight.parts)
+    return KERNELS[weight.kernel or default_kernel(weight, weight.dtype)].read_bytes(weight, weight.dtype)
+
+
 def quant_weights(weight: Weight) -> list[QuantWeight]:
     """The ``QuantWeight`` parts of ``weight`` (itself, a stack's quantized parts, or none)."""
     if isinstance(weight, QuantWeight):

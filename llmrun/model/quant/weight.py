@@ -13,6 +13,8 @@ Kernels may keep other forms derived from these (``prepared``), built on the dev
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from llmrun.errors import LlmrunError
@@ -44,9 +46,16 @@ class QuantWeight:
         self.shape = (n, packed_k * (2 if self.bits == 4 else 1))
         self.group = self.shape[1] // scales.shape[1]
         self._stored_bytes = sum(t.nbytes for t in (codes, scales, zeros) if t is not None)
+        self._device = scales.device
         self.kernel: str | None = None
         self.prepared: dict[str, object] = {}  # kernel name -> the form that kernel multiplies by
         self.keep_codes = False  # set where the stored codes are read themselves (an embedding's rows)
+        # Where the codes of some rows come from once the stored ones are dropped (a kernel's own copy
+        # that gives rows back): rows (R,) -> their codes (R, K) as ``unpacked_codes`` returns them.
+        self.row_codes: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # 4-bit: the scales and zeros as one (K/group, N, 2) float32 tensor where ``scales`` and ``zeros``
+        # are views of it (``concat_rows``), the int4 kernels' layout, which a float32 kernel then shares.
+        self.scales_and_zeros: torch.Tensor | None = None
         self.parent: QuantWeight | None = None  # the weight this one is a row view of (``rows``)
 
     @property
@@ -58,7 +67,7 @@ class QuantWeight:
 
     @property
     def device(self) -> torch.device:
-        return self.scales.device
+        return self._device
 
     @property
     def nbytes(self) -> int:
@@ -81,6 +90,11 @@ class QuantWeight:
         other dtypes) can multiply by this weight from now on, and it can no longer be dequantized."""
         self.codes = None
 
+    def drop_scales(self) -> None:
+        """Free the stored scales and zeros once a kernel holds its own copies (after ``drop_codes``): only
+        the forms already in ``prepared`` can multiply by this weight from now on."""
+        self.scales = self.zeros = self.scales_and_zeros = None
+
     def to(self, device: torch.device) -> QuantWeight:
         """This weight's stored form on ``device`` (itself if it is there already)."""
         if self.device == device:
@@ -91,6 +105,8 @@ class QuantWeight:
     def unpacked_codes(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """The codes of ``rows`` (all by default) as (R, K): int8 for 8-bit, uint8 0..15 for 4-bit."""
         if self.codes is None:
+            if self.row_codes is not None and isinstance(rows, torch.Tensor):
+                return self.row_codes(rows)
             raise RuntimeError("this weight's stored codes were dropped (QuantWeight.drop_codes)")
         codes = self.codes if rows is None else self.codes[rows]
         if self.bits == 8:
@@ -102,6 +118,8 @@ class QuantWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """The weight's ``rows`` (all by default) as (R, K) in ``dtype``, computed in float32."""
+        if self.scales is None:
+            raise RuntimeError("this weight's stored scales were dropped (QuantWeight.drop_scales)")
         codes = self.unpacked_codes(rows).float()
         scales = self.scales if rows is None else self.scales[rows]
         r, k = codes.shape
@@ -123,13 +141,25 @@ class QuantWeight:
 
 
 def concat_rows(weights: list[QuantWeight]) -> QuantWeight | None:
-    """One weight holding ``weights``' rows in order, or None where their formats differ."""
+    """One weight holding ``weights``' rows in order, or None where their formats differ.
+
+    4-bit: its scales and zeros are views of one (K/group, N, 2) tensor (``scales_and_zeros``).
+    """
     first = weights[0]
     if any(w.format != first.format or w.shape[1] != first.shape[1] for w in weights):
         return None
-    zeros = torch.cat([w.zeros for w in weights]) if first.zeros is not None else None
-    codes, scales = torch.cat([w.codes for w in weights]), torch.cat([w.scales for w in weights])
-    return QuantWeight(codes, scales, zeros, dtype=first.dtype)
+    codes = torch.cat([w.codes for w in weights])
+    if first.zeros is None:
+        return QuantWeight(codes, torch.cat([w.scales for w in weights]), dtype=first.dtype)
+    grouped = torch.empty(first.scales.shape[1], codes.shape[0], 2, device=first.device)
+    row = 0
+    for w in weights:
+        grouped[:, row : row + w.shape[0], 0] = w.scales.t()
+        grouped[:, row : row + w.shape[0], 1] = w.zeros.t()
+        row += w.shape[0]
+    fused = QuantWeight(codes, grouped[..., 0].t(), grouped[..., 1].t(), dtype=first.dtype)
+    fused.scales_and_zeros = grouped
+    return fused
 
 
 def check_quant_tensors(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, name: str) -> None:

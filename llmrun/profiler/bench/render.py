@@ -88,6 +88,7 @@ def _params(count: object) -> str:
 
 
 def _kernel(env: dict) -> str:
-    """ ", CPU GEMV conv (measured)" when the run carries the CPU decode kernel's choice, else ""."""
-    choice = env.get("cpu_gemv")
-    return f", CPU GEMV {choice['kernel']} ({choice['source']})" if choice else ""
+    """ ", CPU GEMV conv (measured), prefill attention blocked (cached)" for the CPU kernel choices the run
+    carries, else ""."""
+    named = (("cpu_gemv", "CPU GEMV"), ("prefill_attention", "prefill attention"))
+    return "".join(f", {name} {env[key]['kernel']} ({env[key]['source']})" for key, name in named if env.get(key))

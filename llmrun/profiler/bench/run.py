@@ -178,7 +178,6 @@ def run_bench(
     fuse_projections(model)  # prefill multiplies the fused matrices too (a no-op after load_model)
     widths = model_widths(model)  # quantized weights: their codes, scales and zeros
     report = BenchReport({**environment(model, model_name), "fast_path": fast}, roofs)
-    report.env["model_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     floors: dict[tuple[int, int], tuple[float, str]] = {}
     threads_before = torch.get_num_threads()
     try:
