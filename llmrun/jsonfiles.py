@@ -4,6 +4,7 @@ shard indexes, cached roofs, the GPU spec table and profile reports."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,17 @@ def read_json_object(path: Path, *, missing: str | None = None, fix: str = REDOW
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    """Write ``data`` as indented UTF-8 JSON to ``path`` through a temporary file and a rename."""
+    """Write ``data`` as indented UTF-8 JSON to ``path`` through a temporary file and a rename.
+
+    The temporary file is this process's own (named by its pid), so processes writing the same
+    file at once (the ranks of a tensor-parallel run caching a measurement) each replace it whole:
+    the last rename wins, and no writer finds its temporary file renamed away by another.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -3,6 +3,8 @@ and the two kernels it chooses between give the same prefill."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from badinputs import check_one_line, gen
@@ -131,3 +133,14 @@ def test_both_kernels_give_the_same_prefill(tiny_factory, home, monkeypatch, dty
     else:
         exact = logits(load_model(path, torch.device("cpu"), torch.float32, progress=False), "sdpa")
         assert (blocked - sdpa).abs().max() <= 2 * (sdpa - exact).abs().max()
+
+
+def test_bench_measures_the_choice_for_each_thread_count_on_either_path(tiny_factory, home, capsys):
+    tiny = tiny_factory("llama", num_key_value_heads=2)
+    roofs = ["--peak-flops", "1e11", "--peak-bandwidth", "2e10", "--device", "cpu"]
+    for path in ([], ["--eager"]):
+        forget()
+        assert run(["bench", "--model", str(tiny), "-p", "8", "-n", "0", "-r", "1", "-t", "1,2", *roofs, *path]) == 0
+        measured = json.loads(A.cache_path().read_text())
+        assert {key.split("|")[1] for key in measured if key != "version"} == {"1 threads", "2 threads"}, path
+    capsys.readouterr()

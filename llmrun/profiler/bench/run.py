@@ -25,6 +25,7 @@ from llmrun.errors import LlmrunError
 from llmrun.model.config import ModelArgs
 from llmrun.model.executor import make_cache, prefill, prepare_decode
 from llmrun.model.transformer import Transformer, fuse_projections
+from llmrun.profiler.attention_tuning import tune_prefill_attention
 from llmrun.profiler.bench.plan import BenchTest, check_tests
 from llmrun.profiler.costs import Cost, Widths, decode_costs, model_widths, prefill_costs, total
 from llmrun.profiler.environment import environment
@@ -206,9 +207,12 @@ def run_bench(
 
 
 def _use_threads(model: Transformer, threads: int, fast: bool) -> None:
-    """Run on ``threads`` CPU threads from now on; the fast path's CPU kernel is measured for that count."""
+    """Run on ``threads`` CPU threads from now on; the fast path's CPU kernel and prefill's attention
+    kernel are measured for that count (``tune_decode`` measures both)."""
     if threads == torch.get_num_threads():
         return
     torch.set_num_threads(threads)
     if fast:
         tune_decode(model)
+    else:
+        tune_prefill_attention(model)
