@@ -102,4 +102,17 @@ def peaks(
         console.print(f"memory bandwidth, spec: {bw} ({any_spec.note})", highlight=False)
     nvml_bw = "—" if nvml.peak_bytes_per_s is None else f"{nvml.peak_bytes_per_s / 1e9:.4g} GB/s"
     console.print(f"memory bandwidth, NVML: {nvml_bw} ({nvml.note})", highlight=False)
-    console.print(f"cached in {P.cache_path(torch_device)} (measured {detail.get('measured_at')})", highlight=False)
+    console.print(_cache_line(measured, torch_device), highlight=False)
+
+
+def _cache_line(measured, device) -> str:
+    """Where the roofs were cached and when, or why they were not (``llmrun.profiler.peaks.measured_busy``)."""
+    from llmrun.profiler import peaks as P
+
+    detail = measured.detail
+    if P.measured_busy(measured):
+        return (
+            f"not cached: other work took {detail['other_load']:.0%} of the CPU's time while measuring, so these "
+            "roofs are low; measure again on a quiet machine"
+        )
+    return f"cached in {P.cache_path(device)} (measured {detail.get('measured_at')})"

@@ -32,6 +32,7 @@ from llmrun.jsonfiles import read_json_object, write_json_atomic
 from llmrun.model.attention import PREFILL_KERNELS, attend, forced_prefill_attention
 from llmrun.model.transformer import Attention, Transformer
 from llmrun.paths import llmrun_home
+from llmrun.profiler.timers import BUSY_SOURCE, OtherLoad
 
 PROMPT_LENS = (256, 1024)  # prompt lengths (tokens) the two kernels are timed at
 REPEATS = 3  # timed calls per kernel and length (after an untimed one)
@@ -46,8 +47,9 @@ Measure = Callable[[Attention, torch.dtype, list[str]], dict[str, list[float]]]
 @dataclass
 class AttentionChoice:
     """The kernel CPU prefill attends with and why: ``measured`` now, ``cached`` from an earlier
-    measurement, or ``LLMRUN_PREFILL_ATTENTION``; ``seconds`` per candidate (one layer's attention at
-    each of ``prompt_lens`` tokens) when measured."""
+    measurement, ``BUSY_SOURCE`` (measured now on a busy CPU, so not cached), or
+    ``LLMRUN_PREFILL_ATTENTION``; ``seconds`` per candidate (one layer's attention at each of
+    ``prompt_lens`` tokens) when measured."""
 
     kernel: str
     source: str
@@ -74,10 +76,13 @@ def choose_prefill_attention(
     entry = cache.get(key) if cache.get("version") == CACHE_VERSION and not refresh else None
     if isinstance(entry, dict) and entry.get("kernel") in PREFILL_KERNELS:
         return AttentionChoice(entry["kernel"], "cached", entry.get("seconds", {}), entry.get("prompt_lens", []))
-    seconds = (measure or measure_kernels)(attention, dtype, list(PREFILL_KERNELS))
+    with OtherLoad() as load:
+        seconds = (measure or measure_kernels)(attention, dtype, list(PREFILL_KERNELS))
     finished = [name for name in seconds if len(seconds[name]) == len(PROMPT_LENS)]  # the rest were dropped
     kernel = min(finished, key=lambda name: sum(seconds[name]))
     measured = {"kernel": kernel, "seconds": seconds, "prompt_lens": list(PROMPT_LENS)}
+    if load.busy:  # timings of a busier machine than the next run's: used now, measured again then
+        return AttentionChoice(**measured, source=BUSY_SOURCE)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(cache_path(), {**cache, "version": CACHE_VERSION, key: {**measured, "measured_at": stamp}})
     return AttentionChoice(**measured, source="measured")

@@ -33,7 +33,7 @@ from llmrun.devices import DTYPES, cpu_model_name
 from llmrun.errors import LlmrunError
 from llmrun.jsonfiles import read_json_object, write_json_atomic
 from llmrun.paths import llmrun_home
-from llmrun.profiler.timers import time_calls
+from llmrun.profiler.timers import BUSY_SHARE, OtherLoad, time_calls
 
 CPU_DTYPES = ("fp32", "bf16")
 CUDA_DTYPES = ("bf16", "fp16", "fp32", "tf32")
@@ -102,7 +102,7 @@ def measure(
     cuda = device.type == "cuda"
     dtypes = dtypes or default_dtypes(device)
     best, median, sizes = {}, {}, {}
-    with torch.cuda.device(device) if cuda else nullcontext():  # events and streams of this GPU
+    with torch.cuda.device(device) if cuda else nullcontext(), OtherLoad() as load:  # events of this GPU
         for name in dtypes:
             n, rates = _gemm(device, name, repeats)
             best[name], median[name], sizes[name] = max(rates), statistics.median(rates), n
@@ -115,6 +115,8 @@ def measure(
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **bw_detail,
     }
+    if not cuda:
+        detail["other_load"] = round(load.share, 3)  # ``measured_busy``'s evidence
     return MeasuredPeaks(device_name(device), device.type, best, bytes_per_s, median, detail)
 
 
@@ -191,8 +193,9 @@ def get(
     """(roofs of ``device``, whether anything was measured just now).
 
     The cache is used unless ``refresh``; each of ``dtypes`` (none given: ``default_dtypes``) that
-    the cache lacks is measured and added to it, and the bandwidth is measured with the first
-    dtypes measured (or on ``refresh``: a refreshed cache holds only what was measured then).
+    the cache lacks is measured and added to it (unless the CPU was busy: ``measured_busy``), and
+    the bandwidth is measured with the first dtypes measured (or on ``refresh``: a refreshed cache
+    holds only what was measured then).
     Only the dtypes asked for are measured: a GEMM in a dtype without CPU support can take minutes.
     ``on_measure`` gets the device's name just before anything is measured.
     """
@@ -205,11 +208,19 @@ def get(
         on_measure(device_name(device))
     if cached is None:
         peaks = measure(device, dtypes)
-        save(peaks, device)
+        if not measured_busy(peaks):
+            save(peaks, device)
         return peaks, True
     extra = measure(device, missing, bandwidth=False)
     cached.flops.update(extra.flops)
     cached.median_flops.update(extra.median_flops)
     cached.detail["gemm_n"] = {**cached.detail.get("gemm_n", {}), **extra.detail.get("gemm_n", {})}
-    save(cached, device)
+    if not measured_busy(extra):
+        save(cached, device)
     return cached, True
+
+
+def measured_busy(peaks: MeasuredPeaks) -> bool:
+    """Whether other work took the CPU while ``peaks`` were measured (``llmrun.profiler.timers.OtherLoad``):
+    such roofs are too low, so they serve the run that measured them and are not cached."""
+    return peaks.detail.get("other_load", 0.0) > BUSY_SHARE

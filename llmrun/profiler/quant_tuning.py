@@ -25,7 +25,7 @@ from llmrun.jsonfiles import read_json_object, write_json_atomic
 from llmrun.model.quant import KERNELS, QuantWeight, candidates, product_weights, settle
 from llmrun.model.transformer import Transformer
 from llmrun.paths import llmrun_home
-from llmrun.profiler.timers import time_calls
+from llmrun.profiler.timers import OtherLoad, time_calls
 
 REPEATS = 5
 CACHE_VERSION = 1
@@ -41,25 +41,33 @@ def tune_quant(model: Transformer, batch: int = 1) -> dict[str, str]:
     cache = read_json_object(cache_path())
     if cache.get("version") != CACHE_VERSION:
         cache = {}
-    chosen = {}
-    for key, weights in kinds.items():
-        names = candidates(weights[0], weights[0].dtype)
-        kernel = cache.get(key) if cache.get(key) in names else None
-        if kernel is None and len(names) == 1:
-            kernel = names[0]  # nothing to choose, so nothing cached (a settled weight has only its own kernel left)
-        elif kernel is None:
-            kernel = cache[key] = _fastest(weights[0], names, batch)
-        chosen_kernel = KERNELS[kernel]
-        for weight in weights:  # the chosen kernel's form made now; the other candidates' dropped
-            weight.kernel = kernel
-            keep = (f"{kernel}:", chosen_kernel.codes_key or f"{kernel}:")
-            weight.prepared = {k: v for k, v in weight.prepared.items() if k.startswith(keep)}
-            chosen_kernel.form(weight, chosen_kernel.compute or weight.dtype)
-            settle(weight)  # the stored scales and zeros, where the chosen form holds its own
-        chosen[key] = kernel
-        return_freed_memory()  # the other candidates' forms just dropped
+    chosen, measured = {}, {}
+    with OtherLoad() as load:
+        for key, weights in kinds.items():
+            names = candidates(weights[0], weights[0].dtype)
+            kernel = cache.get(key) if cache.get(key) in names else None
+            if kernel is None and len(names) == 1:
+                kernel = names[0]  # nothing to choose, so nothing cached (a settled weight has only its own kernel)
+            elif kernel is None:
+                kernel = measured[key] = _fastest(weights[0], names, batch)
+            _settle_kind(weights, kernel)
+            chosen[key] = kernel
+    if not load.busy:  # a busy CPU's timings serve this run and are measured again in the next
+        cache.update(measured)
     write_json_atomic(cache_path(), {**cache, "version": CACHE_VERSION})
     return chosen
+
+
+def _settle_kind(weights: list[QuantWeight], kernel: str) -> None:
+    """Give ``weights`` (one kind) ``kernel``: its form made now, the other candidates' dropped."""
+    chosen_kernel = KERNELS[kernel]
+    for weight in weights:
+        weight.kernel = kernel
+        keep = (f"{kernel}:", chosen_kernel.codes_key or f"{kernel}:")
+        weight.prepared = {k: v for k, v in weight.prepared.items() if k.startswith(keep)}
+        chosen_kernel.form(weight, chosen_kernel.compute or weight.dtype)
+        settle(weight)  # the stored scales and zeros, where the chosen form holds its own
+    return_freed_memory()  # the other candidates' forms just dropped
 
 
 def cache_path() -> Path:

@@ -1,6 +1,6 @@
 """Timers: a ``Probe`` that records how long each of the executor's named ops takes (regions of the
 eager path, marks of the fast path), and ``time_calls`` for microbenchmarks (measured roofs, the
-kernel floor).
+kernel floor, the kernel choices), with ``OtherLoad`` telling whether other work took the CPU meanwhile.
 
 On the CPU each region is bracketed by ``time.perf_counter``. On CUDA each region records a pair
 of CUDA events on the current stream and nothing waits for them: the only synchronization is
@@ -19,10 +19,11 @@ Usage::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from time import perf_counter
+from time import perf_counter, process_time
 
 import torch
 
@@ -176,6 +177,62 @@ def step_timing(wall_s: float, spans: list[tuple[OpKey, float, float]], start_s:
     for key, _start, seconds in spans:
         ops[key] = ops.get(key, 0.0) + seconds
     return StepTiming(wall_s, ops, spans, start_s)
+
+
+BUSY_SOURCE = "measured on a busy CPU (not cached)"
+"""The source of a kernel choice measured while ``OtherLoad.busy``: used for this run, measured again next run."""
+
+BUSY_SHARE = 0.25
+"""The share of the machine's CPU time other work may take during a measurement before it is called busy."""
+
+SHORTEST_WINDOW_S = 0.25
+"""The shortest block ``OtherLoad`` judges: the kernel counts CPU time in ticks (10 ms here), too coarse below."""
+
+
+class OtherLoad:
+    """The share of the machine's CPU time that other work took while the block ran (Linux; else 0).
+
+    ``with OtherLoad() as load:`` reads the machine's busy CPU time (user, system, interrupts and a
+    hypervisor's steal, from ``/proc/stat``) and this process's own at both ends: ``share`` =
+    (machine's busy seconds - this process's) / (wall seconds x CPUs). A quiet machine shows
+    about 0; one other busy thread on a 2-CPU machine about 0.5; a block shorter than
+    ``SHORTEST_WINDOW_S`` (or off Linux) shows 0, nothing being known. Measurements taken while other
+    work ran time a busier machine than the one their result will serve (on a small machine an
+    OpenMP kernel's threads then wait for descheduled peers: 2-10x slower), so ``busy`` ones are
+    used but not cached.
+    """
+
+    def __init__(self) -> None:
+        self.share = 0.0
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (_machine_busy_s(), process_time(), perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        machine, own, wall = _machine_busy_s(), process_time(), perf_counter()
+        machine0, own0, wall0 = self._start
+        if machine is not None and machine0 is not None and wall - wall0 >= SHORTEST_WINDOW_S:
+            others = (machine - machine0) - (own - own0)
+            self.share = max(0.0, others / ((wall - wall0) * (os.cpu_count() or 1)))
+
+    @property
+    def busy(self) -> bool:
+        """Whether other work took over ``BUSY_SHARE`` of the machine's CPU time meanwhile."""
+        return self.share > BUSY_SHARE
+
+
+def _machine_busy_s() -> float | None:
+    """Seconds every CPU of the machine has spent busy since boot (``/proc/stat``), or None where unreadable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:

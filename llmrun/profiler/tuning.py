@@ -43,7 +43,7 @@ from llmrun.profiler.costs import decode_weight_bytes
 from llmrun.profiler.kernel_floor import decode_matrices, products_pass
 from llmrun.profiler.quant_tuning import cache_path as quant_cache_path
 from llmrun.profiler.quant_tuning import tune_quant
-from llmrun.profiler.timers import time_calls
+from llmrun.profiler.timers import BUSY_SOURCE, OtherLoad, time_calls
 
 SAMPLE_BYTES = 64 * 2**20  # layer weights timed per kernel (at least one layer)
 HEAD_ROWS = 16384  # lm_head rows timed per kernel
@@ -58,7 +58,8 @@ Measure = Callable[[Transformer, list[str], int], dict[str, float]]
 @dataclass
 class KernelChoice:
     """The kernel that runs CPU decode and why: ``measured`` now, ``cached`` from an earlier
-    measurement, ``LLMRUN_CPU_GEMV``, or ``only candidate``; ``seconds`` per candidate (estimated pass over all
+    measurement, ``BUSY_SOURCE`` (measured now on a busy CPU, so not cached), ``LLMRUN_CPU_GEMV``,
+    or ``only candidate``; ``seconds`` per candidate (estimated pass over all
     decode weights) when measured."""
 
     kernel: str
@@ -88,8 +89,11 @@ def choose_cpu_gemv(
     entry = cache.get(key) if cache.get("version") == CACHE_VERSION and not refresh else None
     if isinstance(entry, dict) and entry.get("kernel") in candidates:
         return KernelChoice(entry["kernel"], "cached", entry.get("seconds", {}), entry.get("note", ""))
-    seconds = (measure or measure_passes)(model, candidates, batch)
+    with OtherLoad() as load:
+        seconds = (measure or measure_passes)(model, candidates, batch)
     kernel, note = _pick(seconds, decode_weight_bytes(model.args, dtype.itemsize))
+    if load.busy:  # timings of a busier machine than the next run's: used now, measured again then
+        return KernelChoice(kernel, BUSY_SOURCE, seconds, note)
     measured = {"kernel": kernel, "seconds": seconds, "note": note, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json_atomic(cache_path(), {**cache, "version": CACHE_VERSION, key: measured})
     return KernelChoice(kernel, "measured", seconds, note)
