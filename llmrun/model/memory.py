@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from llmrun.model.config import ModelArgs
+from llmrun.model.fused import BLOCK_LINEAR_OPS
 from llmrun.model.quant import QuantSpec, predicted_read_bytes
 
 LOGITS_BYTES = 4  # the executor's logits are float32
@@ -47,12 +48,8 @@ def parameter_counts(args: ModelArgs) -> ParameterCounts:
 
 
 EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
-BLOCK_MATRICES = {  # each linear op of a block: the checkpoint projections it multiplies by, fused in this order
-    "qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o_proj": ("self_attn.o_proj",),
-    "gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "down_proj": ("mlp.down_proj",),
-}
+# each linear op of a block: the checkpoint projections it multiplies by, fused in this order
+BLOCK_MATRICES = {op: tuple(f"{sub}.{p}" for p in parts) for op, (sub, parts) in BLOCK_LINEAR_OPS.items()}
 
 
 def matrix_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:

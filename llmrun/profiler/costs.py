@@ -38,18 +38,16 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from llmrun.model.config import ModelArgs
-from llmrun.model.fused import FUSED_PROJECTIONS
+from llmrun.model.fused import BLOCK_LINEAR_OPS, FUSED_PROJECTIONS
 from llmrun.model.parallel import ShardPlan
 from llmrun.model.probe import LAYER_OPS, MODEL_OPS, PARALLEL_LAYER_OPS
 from llmrun.model.quant import QuantEmbedding, is_quantized, read_bytes
 from llmrun.model.quant.product import Weight
 from llmrun.model.transformer import Transformer
 
-LINEAR_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+LAYER_LINEAR_OPS = tuple(BLOCK_LINEAR_OPS)  # qkv_proj, o_proj, gate_up_proj, down_proj: those inside each block
+LINEAR_OPS = (*LAYER_LINEAR_OPS, "lm_head")
 """The ops that are matrix multiplications with weights (what ``FlopCounterMode`` sees as aten.mm)."""
-LAYER_LINEAR_OPS = LINEAR_OPS[:4]  # those inside each block
-
-FUSED_OPS = {"wqkv": "qkv_proj", "wgate_up": "gate_up_proj"}  # a block's fused matrices by the op they run
 
 LOGITS_BYTES = 4  # the executor returns float32 logits
 TOKEN_BYTES = 8  # int64 token ids
@@ -248,12 +246,12 @@ def model_widths(model: Transformer) -> Widths:
 
 def _block_matrices(block: nn.Module) -> dict[str, list[Weight]]:
     """The weights each linear op of a block multiplies by: a fused matrix, or its parts'."""
+    fused_attr = {parts: attr for _, attr, _, parts in FUSED_PROJECTIONS}
     out = {}
-    for owner_name, attr, _, parts in FUSED_PROJECTIONS:
+    for op, (owner_name, parts) in BLOCK_LINEAR_OPS.items():
         owner = getattr(block, owner_name)
-        fused = getattr(owner, attr)
-        out[FUSED_OPS[attr]] = [fused] if fused is not None else [getattr(owner, part).weight for part in parts]
-    out["o_proj"], out["down_proj"] = [block.self_attn.o_proj.weight], [block.mlp.down_proj.weight]
+        fused = getattr(owner, fused_attr[parts]) if parts in fused_attr else None
+        out[op] = [fused] if fused is not None else [getattr(owner, part).weight for part in parts]
     return out
 
 
