@@ -27,7 +27,8 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "home"))
     for name in ("LLMRUN_CPU_GEMV", "LLMRUN_PREFILL_ATTENTION"):
         monkeypatch.delenv(name, raising=False)
-    return tmp_path / "home"
+    yield tmp_path / "home"
+    timers.BUSY_CHOICES.clear()  # the busy choices made here serve no other test
 
 
 class _Busy(OtherLoad):
@@ -99,15 +100,24 @@ def test_a_busy_decode_kernel_measurement_is_used_but_not_cached(home, monkeypat
     first = T.choose_cpu_gemv(model, measure=measure)
     assert first.source == BUSY_SOURCE and not T.cache_path().exists()
     again = T.choose_cpu_gemv(model, measure=measure)
-    assert again.source == BUSY_SOURCE and len(calls) == 2  # measured again: nothing was kept
+    assert again is first and len(calls) == 1  # the rest of this process reuses it, measuring nothing twice
+    T.forget()  # as a new process (or `peaks --refresh`): measured again, and still not cached
+    assert T.choose_cpu_gemv(model, measure=measure).source == BUSY_SOURCE and len(calls) == 2
+    assert not T.cache_path().exists()
 
 
 def test_a_busy_attention_measurement_is_used_but_not_cached(home, monkeypatch):
     monkeypatch.setattr(A, "OtherLoad", _Busy)
-    choice = A.choose_prefill_attention(
-        _model(), measure=lambda attn, dtype, kernels: {"sdpa": [2.0, 2.0], "blocked": [1.0, 1.0]}
-    )
+    calls = []
+
+    def measure(attn, dtype, kernels):
+        calls.append(kernels)
+        return {"sdpa": [2.0, 2.0], "blocked": [1.0, 1.0]}
+
+    model = _model()
+    choice = A.choose_prefill_attention(model, measure=measure)
     assert (choice.kernel, choice.source) == ("blocked", BUSY_SOURCE) and not A.cache_path().exists()
+    assert A.choose_prefill_attention(model, measure=measure) is choice and len(calls) == 1  # not twice
 
 
 def test_a_busy_quantized_kernel_measurement_is_used_but_not_cached(home, monkeypatch):

@@ -32,7 +32,7 @@ from llmrun.jsonfiles import read_json_object, write_json_atomic
 from llmrun.model.attention import PREFILL_KERNELS, attend, forced_prefill_attention
 from llmrun.model.transformer import Attention, Transformer
 from llmrun.paths import llmrun_home
-from llmrun.profiler.timers import BUSY_SOURCE, OtherLoad
+from llmrun.profiler.timers import BUSY_CHOICES, BUSY_SOURCE, OtherLoad
 
 PROMPT_LENS = (256, 1024)  # prompt lengths (tokens) the two kernels are timed at
 REPEATS = 3  # timed calls per kernel and length (after an untimed one)
@@ -72,6 +72,8 @@ def choose_prefill_attention(
     attention = model.model.layers[0].self_attn
     dtype = model.model.norm.weight.dtype  # the activations' dtype, whatever form the matrices take
     key = _key(attention, dtype)
+    if key in BUSY_CHOICES and not refresh:  # measured busy earlier in this process
+        return BUSY_CHOICES[key]
     cache = read_json_object(cache_path())
     entry = cache.get(key) if cache.get("version") == CACHE_VERSION and not refresh else None
     if isinstance(entry, dict) and entry.get("kernel") in PREFILL_KERNELS:
@@ -81,8 +83,9 @@ def choose_prefill_attention(
     finished = [name for name in seconds if len(seconds[name]) == len(PROMPT_LENS)]  # the rest were dropped
     kernel = min(finished, key=lambda name: sum(seconds[name]))
     measured = {"kernel": kernel, "seconds": seconds, "prompt_lens": list(PROMPT_LENS)}
-    if load.busy:  # timings of a busier machine than the next run's: used now, measured again then
-        return AttentionChoice(**measured, source=BUSY_SOURCE)
+    if load.busy:  # timings of a busier machine than the next run's: used in this process, measured again then
+        BUSY_CHOICES[key] = AttentionChoice(**measured, source=BUSY_SOURCE)
+        return BUSY_CHOICES[key]
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json_atomic(cache_path(), {**cache, "version": CACHE_VERSION, key: {**measured, "measured_at": stamp}})
     return AttentionChoice(**measured, source="measured")

@@ -182,6 +182,10 @@ def step_timing(wall_s: float, spans: list[tuple[OpKey, float, float]], start_s:
 BUSY_SOURCE = "measured on a busy CPU (not cached)"
 """The source of a kernel choice measured while ``OtherLoad.busy``: used for this run, measured again next run."""
 
+BUSY_CHOICES: dict[str, object] = {}
+"""Choices measured busy in this process, by their cache key: they serve the rest of the process, which
+measures none of them twice, and the next process measures them again."""
+
 BUSY_SHARE = 0.25
 """The share of the machine's CPU time other work may take during a measurement before it is called busy."""
 

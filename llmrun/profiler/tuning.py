@@ -43,7 +43,7 @@ from llmrun.profiler.costs import decode_weight_bytes
 from llmrun.profiler.kernel_floor import decode_matrices, products_pass
 from llmrun.profiler.quant_tuning import cache_path as quant_cache_path
 from llmrun.profiler.quant_tuning import tune_quant
-from llmrun.profiler.timers import BUSY_SOURCE, OtherLoad, time_calls
+from llmrun.profiler.timers import BUSY_CHOICES, BUSY_SOURCE, OtherLoad, time_calls
 
 SAMPLE_BYTES = 64 * 2**20  # layer weights timed per kernel (at least one layer)
 HEAD_ROWS = 16384  # lm_head rows timed per kernel
@@ -85,6 +85,8 @@ def choose_cpu_gemv(
     if len(candidates) == 1:  # nothing to choose between (oneDNN cannot run the dtype here)
         return KernelChoice(candidates[0], "only candidate")
     key = _key(model, batch)
+    if key in BUSY_CHOICES and not refresh:  # measured busy earlier in this process
+        return BUSY_CHOICES[key]
     cache = read_json_object(cache_path())
     entry = cache.get(key) if cache.get("version") == CACHE_VERSION and not refresh else None
     if isinstance(entry, dict) and entry.get("kernel") in candidates:
@@ -92,8 +94,9 @@ def choose_cpu_gemv(
     with OtherLoad() as load:
         seconds = (measure or measure_passes)(model, candidates, batch)
     kernel, note = _pick(seconds, decode_weight_bytes(model.args, dtype.itemsize))
-    if load.busy:  # timings of a busier machine than the next run's: used now, measured again then
-        return KernelChoice(kernel, BUSY_SOURCE, seconds, note)
+    if load.busy:  # timings of a busier machine than the next run's: used in this process, measured again then
+        BUSY_CHOICES[key] = KernelChoice(kernel, BUSY_SOURCE, seconds, note)
+        return BUSY_CHOICES[key]
     measured = {"kernel": kernel, "seconds": seconds, "note": note, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json_atomic(cache_path(), {**cache, "version": CACHE_VERSION, key: measured})
     return KernelChoice(kernel, "measured", seconds, note)
@@ -131,6 +134,7 @@ def cache_path() -> Path:
 
 def forget() -> None:
     """Drop every cached choice (the next decode measures again)."""
+    BUSY_CHOICES.clear()
     cache_path().unlink(missing_ok=True)
     quant_cache_path().unlink(missing_ok=True)
     attention_cache_path().unlink(missing_ok=True)
