@@ -203,7 +203,7 @@ def _run(jobs: list[_Job], request: BulkRequest, session, context: int, out: IO[
 
 def _result(job: _Job, session) -> dict[str, Any]:
     """``generate --json``'s object for one prompt, with its ``index``, ``line`` and (if given) ``id``."""
-    from llmrun.cli.generate import _json_result
+    from llmrun.cli.generate import json_result
     from llmrun.generation.generate import stream_text
 
     row = job.row
@@ -216,7 +216,7 @@ def _result(job: _Job, session) -> dict[str, Any]:
 
     text = "".join(stream_text(consumed(), session.tokenizer.stream_decoder(), job.stop, row.stats))
     row.stats.generated_tokens = len(kept)
-    result = _json_result(session, text, kept, row.stats, job.sampling)
+    result = json_result(session, text, kept, row.stats, job.sampling)
     extra = {"index": job.prompt.index, "line": job.prompt.line}
     if job.prompt.id is not None:
         extra["id"] = job.prompt.id

@@ -160,13 +160,15 @@ def _recorded(tokens: Iterator[int], generated: list[int]) -> Iterator[int]:
 def _finish(session, text: str, generated: list[int], stats, sampling: SamplingParams, as_json: bool) -> None:
     """The JSON object on stdout (``--json``), or the end of the streamed text and the statistics line on stderr."""
     if as_json:
-        print(json.dumps(_json_result(session, text, generated, stats, sampling), ensure_ascii=False), flush=True)
+        print(json.dumps(json_result(session, text, generated, stats, sampling), ensure_ascii=False), flush=True)
     else:
         print(flush=True)
         _print_stats(stats, sampling.seed)
 
 
-def _json_result(session, text: str, generated: list[int], stats, sampling: SamplingParams) -> dict:
+def json_result(session, text: str, generated: list[int], stats, sampling: SamplingParams) -> dict:
+    """One generation as ``-o json`` prints it (each of a prompts file's results too, one per line):
+    the text and token ids, the counts, why it stopped, timings in seconds and the sampling settings."""
     return {
         "text": text,
         "tokens": generated,
