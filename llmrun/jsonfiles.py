@@ -43,6 +43,15 @@ def read_json_object(path: Path, *, missing: str | None = None, fix: str = REDOW
     return data
 
 
+def read_cache(path: Path) -> dict[str, Any]:
+    """The JSON object in a cache llmrun rebuilds (measured roofs, kernel choices): {} where the file is
+    absent, unreadable or corrupt, so that what it held is measured again and the file rewritten whole."""
+    try:
+        return read_json_object(path)
+    except LlmrunError:
+        return {}
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     """Write ``data`` as indented UTF-8 JSON to ``path`` through a temporary file and a rename.
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llmrun.jsonfiles import read_json_object, write_json_atomic
+from llmrun.jsonfiles import read_cache, read_json_object, write_json_atomic
 
 # One writer: 200 replacements of the file, each with its own id (what ranks caching one measurement do).
 _WRITER = """
@@ -36,3 +36,13 @@ def test_a_failed_write_leaves_the_earlier_file_and_no_temporary(tmp_path):
         write_json_atomic(path, {"bad": object()})  # not JSON: raises before anything is replaced
     assert json.loads(path.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["roofs.json"]
+
+
+def test_a_cache_that_is_absent_or_corrupt_reads_empty(tmp_path):
+    path = tmp_path / "tuning.json"
+    assert read_cache(path) == {}
+    for text in ("garbage{", "[1, 2]", "\xff\xfe"):
+        path.write_text(text, encoding="latin-1")
+        assert read_cache(path) == {}
+    write_json_atomic(path, {"version": 1})
+    assert read_cache(path) == {"version": 1}

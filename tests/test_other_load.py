@@ -15,6 +15,7 @@ import llmrun.profiler.attention_tuning as A
 import llmrun.profiler.quant_tuning as Q
 import llmrun.profiler.timers as timers
 import llmrun.profiler.tuning as T
+from llmrun.jsonfiles import read_json_object
 from llmrun.loading.presets import random_model
 from llmrun.model.config import ModelArgs
 from llmrun.model.quant import parse_quant, quantize_model
@@ -126,7 +127,7 @@ def test_a_busy_quantized_kernel_measurement_is_used_but_not_cached(home, monkey
         model = _model()
         quantize_model(model, parse_quant("int8"))
         monkeypatch.setattr(Q, "OtherLoad", load)
-        return Q.tune_quant(model), set(Q.read_json_object(Q.cache_path())) - {"version"}
+        return Q.tune_quant(model), set(read_json_object(Q.cache_path())) - {"version"}
 
     chosen, kept = tuned(_Quiet)
     assert kept  # a quiet measurement is kept (the kinds with a choice to make)

@@ -67,3 +67,11 @@ def test_nothing_is_measured_when_the_fast_path_is_off(model, monkeypatch):
     monkeypatch.setenv("LLMRUN_FAST", "0")
     assert T.tune_decode(model) is None and model.decode_gemv is None
     assert not T.cache_path().exists()
+
+
+def test_a_corrupt_cache_is_measured_again_and_rewritten(model):
+    T.cache_path().parent.mkdir(parents=True)
+    T.cache_path().write_text("garbage{")  # a file of the right name, the wrong content
+    choice = T.choose_cpu_gemv(model, measure=_fake({"mm": 3.0, "onednn": 2.0, "packed": 1.5, "conv": 1.0}, []))
+    assert (choice.kernel, choice.source) == ("conv", "measured")
+    assert T.choose_cpu_gemv(model, measure=_fake({}, [])).source == "cached"  # rewritten whole

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from llmrun.devices import cpu_model_name
-from llmrun.jsonfiles import read_json_object, write_json_atomic
+from llmrun.jsonfiles import read_cache, write_json_atomic
 from llmrun.model.attention import PREFILL_KERNELS, attend, forced_prefill_attention
 from llmrun.model.transformer import Attention, Transformer
 from llmrun.paths import llmrun_home
@@ -74,7 +74,7 @@ def choose_prefill_attention(
     key = _key(attention, dtype)
     if key in BUSY_CHOICES and not refresh:  # measured busy earlier in this process
         return BUSY_CHOICES[key]
-    cache = read_json_object(cache_path())
+    cache = read_cache(cache_path())
     entry = cache.get(key) if cache.get("version") == CACHE_VERSION and not refresh else None
     if isinstance(entry, dict) and entry.get("kernel") in PREFILL_KERNELS:
         return AttentionChoice(entry["kernel"], "cached", entry.get("seconds", {}), entry.get("prompt_lens", []))

@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 from llmrun.devices import DTYPES, cpu_model_name
-from llmrun.errors import LlmrunError
-from llmrun.jsonfiles import read_json_object, write_json_atomic
+from llmrun.jsonfiles import read_cache, write_json_atomic
 from llmrun.paths import llmrun_home
 from llmrun.profiler.timers import BUSY_SHARE, OtherLoad, time_calls
 
@@ -73,10 +72,7 @@ def cache_path(device: torch.device) -> Path:
 
 def load_cached(device: torch.device) -> MeasuredPeaks | None:
     """The cached roofs of ``device``, or None when absent, unreadable or from another cache version."""
-    try:
-        raw = read_json_object(cache_path(device))
-    except LlmrunError:
-        return None
+    raw = read_cache(cache_path(device))
     if raw.pop("version", None) != CACHE_VERSION:
         return None
     try:

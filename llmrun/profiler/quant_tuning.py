@@ -21,7 +21,7 @@ import torch
 
 from llmrun.allocator import return_freed_memory
 from llmrun.devices import cpu_model_name
-from llmrun.jsonfiles import read_json_object, write_json_atomic
+from llmrun.jsonfiles import read_cache, write_json_atomic
 from llmrun.model.quant import KERNELS, QuantWeight, candidates, product_weights, settle
 from llmrun.model.transformer import Transformer
 from llmrun.paths import llmrun_home
@@ -38,7 +38,7 @@ def tune_quant(model: Transformer, batch: int = 1) -> dict[str, str]:
         kinds.setdefault(_key(weight, batch), []).append(weight)
     if not kinds:
         return {}
-    cache = read_json_object(cache_path())
+    cache = read_cache(cache_path())
     if cache.get("version") != CACHE_VERSION:
         cache = {}
     chosen, measured = {}, {}

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from llmrun.devices import available_memory, cpu_model_name
-from llmrun.jsonfiles import read_json_object, write_json_atomic
+from llmrun.jsonfiles import read_cache, write_json_atomic
 from llmrun.model.fastpath import fast_enabled
 from llmrun.model.fastpath.gemv import PRODUCTS, onednn_supported
 from llmrun.model.quant import is_quantized
@@ -87,7 +87,7 @@ def choose_cpu_gemv(
     key = _key(model, batch)
     if key in BUSY_CHOICES and not refresh:  # measured busy earlier in this process
         return BUSY_CHOICES[key]
-    cache = read_json_object(cache_path())
+    cache = read_cache(cache_path())
     entry = cache.get(key) if cache.get("version") == CACHE_VERSION and not refresh else None
     if isinstance(entry, dict) and entry.get("kernel") in candidates:
         return KernelChoice(entry["kernel"], "cached", entry.get("seconds", {}), entry.get("note", ""))
