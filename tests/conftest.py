@@ -15,6 +15,17 @@ from helpers import save_tiny
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def native_kernels_bound():
+    """Every test starts with llmrun's native kernels bound, as a loaded model has them (where a C compiler
+    builds them), whatever an earlier test unbound; a test that wants PyTorch's kernels alone unbinds them."""
+    from llmrun.loading.native_kernels import native_kernels
+    from llmrun.model.quant import native
+
+    if not native.bound() and os.environ.get("LLMRUN_NATIVE", "1") == "1":
+        native_kernels()
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The default model's directory, resolved the way the CLI resolves it (cache, hub, or GGUF import).

@@ -41,3 +41,18 @@ def hf_classes(model_type: str):
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[model_type]
+
+
+def form_bytes(weight, dtype) -> int:
+    """Bytes of what ``weight``'s kernel really multiplies by, counted from the tensors it holds: its form's
+    tensors (a packed copy of the codes, scales), or the stored codes plus its own scales (the native
+    kernels), or the stored form itself (``dequant``)."""
+    from llmrun.model.quant import KERNELS, default_kernel, native
+
+    kernel = KERNELS[weight.kernel or default_kernel(weight, dtype)]
+    form = kernel.form(weight, kernel.compute or dtype)
+    if form is None:
+        return weight.nbytes
+    if isinstance(form, native.Scales):
+        return weight.codes_bytes + form.nbytes
+    return sum(t.nbytes for t in form if isinstance(t, torch.Tensor))

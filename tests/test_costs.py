@@ -165,10 +165,11 @@ def test_matmul_intensity_decode_vs_prefill():
 
 def test_quantized_ops_cost_the_bytes_of_their_own_weights():
     """Each linear op reads its own matrices' codes, scales and zeros (as its kernel holds them), per layer."""
+    from helpers import form_bytes
     from torch import nn
 
     from llmrun.loading.presets import random_model
-    from llmrun.model.quant import KERNELS, parse_quant, prepare_model, quantize_model
+    from llmrun.model.quant import parse_quant, prepare_model, quantize_model
 
     args = ModelArgs(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                      num_attention_heads=4, tie_word_embeddings=True)  # fmt: skip
@@ -194,6 +195,5 @@ def test_quantized_ops_cost_the_bytes_of_their_own_weights():
     assert read[("embed", None)] == pytest.approx(d // 2 + (d // 32) * 2 * 4, rel=1e-9)  # one stored row
     assert read[("attn_norm", 0)] == 4 * d  # the norms stay float32
     wqkv = model.model.layers[0].self_attn.wqkv  # the formula is what the kernel's form really holds
-    form = KERNELS[wqkv.kernel].form(wqkv, torch.float32)
-    assert sum(t.nbytes for t in form if isinstance(t, torch.Tensor)) == expected["qkv_proj"]
+    assert form_bytes(wqkv, torch.float32) == expected["qkv_proj"]
     assert C.decode_weight_bytes(args, widths) == int(sum(read.values()))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from helpers import TINY
+from helpers import TINY, form_bytes
 
 from llmrun.errors import LlmrunError
 from llmrun.loading.gguf.tensors import _SPLITTERS
@@ -19,6 +19,7 @@ from llmrun.model.quant import (
     QuantWeight,
     candidates,
     held_weights,
+    native,
     parse_quant,
     product_weights,
     quantize_int4,
@@ -74,13 +75,23 @@ def _q8_groups(n: int, k: int) -> QuantWeight:
     return QuantWeight(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // 32) / 50)
 
 
-# (weight, the kernels that must take it): shapes the kernels refuse fall back to dequant only.
+def _native() -> set[str]:
+    """llmrun's native kernels where they are built (``conftest`` binds them): K and groups multiples of 32."""
+    if not native.bound():
+        return set()
+    return {"native", "native-tiled"} if native.has_tiles() else {"native"}
+
+
+# (weight, PyTorch's kernels that must take it, whether the native ones must too): shapes the kernels
+# refuse fall back to dequant only. N=37 leaves the native kernels' four-row tiles a remainder row.
 WEIGHTS = {
-    "int8": (lambda: quantize_int8(torch.randn(48, 96)), {"int8pack", "int8pack-bf16", "dequant"}),
-    "int8 K=40": (lambda: quantize_int8(torch.randn(48, 40)), {"dequant"}),
-    "int8:32": (lambda: _q8_groups(48, 96), {"int8pack-groups", "int8pack-groups-bf16", "dequant"}),
-    "int4:32": (lambda: quantize_int4(torch.randn(48, 96), 32), {"int4pack", "int4pack-bf16", "dequant"}),
-    "int4:64 N=40": (lambda: quantize_int4(torch.randn(40, 128), 64), {"dequant"}),
+    "int8": (lambda: quantize_int8(torch.randn(48, 96)), {"int8pack", "int8pack-bf16", "dequant"}, True),
+    "int8 K=40": (lambda: quantize_int8(torch.randn(48, 40)), {"dequant"}, False),
+    "int8:32": (lambda: _q8_groups(48, 96), {"int8pack-groups", "int8pack-groups-bf16", "dequant"}, True),
+    "int8:32 N=37": (lambda: _q8_groups(37, 96), {"int8pack-groups", "int8pack-groups-bf16", "dequant"}, True),
+    "int4:32": (lambda: quantize_int4(torch.randn(48, 96), 32), {"int4pack", "int4pack-bf16", "dequant"}, True),
+    "int4:32 N=37": (lambda: quantize_int4(torch.randn(37, 96), 32), {"dequant"}, True),
+    "int4:64 N=40": (lambda: quantize_int4(torch.randn(40, 128), 64), {"dequant"}, True),
 }
 
 
@@ -89,9 +100,9 @@ WEIGHTS = {
 @pytest.mark.parametrize("m", [1, 5])
 def test_every_kernel_equals_dequantize_then_matmul(case, dtype, m):
     torch.manual_seed(0)
-    make, expected = WEIGHTS[case]
+    make, expected, native_takes = WEIGHTS[case]
     weight = make()
-    assert set(candidates(weight, dtype)) == expected
+    assert set(candidates(weight, dtype)) == expected | (_native() if native_takes else set())
     x = torch.randn(m, weight.shape[1]).to(dtype)
     reference = x.float() @ weight.dequantize().t()
     for name in candidates(weight, dtype):
@@ -234,6 +245,7 @@ def test_a_tied_q8_0_embedding_is_looked_up_in_its_lm_head_kernels_codes():
     """Q8_0 (int8, a scale per 32 columns): the lm_head's regrouped codes serve the lookups, one copy in all."""
     from llmrun.model.quant import QuantEmbedding, QuantLinear, prepare_model
 
+    native.unbind()  # PyTorch's kernels: the native ones read the stored codes, so nothing is dropped
     model = _tiny_model(torch.float32, tie_word_embeddings=True)
     quantize_model(model, parse_quant("int8"))
     v, d = model.model.embed_tokens.weight.shape
@@ -252,8 +264,9 @@ def test_a_chosen_kernel_settles_the_weight_to_its_own_form(tmp_path, monkeypatc
     from llmrun.model.quant import prepare_model
     from llmrun.profiler import quant_tuning
 
+    native.unbind()  # PyTorch's kernels hold their own forms (the native ones read the stored form itself)
     monkeypatch.setenv("LLMRUN_HOME", str(tmp_path))
-    monkeypatch.setattr(quant_tuning, "_fastest", lambda weight, names, batch: names[0])
+    monkeypatch.setattr(quant_tuning, "_fastest", lambda weights, names, batch: names[0])
     model = _tiny_model(torch.float32)
     quantize_model(model, parse_quant("int4:32"))
     prepare_model(model)
@@ -272,7 +285,7 @@ def test_a_chosen_kernel_settles_the_weight_to_its_own_form(tmp_path, monkeypatc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_predicted_bytes_are_what_the_default_kernel_reads(case, dtype):
     """From the shape alone, the bytes of the form the default kernel holds (n 40: int4pack refuses it, dequant)."""
-    from llmrun.model.quant import default_kernel, predicted_read_bytes, read_bytes
+    from llmrun.model.quant import predicted_read_bytes, read_bytes
 
     n, k = (40 if case.endswith("n40") else 48), 128
     w = torch.randn(n, k)
@@ -282,7 +295,4 @@ def test_predicted_bytes_are_what_the_default_kernel_reads(case, dtype):
         weight = parse_quant(case.removesuffix("-n40")).quantize(w)
         weight.dtype = dtype
     assert predicted_read_bytes(weight.bits, weight.group, n, k, dtype, "cpu") == read_bytes(weight)
-    kernel = KERNELS[default_kernel(weight, dtype)]
-    form = kernel.form(weight, kernel.compute or dtype)
-    held = weight.nbytes if form is None else sum(t.nbytes for t in form if isinstance(t, torch.Tensor))
-    assert held == read_bytes(weight)
+    assert form_bytes(weight, dtype) == read_bytes(weight)

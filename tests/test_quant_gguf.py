@@ -17,7 +17,7 @@ from llmrun.loading.gguf import import_gguf, is_import_of
 from llmrun.loading.loader import load_model
 from llmrun.loading.safetensors import read_header
 from llmrun.model.executor import forward
-from llmrun.model.quant import KERNELS, parse_quant, quantized_weights
+from llmrun.model.quant import KERNELS, parse_quant, product_weights, quantized_weights
 
 HIDDEN, FFN, HEADS = 64, 128, 4
 TYPES = {"attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q4_1, "attn_output": Q.Q8_0, "ffn_gate": Q.Q4_1,
@@ -86,8 +86,10 @@ def test_the_marker_tells_float_and_quantized_imports_apart(imports):
     assert is_import_of(quant_dir, float_source, quantized=True) and not is_import_of(quant_dir, float_source)
 
 
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native-kernels", "pytorch-kernels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantized_import_runs_as_the_float_import(imports, dtype):
+def test_quantized_import_runs_as_the_float_import(imports, dtype, native, monkeypatch):
+    monkeypatch.setenv("LLMRUN_NATIVE", native)
     _, float_dir, quant_dir = imports
     reference = load_model(float_dir, torch.device("cpu"), dtype, progress=False)
     model = load_model(quant_dir, torch.device("cpu"), dtype, progress=False)
@@ -96,11 +98,17 @@ def test_quantized_import_runs_as_the_float_import(imports, dtype):
     # q (Q4_0) and k/v (Q4_1) are both 4-bit in groups of 32: one fused matrix
     assert formats["model.layers.0.self_attn.wqkv"] == "int4:32"
     assert type(model.lm_head).__name__ == "QuantLinear"
-    # one copy of the codes: the int4 kernel's packed copy replaces the stored codes, and the tied Q8_0
-    # embedding's rows are looked up in its lm_head kernel's regrouped codes
+    # one copy of the codes: a kernel's own copy (the int4 kernel's packed one) replaces the stored codes,
+    # or the kernel reads the stored ones (native); the tied Q8_0 embedding's rows are looked up in
+    # whichever copy its lm_head kernel reads
     embed = model.model.embed_tokens.weight
-    assert model.lm_head.weight is embed and KERNELS[embed.kernel].serves_rows
-    assert model.model.layers[0].self_attn.wqkv.codes is None and embed.codes is None
+    assert model.lm_head.weight is embed
+    for weight in (embed, model.model.layers[0].self_attn.wqkv):
+        kernel = KERNELS[weight.kernel]
+        assert kernel.name.startswith("native") == (native == "1")
+        own_copy = kernel.codes_key is not None and kernel.codes_key in weight.prepared
+        assert own_copy != (weight.codes is not None)
+    assert embed.codes is not None or KERNELS[embed.kernel].serves_rows
     tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
     expected, got = forward(reference, tokens), forward(model, tokens)
     dequantized = load_model(quant_dir, torch.device("cpu"), dtype, progress=False, quant=parse_quant("none"))
@@ -184,9 +192,18 @@ def test_smollm2_q4_1_native_perplexity_matches_the_dequantized_run(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_info_predicts_the_bytes_the_loaded_quantized_model_reads(imports, dtype):
-    """From the headers alone, ``info`` (``--quant auto``) counts each matrix as the loaded model's kernels read it."""
+def test_info_predicts_the_bytes_the_loaded_quantized_model_reads(imports, dtype, monkeypatch):
+    """From the headers alone, ``info`` (``--quant auto``) counts each matrix as the loaded model's kernels read it.
+
+    With PyTorch's kernels, exactly; the native kernels hold float16 scales where every scale is one
+    (GGUF's are), which the headers cannot tell: there ``info`` counts the stored float32 ones, an upper
+    bound (checked in ``test_info_bounds_what_the_native_kernels_read``).
+    """
     from llmrun.loading.loader import read_model_args, stored_formats
+    from llmrun.model.quant import native
+
+    monkeypatch.setenv("LLMRUN_NATIVE", "0")  # for the loader
+    native.unbind()  # for the prediction
     from llmrun.profiler import costs as C
     from llmrun.profiler.modelinfo import model_info
     from llmrun.profiler.roofs import Roofs
@@ -203,3 +220,49 @@ def test_info_predicts_the_bytes_the_loaded_quantized_model_reads(imports, dtype
     fields = info.to_json()
     assert fields["quant"] == "auto" and fields["stored_as"]["embedding"] == "int8:32"
     assert info.weight_bytes < model_info(args, dtype, roofs, cpu).weight_bytes  # the float import's
+
+
+def test_info_bounds_what_the_native_kernels_read(imports):
+    """With the native kernels, the loaded GGUF import reads at most what ``info`` predicts, and less: its
+    Q4_0/Q4_1/Q8_0 scales are float16 numbers, which the kernels keep as float16."""
+    from llmrun.loading.loader import read_model_args, stored_formats
+    from llmrun.model.quant import native
+    from llmrun.profiler import costs as C
+    from llmrun.profiler.modelinfo import model_info
+    from llmrun.profiler.roofs import Roofs
+
+    if not native.bound():
+        pytest.skip("no native kernels built here")
+    _, _, quant_dir = imports
+    args = read_model_args(quant_dir / "config.json")
+    roofs, cpu = Roofs(1e11, 1e11, "test"), {"name": "cpu", "kind": "cpu"}
+    predicted = model_info(args, torch.float32, roofs, cpu, formats=stored_formats(quant_dir)).decode_bytes_per_token
+    model = load_model(quant_dir, torch.device("cpu"), torch.float32, progress=False)
+    assert all(KERNELS[w.kernel].name == "native" for w in product_weights(model))
+    assert C.decode_weight_bytes(args, C.model_widths(model)) < predicted
+
+
+def test_codes_a_kernel_replaces_leave_memory(imports, tmp_path, monkeypatch):
+    """A mapped checkpoint's codes that a kernel's own packed copy replaces after the choice are dropped from
+    memory (their pages released), not kept resident beside the copy."""
+    from llmrun.loading import loader
+    from llmrun.model.quant import native
+    from llmrun.profiler import quant_tuning
+
+    if not native.bound():
+        pytest.skip("no native kernels built here: PyTorch's kernels replace the codes at load")
+    _, _, quant_dir = imports
+    released = []
+    real_release = loader._release
+    monkeypatch.setattr(
+        loader, "_release", lambda mapped, entries: released.extend(entries.values()) or real_release(mapped, entries)
+    )
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path))
+    model = load_model(quant_dir, torch.device("cpu"), torch.float32, progress=False)
+    down = model.model.layers[0].mlp.down_proj.weight
+    assert down.kernel == "native" and down.codes is not None  # read as stored, so still mapped
+    released.clear()
+    monkeypatch.setattr(quant_tuning, "_fastest", lambda weights, names, batch: next(n for n in names if "pack" in n))
+    quant_tuning.tune_quant(model)
+    assert down.codes is None
+    assert read_header(quant_dir / "model.safetensors")["model.layers.0.mlp.down_proj.weight"] in released

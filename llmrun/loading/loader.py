@@ -16,6 +16,7 @@ dequantizes every matrix as it loads; ``int8``/``int4`` quantize a float model a
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from llmrun.allocator import return_freed_memory
 from llmrun.devices import DTYPE_NAMES, check_fits, oom_guard
 from llmrun.errors import LlmrunError
 from llmrun.jsonfiles import read_json_object
+from llmrun.loading.native_kernels import native_kernels
 from llmrun.loading.safetensors import MappedFiles, TensorEntry, checkpoint_files, read_index
 from llmrun.model.config import ModelArgs
 from llmrun.model.memory import weight_bytes
@@ -72,6 +74,7 @@ def quantize_loaded(model: Transformer, quant: QuantSpec, progress: bool = True)
     with _progress_bar(progress and total > 64 * 2**20) as bar:
         task = bar.add_task(f"quantizing to {quant.name}", total=total)
         quantize_model(model, quant, lambda n: bar.advance(task, n))
+    native_kernels()  # llmrun's own kernels join the candidates where they build (else PyTorch's serve)
     prepare_model(model)
 
 
@@ -199,14 +202,11 @@ def _load_quantized(
     model.tie_weights()
     fuse_projections(model)
     _release(mapped, stored_entries)  # q/k/v and gate/up are copied into fused matrices
-    if native:  # each kernel holds its own form: the weight's mapped pages are dropped once it is made
-        groups_of = {id(weights[name]): group for name, group in groups.items()}
-
-        def done(weight: QuantWeight) -> None:
-            _release(mapped, groups_of.get(id(weight), {}))
-            return_freed_memory()  # the stored codes just dropped, and the packing's scratch
-
-        prepare_model(model, done)
+    if native:  # a weight's mapped pages are dropped whenever a kernel's own form replaces a stored tensor
+        for name, weight in weights.items():
+            weight.release_mapped = functools.partial(_release, mapped, groups[name])
+        native_kernels()  # llmrun's own kernels join the candidates where they build (else PyTorch's serve)
+        prepare_model(model, lambda weight: return_freed_memory())  # the packing's scratch, any codes dropped
     return model.eval()
 
 

@@ -12,6 +12,7 @@ from llmrun.devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from llmrun.errors import LlmrunError
 from llmrun.generation.byte_tokenizer import ByteTokenizer
 from llmrun.loading.loader import load_model, quantize_loaded, read_model_args
+from llmrun.loading.native_kernels import native_wanted
 from llmrun.loading.presets import is_preset, load_preset, random_model
 from llmrun.loading.sources import DEFAULT_MODEL, resolve_model
 from llmrun.model.attention import forced_prefill_attention
@@ -75,6 +76,7 @@ def open_session(
     if torch_device.type == "cpu":
         cpu_gemv(torch_dtype)  # a bad LLMRUN_CPU_GEMV fails here, before any download or output
     forced_prefill_attention()  # and a bad LLMRUN_PREFILL_ATTENTION
+    native_wanted()  # and a bad LLMRUN_NATIVE
     if is_preset(spec):
         preset = load_preset(spec)
         if not random_weights:

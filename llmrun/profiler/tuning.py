@@ -34,7 +34,7 @@ from llmrun.devices import available_memory, cpu_model_name
 from llmrun.jsonfiles import read_cache, write_json_atomic
 from llmrun.model.fastpath import fast_enabled
 from llmrun.model.fastpath.gemv import PRODUCTS, onednn_supported
-from llmrun.model.quant import is_quantized
+from llmrun.model.quant import is_quantized, native
 from llmrun.model.transformer import Transformer
 from llmrun.paths import llmrun_home
 from llmrun.profiler.attention_tuning import cache_path as attention_cache_path
@@ -115,7 +115,8 @@ def tune_decode(model: Transformer) -> KernelChoice | None:
     tune_prefill_attention(model)
     if chosen is not None:
         model.decode_gemv = "mm"
-        return KernelChoice("mm", "quantized weights", note=", ".join(sorted(set(chosen.values()))))
+        note = ", ".join(sorted(set(chosen.values()))) + ("" if native.bound() else " (native kernels not built)")
+        return KernelChoice("mm", "quantized weights", note=note)
     if model.lm_head.weight.device.type != "cpu" or not fast_enabled():  # only the CPU fast path uses it
         return None
     from rich.console import Console

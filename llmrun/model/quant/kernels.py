@@ -4,8 +4,10 @@ Each kernel says which weights, devices and activation dtypes it takes (``accept
 form it multiplies by once per weight on the weight's device (``prepare``, kept in
 ``QuantWeight.prepared``: packed layouts depend on the CPU or GPU, so they are made at load, never
 stored), and runs. ``dequant`` takes everything: it dequantizes a block of rows at a time and
-multiplies, the reference the others are tested against. Where the kernel needs another
-activation dtype than the model's (``compute``), x is cast to it and the result back.
+multiplies, the reference the others are tested against. ``native`` is llmrun's own C kernel
+(``llmrun.model.quant.native``) on the stored form, in float32, where a build of it is bound.
+Where the kernel needs another activation dtype than the model's (``compute``), x is cast to it
+and the result back.
 
 Shapes the kernels refuse (checked here, not left to the kernels): ``_weight_int8pack_mm`` with K
 not a multiple of 16 (wrong results, or a crash); the int4 packers with N not a multiple of 16
@@ -17,10 +19,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmrun.model.quant import native
 from llmrun.model.quant.quantize import INT4_GROUPS
 from llmrun.model.quant.weight import CODE_DTYPES, QuantWeight
 
-DEQUANT_ELEMENTS = 2**22  # weight elements dequantized at once by ``dequant``: bounds its scratch memory
+DEQUANT_ELEMENTS = 2**20  # weight elements dequantized at once (4 MiB of float32): bounds the scratch memory
+# Rows of x up to which ``native`` reads the codes once per row; from more on it dequantizes blocks of
+# rows and multiplies them (torch.mm). A row costs about as much as dequantizing a third of the weight
+# (2026-12-01, AMD EPYC Zen 3, 2 threads), so more than 4 rows favour dequantizing.
+NATIVE_GEMV_ROWS = 4
 
 
 class Kernel:
@@ -57,6 +64,10 @@ class Kernel:
     def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
         """Whether this kernel computes products of a weight of ``weight``'s format and shape in ``dtype``."""
         raise NotImplementedError
+
+    def rounds(self, dtype: torch.dtype) -> bool:
+        """Whether this kernel rounds activations of ``dtype`` to a narrower type (bf16 for float32) first."""
+        return self.compute is not None and self.compute.itemsize < dtype.itemsize
 
     def read_bytes(self, weight: QuantWeight, dtype: torch.dtype) -> int:
         """Bytes of the form ``run`` reads per product with activations in ``dtype``: the codes (1 byte
@@ -97,7 +108,7 @@ class Dequant(Kernel):
     name = "dequant"
 
     def accepts(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
-        return weight.codes is not None
+        return weight.codes is not None and weight.scales is not None
 
     def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
         return True
@@ -109,13 +120,66 @@ class Dequant(Kernel):
         return weight.nbytes
 
     def run(self, x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
-        n, k = weight.shape
-        out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-        step = max(1, DEQUANT_ELEMENTS // k)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            out[:, rows] = x @ weight.dequantize(x.dtype, rows).t()
-        return out
+        return _by_row_blocks(x, weight, lambda start, stop: weight.dequantize(x.dtype, slice(start, stop)))
+
+
+class Native(Kernel):
+    """llmrun's C kernels on the stored codes (no other copy) and their own scales (``native.Scales``), in float32.
+
+    Few rows of x (``NATIVE_GEMV_ROWS``): each weight row's codes are read once per row of x; more:
+    blocks of rows dequantized by the C code into one float32 scratch, then multiplied by torch.mm.
+    Takes K and groups that are multiples of 32 and contiguous codes, once a build is bound.
+    """
+
+    name, compute, own_scales = "native", torch.float32, True
+    tiled = False  # four weight rows at a time (``NativeTiled``)
+
+    def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        return native.bound() and native.takes(weight.bits, weight.shape[1], weight.group)
+
+    def accepts(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        return super().accepts(weight, dtype) and weight.codes.is_contiguous()
+
+    def prepare(self, weight: QuantWeight, dtype: torch.dtype) -> object:
+        return native.Scales.of(weight.scales, weight.zeros)
+
+    def read_bytes(self, weight: QuantWeight, dtype: torch.dtype) -> int:
+        """The stored codes and the form's scales (float32 until the form exists: what the weight stores)."""
+        form = weight.prepared.get(f"{self.name}:{self.compute}")
+        scales = form.nbytes if form is not None else weight.nbytes - weight.codes_bytes
+        return weight.codes_bytes + scales
+
+    def run(self, x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
+        x32 = x.to(torch.float32).contiguous()
+        codes, scales = weight.codes, self.form(weight, torch.float32)
+        if x.shape[0] <= NATIVE_GEMV_ROWS:
+            return native.gemv(x32, codes, scales, tiled=self.tiled).to(x.dtype)
+        scratch = torch.empty(min(weight.shape[0], max(1, DEQUANT_ELEMENTS // weight.shape[1])), weight.shape[1])
+
+        def dequantized(start: int, stop: int) -> torch.Tensor:
+            return native.dequantize(codes, scales, start, stop - start, scratch)
+
+        return _by_row_blocks(x32, weight, dequantized).to(x.dtype)
+
+
+class NativeTiled(Native):
+    """``Native`` multiplying four weight rows at a time (where the build has that form: AVX2)."""
+
+    name, tiled = "native-tiled", True
+
+    def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
+        return native.has_tiles() and super().takes(weight, dtype)
+
+
+def _by_row_blocks(x: torch.Tensor, weight: QuantWeight, rows) -> torch.Tensor:
+    """x (M, K) W^T with W's rows dequantized ``DEQUANT_ELEMENTS`` at a time: ``rows(start, stop)`` gives them."""
+    n, k = weight.shape
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    step = max(1, DEQUANT_ELEMENTS // k)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        out[:, start:stop] = x @ rows(start, stop).t()
+    return out
 
 
 class CpuInt8(Kernel):
@@ -235,19 +299,25 @@ class CudaInt8(Kernel):
 
 
 def _scales_and_zeros(weight: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
-    """(K/group, N, 2) in ``dtype``: the int4 kernels' ``qScaleAndZeros`` (the weight's own where it has one)."""
-    if weight.scales_and_zeros is not None:
-        return weight.scales_and_zeros.to(dtype)
-    return torch.stack((weight.scales.t(), weight.zeros.t()), dim=-1).to(dtype).contiguous()
+    """(K/group, N, 2) in ``dtype``: the int4 kernels' ``qScaleAndZeros`` made from the weight's scales and zeros.
+
+    In float32 it holds the same numbers as the stored ones, so the weight's scales and zeros become
+    views of it (strided, which every kernel takes): one copy in memory, not two.
+    """
+    pairs = torch.stack((weight.scales.t(), weight.zeros.t()), dim=-1).to(dtype).contiguous()
+    if dtype == torch.float32:
+        weight.scales, weight.zeros = pairs[..., 0].t(), pairs[..., 1].t()
+    return pairs
 
 
-# Every kernel by name, in the order the default choice tries them: the model's own dtype first,
-# then a cast to bf16, and ``dequant`` last, which takes everything.
+# Every kernel by name, in the order the default choice tries them: llmrun's own (float32, exact) where
+# it is built, then PyTorch's in the model's own dtype, then a cast to bf16, and ``dequant`` last, which
+# takes everything.
 KERNELS: dict[str, Kernel] = {
     kernel.name: kernel
     for kernel in (
-        CpuInt8(), CpuInt8Groups(), CpuInt4(), CpuInt8Bf16(), CpuInt8GroupsBf16(), CpuInt4Bf16(),
-        CudaInt4(), CudaInt8(), Dequant(),
+        Native(), NativeTiled(), CpuInt8(), CpuInt8Groups(), CpuInt4(),
+        CpuInt8Bf16(), CpuInt8GroupsBf16(), CpuInt4Bf16(), CudaInt4(), CudaInt8(), Dequant(),
     )
 }  # fmt: skip
 

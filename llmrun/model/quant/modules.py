@@ -99,14 +99,9 @@ def prepare_model(model: nn.Module, done: Callable[[QuantWeight], None] = lambda
 
     Where that kernel keeps its own copy of the codes, the stored codes are dropped (unless an
     embedding reads them and the kernel cannot serve its rows), with those of the row views made of
-    them: one copy of the codes in memory. ``done(weight)`` is called after each weight (the loader
-    drops its mapped pages there).
+    them (``QuantWeight.drop_codes``): one copy of the codes in memory. ``done(weight)`` is called after
+    each weight (the loader frees memory there).
     """
-    views: dict[int, list[QuantWeight]] = {}  # the row views of each fused weight, by its id
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, QuantWeight) and weight.parent is not None:
-            views.setdefault(id(weight.parent), []).append(weight)
     for weight in product_weights(model):
         weight.kernel = weight.kernel or default_kernel(weight, weight.dtype)
         kernel = KERNELS[weight.kernel]
@@ -115,20 +110,22 @@ def prepare_model(model: nn.Module, done: Callable[[QuantWeight], None] = lambda
             if kernel.serves_rows:
                 weight.row_codes = functools.partial(kernel.row_codes, weight)
             weight.drop_codes()
-            for view in views.get(id(weight), ()):  # the codes are freed once no view holds them either
-                view.drop_codes()
-                view.drop_scales()
         done(weight)
 
 
 def settle(weight: QuantWeight) -> None:
-    """Free the stored scales and zeros of a weight whose kernel now holds its own codes and scales (not an
-    embedding's, whose rows are looked up with them): only that kernel's form multiplies by it from now on.
+    """Free the stored scales and zeros of a weight whose kernel now holds its own scales (and its own codes,
+    or reads the stored ones), but not an embedding's, whose rows are looked up with them: only that
+    kernel's form multiplies by it from now on.
 
     For the end of a kernel choice (``llmrun.profiler.quant_tuning``): no other candidate can be timed after it.
     """
     kernel = KERNELS[weight.kernel] if weight.kernel is not None else None
-    if kernel is not None and kernel.own_scales and weight.codes is None and not weight.keep_codes:
+    if kernel is None or not kernel.own_scales or weight.keep_codes:
+        return
+    # a kernel with its own codes multiplies by its own form alone once the stored codes are gone; one
+    # that reads the stored codes (native) needs its own scales only
+    if weight.codes is None or kernel.codes_key is None:
         weight.drop_scales()
 
 

@@ -46,6 +46,7 @@ class QuantWeight:
         self.shape = (n, packed_k * (2 if self.bits == 4 else 1))
         self.group = self.shape[1] // scales.shape[1]
         self._stored_bytes = sum(t.nbytes for t in (codes, scales, zeros) if t is not None)
+        self.codes_bytes = codes.nbytes  # of the stored codes (kept after ``drop_codes``)
         self._device = scales.device
         self.kernel: str | None = None
         self.prepared: dict[str, object] = {}  # kernel name -> the form that kernel multiplies by
@@ -53,10 +54,11 @@ class QuantWeight:
         # Where the codes of some rows come from once the stored ones are dropped (a kernel's own copy
         # that gives rows back): rows (R,) -> their codes (R, K) as ``unpacked_codes`` returns them.
         self.row_codes: Callable[[torch.Tensor], torch.Tensor] | None = None
-        # 4-bit: the scales and zeros as one (K/group, N, 2) float32 tensor where ``scales`` and ``zeros``
-        # are views of it (``concat_rows``), the int4 kernels' layout, which a float32 kernel then shares.
-        self.scales_and_zeros: torch.Tensor | None = None
         self.parent: QuantWeight | None = None  # the weight this one is a row view of (``rows``)
+        self.views: list[QuantWeight] = []  # the row views made of this one (``rows``)
+        # Where the stored tensors are pages of a mapped checkpoint: drops this weight's pages from memory
+        # (those still used are read back on their next access), called when a stored tensor is dropped.
+        self.release_mapped: Callable[[], None] = lambda: None
 
     @property
     def format(self) -> str:
@@ -87,13 +89,20 @@ class QuantWeight:
 
     def drop_codes(self) -> None:
         """Free the stored codes once a kernel holds its own copy: only that kernel (and its variants for
-        other dtypes) can multiply by this weight from now on, and it can no longer be dequantized."""
+        other dtypes) can multiply by this weight from now on, and it can no longer be dequantized. Its row
+        views (``rows``) drop theirs too, and their scales: the memory is freed once none holds it."""
         self.codes = None
+        for view in self.views:
+            view.codes = view.scales = view.zeros = None
+        self.release_mapped()
 
     def drop_scales(self) -> None:
-        """Free the stored scales and zeros once a kernel holds its own copies (after ``drop_codes``): only
-        the forms already in ``prepared`` can multiply by this weight from now on."""
-        self.scales = self.zeros = self.scales_and_zeros = None
+        """Free the stored scales and zeros (and the row views' of them) once a kernel holds its own copies:
+        only the forms already in ``prepared`` can multiply by this weight from now on."""
+        self.scales = self.zeros = None
+        for view in self.views:
+            view.scales = view.zeros = None
+        self.release_mapped()
 
     def to(self, device: torch.device) -> QuantWeight:
         """This weight's stored form on ``device`` (itself if it is there already)."""
@@ -137,29 +146,19 @@ class QuantWeight:
         zeros = self.zeros[span] if self.zeros is not None else None
         view = QuantWeight(self.codes[span], self.scales[span], zeros, dtype=self.dtype)
         view.parent = self
+        self.views.append(view)
         return view
 
 
 def concat_rows(weights: list[QuantWeight]) -> QuantWeight | None:
-    """One weight holding ``weights``' rows in order, or None where their formats differ.
-
-    4-bit: its scales and zeros are views of one (K/group, N, 2) tensor (``scales_and_zeros``).
-    """
+    """One weight holding ``weights``' rows in order (contiguous codes, scales and zeros), or None where their
+    formats differ."""
     first = weights[0]
     if any(w.format != first.format or w.shape[1] != first.shape[1] for w in weights):
         return None
-    codes = torch.cat([w.codes for w in weights])
-    if first.zeros is None:
-        return QuantWeight(codes, torch.cat([w.scales for w in weights]), dtype=first.dtype)
-    grouped = torch.empty(first.scales.shape[1], codes.shape[0], 2, device=first.device)
-    row = 0
-    for w in weights:
-        grouped[:, row : row + w.shape[0], 0] = w.scales.t()
-        grouped[:, row : row + w.shape[0], 1] = w.zeros.t()
-        row += w.shape[0]
-    fused = QuantWeight(codes, grouped[..., 0].t(), grouped[..., 1].t(), dtype=first.dtype)
-    fused.scales_and_zeros = grouped
-    return fused
+    zeros = None if first.zeros is None else torch.cat([w.zeros for w in weights])
+    codes, scales = torch.cat([w.codes for w in weights]), torch.cat([w.scales for w in weights])
+    return QuantWeight(codes, scales, zeros, dtype=first.dtype)
 
 
 def check_quant_tensors(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, name: str) -> None:

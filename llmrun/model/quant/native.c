@@ -1,0 +1,201 @@
+/* llmrun's native quantized kernels: products of float32 activations with quantized weights.
+
+   Compiled on the machine that runs them (by llmrun.loading.native_kernels, with -O3 -march=native
+   -fopenmp) and called through ctypes (llmrun.model.quant.native). The codes are read as they are
+   stored (llmrun.model.quant.weight); the scales come in the kernels' own form:
+   * 4-bit: codes uint8 (N, K/2), column 2j in byte j's high nibble and 2j+1 in its low one;
+     w = code * scale + offset, with a scale and an offset (the stored zero - 8 scale) per group;
+   * 8-bit: codes int8 (N, K); w = code * scale, a scale per group (a group of K: per channel).
+   Scales and offsets are (N, K/group), contiguous, float32 or (`half`) _Float16. Groups are a whole
+   number of 32-column blocks. Sums are in float32 with float32 activations, so a product equals the
+   dequantized float32 one up to float32 rounding: no step rounds the activations.
+   With AVX2 and FMA the inner loops are written with intrinsics, four weight rows at a time where
+   asked (`tiled`); elsewhere the same loops in plain C, which the compiler vectorizes as it can.
+   Rows of W are shared among `threads` OpenMP threads. */
+
+#include <stdint.h>
+#if defined(__F16C__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define LLMRUN_AVX2 1
+#endif
+
+#define BLOCK 32 /* columns per inner step */
+#define TILE 4   /* weight rows per step of the tiled AVX2 kernels */
+#define PREFETCH_ROWS 8 /* rows ahead whose codes the tiled kernels ask the cache for (else latency-bound) */
+
+/* element i of a float32 (half = 0) or float16 (half = 1) array */
+static inline float value(const void *values, int64_t i, int half) {
+    if (!half) return ((const float *)values)[i];
+#ifdef __F16C__
+    return _cvtsh_ss(((const uint16_t *)values)[i]);
+#else
+    return (float)((const _Float16 *)values)[i];
+#endif
+}
+
+#ifdef LLMRUN_AVX2
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline __m256 bytes_to_floats(__m128i eight_in_low_half, int is_signed) {
+    __m256i wide = is_signed ? _mm256_cvtepi8_epi32(eight_in_low_half) : _mm256_cvtepu8_epi32(eight_in_low_half);
+    return _mm256_cvtepi32_ps(wide);
+}
+
+/* acc0, acc1 += scale * (one block's 32 codes) * x0..x3, the codes in the order of x as the kernels lay it
+   out: 4-bit, the 16 high nibbles (even columns) then the 16 low ones (odd columns); 8-bit, as stored */
+static inline __attribute__((always_inline)) void block_product(const uint8_t *codes, int bits, __m256 scale,
+                                                                __m256 x0, __m256 x1, __m256 x2, __m256 x3,
+                                                                __m256 *acc0, __m256 *acc1) {
+    __m128i a, b;
+    if (bits == 4) {
+        __m128i v = _mm_loadu_si128((const __m128i *)codes), mask = _mm_set1_epi8(15);
+        a = _mm_and_si128(_mm_srli_epi16(v, 4), mask), b = _mm_and_si128(v, mask);
+    } else {
+        __m256i v = _mm256_loadu_si256((const __m256i *)codes);
+        a = _mm256_castsi256_si128(v), b = _mm256_extracti128_si256(v, 1);
+    }
+    int is_signed = bits == 8;
+    *acc0 = _mm256_fmadd_ps(_mm256_mul_ps(bytes_to_floats(a, is_signed), scale), x0, *acc0);
+    *acc1 = _mm256_fmadd_ps(_mm256_mul_ps(bytes_to_floats(_mm_srli_si128(a, 8), is_signed), scale), x1, *acc1);
+    *acc0 = _mm256_fmadd_ps(_mm256_mul_ps(bytes_to_floats(b, is_signed), scale), x2, *acc0);
+    *acc1 = _mm256_fmadd_ps(_mm256_mul_ps(bytes_to_floats(_mm_srli_si128(b, 8), is_signed), scale), x3, *acc1);
+}
+
+/* out[r] = sum over the columns of scale(r, group) * code(r) * x, for `rows` (1 or TILE) weight rows
+   at once: each block of x is loaded once for them. Inlined where `bits` and `rows` are constants. */
+static inline __attribute__((always_inline)) void dot_rows(const uint8_t *codes, int64_t code_row, int bits,
+                                                          const void *scales, int half, const float *x, int64_t k,
+                                                          int64_t group, int rows, float *out) {
+    int64_t groups = k / group, blocks = group / BLOCK, block_bytes = BLOCK * bits / 8;
+    __m256 acc[TILE][2];
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < k / BLOCK; b++) {
+        const float *xb = x + b * BLOCK;
+        __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
+        __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
+        int64_t g = b / blocks;
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *c = codes + r * code_row + b * block_bytes;
+            if (rows > 1) _mm_prefetch((const char *)(c + PREFETCH_ROWS * code_row), _MM_HINT_T0);
+            __m256 scale = _mm256_set1_ps(value(scales, r * groups + g, half));
+            block_product(c, bits, scale, x0, x1, x2, x3, &acc[r][0], &acc[r][1]);
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r] = sum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+#else
+static inline void dot_rows(const uint8_t *codes, int64_t code_row, int bits, const void *scales, int half,
+                            const float *x, int64_t k, int64_t group, int rows, float *out) {
+    int64_t groups = k / group;
+    for (int r = 0; r < rows; r++) {
+        const uint8_t *c = codes + r * code_row;
+        float total = 0;
+        for (int64_t g = 0; g < groups; g++) {
+            float d = 0;
+            for (int64_t at = g * group; at < (g + 1) * group; at += BLOCK) {
+                if (bits == 4) {
+                    const uint8_t *cb = c + at / 2;
+                    for (int j = 0; j < BLOCK / 2; j++)
+                        d += (float)(cb[j] >> 4) * x[at + j] + (float)(cb[j] & 15) * x[at + BLOCK / 2 + j];
+                } else {
+                    for (int j = 0; j < BLOCK; j++) d += (float)((const int8_t *)c)[at + j] * x[at + j];
+                }
+            }
+            total += value(scales, r * groups + g, half) * d;
+        }
+        out[r] = total;
+    }
+}
+#endif
+
+/* whether the gemv kernel has a TILE-row form (its `tiled` argument does something) */
+int llmrun_has_tiles(void) {
+#ifdef LLMRUN_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y (M, N) = x (M, K) W^T. 4-bit: each row's product is its codes' scaled sum plus, per group, the
+   offset times the sum of x over the group; x is first laid out block by block as even columns then
+   odd ones (the codes' nibble order). scratch: M * (K + K / group) floats (4-bit only). */
+void llmrun_gemv(const float *x, const uint8_t *codes, int bits, const void *scales, const void *offsets, int half,
+                 float *y, float *scratch, int64_t m_rows, int64_t n, int64_t k, int64_t group, int tiled, int threads) {
+    int64_t groups = k / group, code_row = k * bits / 8;
+    const float *xs = x;
+    if (bits == 4) {
+        float *laid_out = scratch, *group_sums = scratch + m_rows * k;
+        for (int64_t m = 0; m < m_rows; m++) {
+            const float *xm = x + m * k;
+            for (int64_t at = 0; at < k; at += BLOCK)
+                for (int j = 0; j < BLOCK / 2; j++) {
+                    laid_out[m * k + at + j] = xm[at + 2 * j];
+                    laid_out[m * k + at + BLOCK / 2 + j] = xm[at + 2 * j + 1];
+                }
+            for (int64_t g = 0; g < groups; g++) {
+                float sum = 0;
+                for (int64_t j = g * group; j < (g + 1) * group; j++) sum += xm[j];
+                group_sums[m * groups + g] = sum;
+            }
+        }
+        xs = laid_out;
+    }
+    int64_t step = 1;
+#ifdef LLMRUN_AVX2
+    if (tiled && n % TILE == 0) step = TILE;
+#else
+    (void)tiled;
+#endif
+    const float *group_sums = scratch + m_rows * k;
+    int64_t scale_bytes = half ? 2 : 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t row = 0; row < n; row += step)
+        for (int64_t m = 0; m < m_rows; m++) {
+            float *out = y + m * n + row;
+            const uint8_t *c = codes + row * code_row;
+            const void *s = (const char *)scales + row * groups * scale_bytes;
+            if (bits == 4 && step == TILE) dot_rows(c, code_row, 4, s, half, xs + m * k, k, group, TILE, out);
+            else if (bits == 4) dot_rows(c, code_row, 4, s, half, xs + m * k, k, group, 1, out);
+            else if (step == TILE) dot_rows(c, code_row, 8, s, half, xs + m * k, k, group, TILE, out);
+            else dot_rows(c, code_row, 8, s, half, xs + m * k, k, group, 1, out);
+            if (bits == 4)
+                for (int64_t r = 0; r < step; r++) {
+                    float offset = 0;
+                    for (int64_t g = 0; g < groups; g++)
+                        offset += value(offsets, (row + r) * groups + g, half) * group_sums[m * groups + g];
+                    out[r] += offset;
+                }
+        }
+}
+
+/* out (R, K) float32 = rows first .. first + R - 1 of the weight, dequantized */
+void llmrun_dequant(const uint8_t *codes, int bits, const void *scales, const void *offsets, int half, float *out,
+                    int64_t first, int64_t rows, int64_t k, int64_t group, int threads) {
+    int64_t groups = k / group;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t row = first + r;
+        float *o = out + r * k;
+        for (int64_t g = 0; g < groups; g++) {
+            float s = value(scales, row * groups + g, half);
+            if (bits == 4) {
+                const uint8_t *c = codes + row * (k / 2);
+                float z = value(offsets, row * groups + g, half);
+                for (int64_t j = g * group / 2; j < (g + 1) * group / 2; j++) {
+                    o[2 * j] = (float)(c[j] >> 4) * s + z;
+                    o[2 * j + 1] = (float)(c[j] & 15) * s + z;
+                }
+            } else {
+                const int8_t *c = (const int8_t *)codes + row * k;
+                for (int64_t j = g * group; j < (g + 1) * group; j++) o[j] = (float)c[j] * s;
+            }
+        }
+    }
+}

@@ -1,0 +1,210 @@
+"""llmrun's native quantized kernels: built once per machine, exact in float32, left out cleanly without a compiler.
+
+The products themselves are compared with dequantize-then-matmul for every shape class in
+``test_quant.py::test_every_kernel_equals_dequantize_then_matmul``; here: a tighter bound on the
+float32 error, strided scales, the build and its cache, and what happens when nothing can build.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+from badinputs import check_one_line
+
+from llmrun.loading import native_kernels as build
+from llmrun.loading.loader import load_model
+from llmrun.model.executor import forward
+from llmrun.model.quant import KERNELS, QuantWeight, native, parse_quant, product_weights, quantize_int4
+from llmrun.profiler.quant_tuning import ROUNDING_MARGIN, pick
+
+needs_native = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the native kernels")
+
+
+def _summation_bound(x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
+    """Per output (M, N): 2 K 2^-24 sum (|code scale| + |offset|) |x|, the worst-case error of float32 sums of the
+    K products and of the offsets' group terms (each product and partial sum rounded once), in float64."""
+    n, k = weight.shape
+    codes = weight.unpacked_codes().double().view(n, k // weight.group, weight.group)
+    scales = weight.scales.double().unsqueeze(-1)
+    magnitude = (codes * scales).abs()
+    if weight.zeros is not None:
+        magnitude = magnitude + (weight.zeros.double().unsqueeze(-1) - 8 * scales).abs()
+    return 2 * k * 2.0**-24 * (x.double().abs() @ magnitude.view(n, k).t())
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", ["native", "native-tiled"])
+@pytest.mark.parametrize("rows", [1, 3, 9])  # 9 > NATIVE_GEMV_ROWS: blocks dequantized, then torch.mm
+@pytest.mark.parametrize("fmt", ["int4:32", "int4:128", "int8", "int8:32"])
+def test_native_products_are_float32_exact(kernel, rows, fmt):
+    """Within the float32 summation bound of the float64 product of the dequantized weight: no bf16 step."""
+    if kernel == "native-tiled" and not native.has_tiles():
+        pytest.skip("this build has no four-row form")
+    torch.manual_seed(1)
+    n, k = 45, 256
+    if fmt.startswith("int4"):
+        weight = quantize_int4(torch.randn(n, k), int(fmt.split(":")[1]))
+    else:
+        group = k if fmt == "int8" else 32
+        weight = QuantWeight(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // group) / 50)
+    x = torch.randn(rows, k)
+    reference = x.double() @ weight.dequantize(torch.float64).t()
+    y = KERNELS[kernel].run(x, weight)
+    assert ((y.double() - reference).abs() <= _summation_bound(x, weight)).all()
+
+
+@needs_native
+def test_float16_scales_where_every_scale_is_one():
+    """GGUF's scales are float16 numbers: the kernels keep them (and the offsets) as float16, products unchanged,
+    and once the weight is settled on a native kernel its stored float32 scales are freed."""
+    from llmrun.model.quant import settle
+
+    torch.manual_seed(3)
+    weight = quantize_int4(torch.randn(40, 64), 32)
+    weight.scales = weight.scales.half().float()
+    weight.zeros = (weight.zeros - 8 * weight.scales).half().float() + 8 * weight.scales  # exact: m + 8 d
+    x = torch.randn(1, 64)
+    reference = x.double() @ weight.dequantize(torch.float64).t()
+    kernel = KERNELS["native"]
+    assert kernel.form(weight, torch.float32).half
+    assert ((kernel.run(x, weight).double() - reference).abs() <= _summation_bound(x, weight)).all()
+    assert not native.Scales.of(torch.full((2, 2), 0.1), None).half  # 0.1 is no float16 number
+    before = kernel.run(x, weight)
+    weight.kernel = "native"
+    settle(weight)
+    assert weight.scales is None and weight.codes is not None
+    assert torch.equal(kernel.run(x, weight), before)  # on its own form alone
+
+
+@needs_native
+def test_native_products_read_strided_scales():
+    """Scales and zeros that are views into a wider tensor (row stride 2, group stride 2N) give the same products."""
+    torch.manual_seed(2)
+    contiguous = quantize_int4(torch.randn(32, 64), 32)
+    pairs = torch.stack((contiguous.scales.t(), contiguous.zeros.t()), dim=-1).contiguous()  # (K/32, N, 2)
+    strided = QuantWeight(contiguous.codes, pairs[..., 0].t(), pairs[..., 1].t())
+    assert not strided.scales.is_contiguous()
+    x = torch.randn(2, 64)
+    assert torch.equal(KERNELS["native"].run(x, strided), KERNELS["native"].run(x, contiguous))
+
+
+@needs_native
+def test_the_build_is_cached_per_machine(tmp_path, monkeypatch):
+    """The first call compiles into $LLMRUN_HOME/kernels; later ones (a new process) load that file as it is."""
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path))
+    monkeypatch.setattr(build, "_unavailable", None)
+    native.unbind()
+    commands = []
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: commands.append(command) or real_run(command, **kw))
+    assert build.native_kernels() is None and native.bound()
+    (library,) = (tmp_path / "kernels").iterdir()
+    built = library.stat().st_mtime_ns
+    assert any(str(native.SOURCE) in command for command in commands)  # compiled
+    native.unbind()
+    commands.clear()
+    assert build.native_kernels() is None and native.bound()
+    assert all("--version" in command for command in commands)  # only asked the compiler's version
+    assert list((tmp_path / "kernels").iterdir()) == [library] and library.stat().st_mtime_ns == built
+
+
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+def test_without_a_build_pytorch_kernels_serve(tiny_factory, tmp_path, monkeypatch, compiler):
+    """No compiler, or one that fails: a reason, no file left behind, and the model runs on PyTorch's kernels."""
+    if compiler == "missing":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    else:
+        script = tmp_path / "cc"
+        script.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo fake 1.0; exit 0; fi\necho "no" >&2\nexit 1\n')
+        script.chmod(0o755)
+        monkeypatch.setenv("CC", str(script))
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(build, "_unavailable", None)
+    native.unbind()
+    reason = build.native_kernels()
+    assert reason.startswith("native kernels not built (") and not native.bound()
+    assert not list((tmp_path / "home").rglob("*.so*"))
+    model_dir = tiny_factory("llama", hidden_size=64, intermediate_size=128)
+    model = load_model(model_dir, torch.device("cpu"), torch.float32, progress=False, quant=parse_quant("int4:32"))
+    assert all(not weight.kernel.startswith("native") for weight in product_weights(model))
+    dequantized = load_model(model_dir, torch.device("cpu"), torch.float32, progress=False)
+    tokens = torch.tensor([[1, 2, 3]])
+    assert forward(model, tokens).shape == forward(dequantized, tokens).shape
+
+
+def test_bad_native_setting_is_one_line_exit_2(tiny_factory, monkeypatch, capsys):
+    from llmrun.cli.app import run
+
+    model_dir = tiny_factory()
+    capsys.readouterr()  # what saving the checkpoint printed
+    monkeypatch.setenv("LLMRUN_NATIVE", "sometimes")
+    assert run(["generate", "hi", "-m", str(model_dir), "-n", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    check_one_line(captured.err, r"LLMRUN_NATIVE='sometimes' is not a setting: set it to 1 \(build and use\) or 0")
+
+
+@pytest.mark.parametrize(
+    ("bf16_seconds", "chosen"),
+    [(0.95, "native"), (0.5, "int4pack-bf16"), (1.2, "native")],
+    ids=["rounding-5%-faster", "rounding-2x-faster", "rounding-slower"],
+)
+def test_a_kernel_that_rounds_must_be_clearly_faster(bf16_seconds, chosen):
+    """Given fake timings: a bf16-activation kernel wins only by more than ROUNDING_MARGIN over an exact one."""
+    seconds = {"native": 1.0, "int4pack": 9.0, "int4pack-bf16": bf16_seconds}
+    assert ROUNDING_MARGIN > 1.05
+    assert pick(seconds, {"int4pack-bf16"}) == chosen
+    assert pick({"int4pack-bf16": 1.0}, {"int4pack-bf16"}) == "int4pack-bf16"  # the only one
+
+
+def _tiny_quantized(spec: str = "int4:32") -> torch.nn.Module:
+    from helpers import TINY
+
+    from llmrun.loading.presets import random_model
+    from llmrun.model.config import ModelArgs
+    from llmrun.model.quant import quantize_model
+
+    config = {**TINY, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    model = random_model(ModelArgs.from_dict(config, source="tiny"), torch.device("cpu"), torch.float32, std=0.2)
+    quantize_model(model, parse_quant(spec))
+    return model
+
+
+@needs_native
+def test_a_native_choice_frees_the_stored_scales_and_the_row_views(tmp_path, monkeypatch):
+    """Settled on a native kernel, a fused weight keeps its stored codes and its own scales only: the stored
+    scales go, and so do its row views' (views of the same memory, which they would keep alive)."""
+    from llmrun.model.quant import prepare_model
+    from llmrun.profiler import quant_tuning
+
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path))
+    monkeypatch.setattr(quant_tuning, "_fastest", lambda weights, names, batch: names[0])  # native first
+    model = _tiny_quantized()
+    prepare_model(model)
+    tokens = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    before = forward(model, tokens)
+    quant_tuning.tune_quant(model)
+    wqkv = model.model.layers[0].self_attn.wqkv
+    assert wqkv.kernel == "native" and wqkv.codes is not None and wqkv.scales is None and wqkv.zeros is None
+    assert model.model.layers[0].self_attn.q_proj.weight.scales is None
+    assert torch.equal(forward(model, tokens), before)
+
+
+@needs_native
+def test_a_choice_made_without_the_native_kernels_is_measured_again_with_them(tmp_path, monkeypatch):
+    """The cache keys a choice by its candidates: one made among PyTorch's kernels alone is not reused once
+    the native kernels are there to be timed too."""
+    from llmrun.profiler import quant_tuning
+
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path))
+    native.unbind()
+    quant_tuning.tune_quant(_tiny_quantized())
+    monkeypatch.setattr(build, "_unavailable", None)
+    assert build.native_kernels() is None
+    measured = []
+    monkeypatch.setattr(quant_tuning, "_fastest", lambda weights, names, batch: measured.append(names) or names[0])
+    quant_tuning.tune_quant(_tiny_quantized())
+    assert measured and all("native" in names for names in measured)
