@@ -88,7 +88,7 @@ def test_unknown_cpu_kernel_choice_fails_before_loading(workdir, monkeypatch, ca
     monkeypatch.setenv("LLMRUN_CPU_GEMV", "avx9")
     code, out, err = _run(gen(model if model_exists else scratch / "no-such-model"), None, monkeypatch, capsys)
     assert code == 2 and out == ""
-    check_one_line(err, r"LLMRUN_CPU_GEMV='avx9' is not a kernel: set it to auto, conv, packed, onednn or mm")
+    check_one_line(err, r"LLMRUN_CPU_GEMV='avx9' is not a kernel: set it to auto, conv, packed, onednn, native or mm")
 
 
 def test_prompt_longer_than_context_runs_with_truncate(workdir, monkeypatch, capsys):

@@ -241,6 +241,7 @@ def test_kernel_floor_and_fastest_gemv(tiny_dir):
         "oneDNN linear",
         "oneDNN linear, prepacked",
         "oneDNN 1x1 conv, reordered",
+        "llmrun native",
     }
     assert seconds > 0 and kernel in kernels
     assert set(gemv_kernels(model, 1)) <= kernels

@@ -61,7 +61,7 @@ def _decode_logits(model, tokens: torch.Tensor, n_prompt: int, *, fast: bool) ->
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("gemv", ["conv", "packed", "onednn", "mm"])
+@pytest.mark.parametrize("gemv", ["conv", "packed", "onednn", "native", "mm"])
 def test_fast_decode_equals_eager_decode(tiny_factory, monkeypatch, case, batch, gemv):
     monkeypatch.setenv("LLMRUN_CPU_GEMV", gemv)
     model_type, overrides = CASES[case]
@@ -144,7 +144,7 @@ def _plan_weights(decoder) -> list[torch.Tensor]:
     return [w for plan in b.layers for w in (plan.wqkv, plan.wo, plan.wgate_up, plan.wdown)] + [b.lm_head]
 
 
-@pytest.mark.parametrize("gemv", ["conv", "packed", "onednn", "mm"])
+@pytest.mark.parametrize("gemv", ["conv", "packed", "onednn", "native", "mm"])
 def test_only_the_copying_kernels_hold_a_second_copy_of_the_weights(tiny_factory, gemv):
     """The fast path's weights are the model's own storage unless its kernel is one the tuner counts as copying
     (and refuses where the copy does not fit in memory: ``tests/test_tuning.py``)."""
@@ -153,7 +153,7 @@ def test_only_the_copying_kernels_hold_a_second_copy_of_the_weights(tiny_factory
     model = load_model(tiny_factory("llama", num_key_value_heads=2), torch.device("cpu"), torch.float32, progress=False)
     decoder = CpuDecoder(model, make_cache(model, 1, 8), gemv=gemv)
     if decoder.gemv != gemv:
-        pytest.skip(f"oneDNN cannot run {gemv} here")
+        pytest.skip(f"{gemv} cannot run here")
     own = {p.untyped_storage().data_ptr() for p in model.parameters()}
     fused = [owner.wqkv for owner in (block.self_attn for block in model.model.layers)]
     fused += [block.mlp.wgate_up for block in model.model.layers]

@@ -208,3 +208,22 @@ def test_a_choice_made_without_the_native_kernels_is_measured_again_with_them(tm
     monkeypatch.setattr(quant_tuning, "_fastest", lambda weights, names, batch: measured.append(names) or names[0])
     quant_tuning.tune_quant(_tiny_quantized())
     assert measured and all("native" in names for names in measured)
+
+
+@needs_native
+def test_a_compiler_without_openmp_builds_them_single_threaded(tmp_path, monkeypatch):
+    """Where ``-fopenmp`` fails (Apple's clang), the kernels are built without it and still compute the products."""
+    real = shutil.which("cc")
+    script = tmp_path / "cc"
+    script.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(build, "_unavailable", None)
+    native.unbind()
+    assert build.native_kernels() is None and native.bound()
+    assert len(list((tmp_path / "home" / "kernels").glob("native-*.so"))) == 1
+    weight = quantize_int4(torch.randn(8, 64), 32)
+    x = torch.randn(1, 64)
+    reference = x.double() @ weight.dequantize(torch.float64).t()
+    assert ((KERNELS["native"].run(x, weight).double() - reference).abs() <= _summation_bound(x, weight)).all()

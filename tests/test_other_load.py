@@ -91,7 +91,7 @@ def test_processes_spinning_on_every_cpu_make_the_machine_busy():
 def test_a_busy_decode_kernel_measurement_is_used_but_not_cached(home, monkeypatch):
     monkeypatch.setattr(T, "OtherLoad", _Busy)
     model = _model()
-    fake = {"mm": 3.0, "onednn": 2.0, "packed": 1.5, "conv": 1.0}
+    fake = {"mm": 3.0, "onednn": 2.0, "packed": 1.5, "conv": 1.0, "native": 4.0}
     calls = []
 
     def measure(model, kernels, batch):

@@ -31,10 +31,10 @@ def _fake(seconds: dict[str, float], calls: list):
 
 def test_the_measured_winner_is_chosen_cached_and_used_by_the_fast_path(model):
     calls = []
-    timings = {"mm": 3.0, "onednn": 2.0, "packed": 1.5, "conv": 1.0}
+    timings = {"mm": 3.0, "onednn": 2.0, "packed": 1.5, "conv": 1.0, "native": 4.0}
     choice = T.choose_cpu_gemv(model, measure=_fake(timings, calls))
     assert (choice.kernel, choice.source) == ("conv", "measured")
-    assert calls == [["mm", "onednn", "packed", "conv"]]
+    assert calls == [[k for k in timings if T.available(k, torch.float32)]]  # native where it is built
     again = T.choose_cpu_gemv(model, measure=_fake({**timings, "conv": 9.0}, calls))
     assert (again.kernel, again.source, len(calls)) == ("conv", "cached", 1)  # not measured twice
     faster_mm = T.choose_cpu_gemv(model, refresh=True, measure=_fake({**timings, "mm": 0.5}, calls))
@@ -48,7 +48,8 @@ def test_the_measured_winner_is_chosen_cached_and_used_by_the_fast_path(model):
 
 def test_a_copying_kernel_is_not_chosen_when_its_copy_does_not_fit(model, monkeypatch):
     monkeypatch.setattr(T, "available_memory", lambda: 1000)  # bytes: far less than the weights
-    choice = T.choose_cpu_gemv(model, measure=_fake({"mm": 3.0, "onednn": 2.0, "packed": 1.5, "conv": 1.0}, []))
+    timings = {"mm": 3.0, "onednn": 2.0, "packed": 1.5, "conv": 1.0, "native": 4.0}
+    choice = T.choose_cpu_gemv(model, measure=_fake(timings, []))
     assert choice.kernel == "onednn" and "does not fit" in choice.note
 
 
@@ -72,6 +73,8 @@ def test_nothing_is_measured_when_the_fast_path_is_off(model, monkeypatch):
 def test_a_corrupt_cache_is_measured_again_and_rewritten(model):
     T.cache_path().parent.mkdir(parents=True)
     T.cache_path().write_text("garbage{")  # a file of the right name, the wrong content
-    choice = T.choose_cpu_gemv(model, measure=_fake({"mm": 3.0, "onednn": 2.0, "packed": 1.5, "conv": 1.0}, []))
+    choice = T.choose_cpu_gemv(
+        model, measure=_fake({"mm": 3.0, "onednn": 2.0, "packed": 1.5, "conv": 1.0, "native": 4.0}, [])
+    )
     assert (choice.kernel, choice.source) == ("conv", "measured")
     assert T.choose_cpu_gemv(model, measure=_fake({}, [])).source == "cached"  # rewritten whole

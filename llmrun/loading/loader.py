@@ -52,8 +52,11 @@ def load_model(
 
     ``quant`` None keeps the checkpoint's own form (quantized or float); a ``QuantSpec`` makes every
     matrix that format (``none``: float). Running out of memory is an ``LlmrunError`` that gives the
-    bytes needed and free.
+    bytes needed and free. On the CPU, llmrun's native kernels are bound first (built once where a C
+    compiler is), so that they join every kernel choice made for the model.
     """
+    if device.type == "cpu":
+        native_kernels()
     with oom_guard(device, "loading the weights"):
         entries = read_index(checkpoint_files(model_dir))
         groups = quantized_groups(entries)
@@ -205,7 +208,6 @@ def _load_quantized(
     if native:  # a weight's mapped pages are dropped whenever a kernel's own form replaces a stored tensor
         for name, weight in weights.items():
             weight.release_mapped = functools.partial(_release, mapped, groups[name])
-        native_kernels()  # llmrun's own kernels join the candidates where they build (else PyTorch's serve)
         prepare_model(model, lambda weight: return_freed_memory())  # the packing's scratch, any codes dropped
     return model.eval()
 

@@ -23,6 +23,7 @@ from llmrun.model.quant import native
 from llmrun.paths import llmrun_home
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+SERIAL_FLAGS = tuple(flag for flag in FLAGS if flag != "-fopenmp")
 BUILD_TIMEOUT_S = 120
 
 _unavailable: str | None = None  # why the kernels could not be built in this process (not tried again)
@@ -64,25 +65,33 @@ def native_wanted() -> bool:
 
 
 def _built() -> Path:
-    """The shared library for this source, compiler and CPU: the cached one, else built now."""
+    """The shared library for this source, compiler and CPU: the cached one, else built now. A compiler
+    without OpenMP (Apple's clang) builds the kernels single-threaded instead (``SERIAL_FLAGS``)."""
     compiler = os.environ.get("CC") or "cc"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True)
-    source = native.SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(FLAGS).encode(), version.stdout.encode(), _cpu_identity().encode()])
-    ).hexdigest()[:16]
-    path = llmrun_home() / "kernels" / f"native-{key}.so"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: builders never share one
-    command = [compiler, *FLAGS, str(native.SOURCE), "-o", str(partial)]
-    build = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    if build.returncode != 0:
+    paths = {flags: _library_path(flags, version.stdout) for flags in (FLAGS, SERIAL_FLAGS)}
+    cached = [path for path in paths.values() if path.is_file()]
+    if cached:
+        return cached[0]
+    failure = ""
+    for flags, path in paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: builders never share one
+        command = [compiler, *flags, str(native.SOURCE), "-o", str(partial)]
+        build = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if build.returncode == 0:
+            os.replace(partial, path)
+            return path
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"{compiler} failed: {(build.stderr or build.stdout).strip()}")
-    os.replace(partial, path)
-    return path
+        failure = failure or f"{compiler} failed: {(build.stderr or build.stdout).strip()}"
+    raise RuntimeError(failure)
+
+
+def _library_path(flags: tuple[str, ...], compiler_version: str) -> Path:
+    """Where the build with ``flags`` lives: named by a hash of the source, flags, compiler and CPU."""
+    what = [native.SOURCE.read_bytes(), " ".join(flags).encode(), compiler_version.encode(), _cpu_identity().encode()]
+    key = hashlib.sha256(b"\0".join(what)).hexdigest()[:16]
+    return llmrun_home() / "kernels" / f"native-{key}.so"
 
 
 def _cpu_identity() -> str:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from llmrun.model.fastpath.gemv import PRODUCTS, onednn_supported
+from llmrun.model.fastpath.gemv import PRODUCTS, available, onednn_supported
 from llmrun.model.quant import default_kernel, is_quantized, product, product_weights
 from llmrun.model.quant.product import Weight
 from llmrun.model.transformer import Transformer, fuse_projections
@@ -89,9 +89,9 @@ def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, PassBuilder]:
 
     ``torch.mm`` on the transposed weight into a preallocated output, ``F.linear``, ``torch.mv``
     (batch 1) and, on a CPU with oneDNN for the dtype, the fast path's oneDNN kernels
-    (``ONEDNN_LABELS``) as ``products_pass`` runs them. A pass's packed copy of the weights lives
-    as long as the pass function. A quantized model has the one pass of ``quantized_pass``, named
-    after the kernels its weights run through.
+    (``ONEDNN_LABELS``) and, where built, llmrun's native float32 kernel, as ``products_pass`` runs
+    them. A pass's packed copy of the weights lives as long as the pass function. A quantized model
+    has the one pass of ``quantized_pass``, named after the kernels its weights run through.
     """
     mats = decode_matrices(model)
     device, dtype = model.model.norm.weight.device, model.model.norm.weight.dtype
@@ -123,6 +123,8 @@ def gemv_kernels(model: Transformer, batch: int = 1) -> dict[str, PassBuilder]:
         kernels["torch.mv"] = lambda: mv
     if device.type == "cpu" and onednn_supported(dtype):
         kernels |= {label: products_pass(mats, inputs, kernel, batch) for kernel, label in ONEDNN_LABELS.items()}
+    if device.type == "cpu" and available("native", dtype):
+        kernels["llmrun native"] = products_pass(mats, inputs, "native", batch)
     return kernels
 
 

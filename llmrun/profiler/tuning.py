@@ -33,7 +33,7 @@ import torch
 from llmrun.devices import available_memory, cpu_model_name
 from llmrun.jsonfiles import read_cache, write_json_atomic
 from llmrun.model.fastpath import fast_enabled
-from llmrun.model.fastpath.gemv import PRODUCTS, onednn_supported
+from llmrun.model.fastpath.gemv import PRODUCTS, available
 from llmrun.model.quant import is_quantized, native
 from llmrun.model.transformer import Transformer
 from llmrun.paths import llmrun_home
@@ -81,10 +81,10 @@ def choose_cpu_gemv(
     if forced != "auto":
         return KernelChoice(forced, "LLMRUN_CPU_GEMV")
     dtype = model.lm_head.weight.dtype
-    candidates = [k for k in PRODUCTS if k == "mm" or onednn_supported(dtype)]
+    candidates = [k for k in PRODUCTS if available(k, dtype)]
     if len(candidates) == 1:  # nothing to choose between (oneDNN cannot run the dtype here)
         return KernelChoice(candidates[0], "only candidate")
-    key = _key(model, batch)
+    key = _key(model, batch, candidates)
     if key in BUSY_CHOICES and not refresh:  # measured busy earlier in this process
         return BUSY_CHOICES[key]
     cache = read_cache(cache_path())
@@ -152,12 +152,13 @@ def _pick(seconds: dict[str, float], weight_bytes: int) -> tuple[str, str]:
     return fastest, ""
 
 
-def _key(model: Transformer, batch: int) -> str:
-    """What a measurement depends on: the CPU, threads, torch, dtype, batch and the matrix shapes."""
+def _key(model: Transformer, batch: int, candidates: list[str]) -> str:
+    """What a measurement depends on: the CPU, threads, torch, dtype, batch, the matrix shapes and the
+    candidates (a choice made without the native kernel is made again where it is built)."""
     shapes = sorted({tuple(w.shape) for w in decode_matrices(model)})
     what = [cpu_model_name(), torch.get_num_threads(), torch.__version__, str(model.lm_head.weight.dtype), batch]
     digest = hashlib.sha256(json.dumps([*what, len(model.model.layers), shapes]).encode()).hexdigest()[:16]
-    return f"{what[0]}|{what[1]} threads|torch {what[2]}|{what[3]}|batch {batch}|{digest}"
+    return f"{what[0]}|{what[1]} threads|torch {what[2]}|{what[3]}|batch {batch}|{digest}|{'+'.join(candidates)}"
 
 
 def measure_passes(model: Transformer, kernels: list[str], batch: int) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """The matrix-vector kernels of CPU decode: one small class per kernel, chosen by name.
 
 Each ``_Products`` subclass multiplies a decode step's activations x (B, K) by its weights
-(N, K), through ``torch.mm`` or oneDNN (linear, prepacked linear, 1x1 convolution on reordered
-weights). ``PRODUCTS`` maps the names ``LLMRUN_CPU_GEMV`` accepts to them.
+(N, K), through ``torch.mm``, oneDNN (linear, prepacked linear, 1x1 convolution on reordered
+weights) or llmrun's native float32 kernel (``llmrun.model.quant.native``). ``PRODUCTS`` maps the
+names ``LLMRUN_CPU_GEMV`` accepts to them; ``available`` says which run a dtype here.
 """
 
 from __future__ import annotations
@@ -12,29 +13,39 @@ import os
 import torch
 
 from llmrun.errors import LlmrunError
+from llmrun.model.quant import native
 from llmrun.model.quant.product import Weight, product
 
 
 def cpu_gemv(dtype: torch.dtype, choice: str | None = None) -> str:
     """The matrix-vector kernel that will run CPU decode in ``dtype``: ``choice``, else ``LLMRUN_CPU_GEMV``.
 
-    The names are ``auto``, ``conv``, ``packed``, ``onednn`` and ``mm``; any other raises
+    The names are ``auto``, ``conv``, ``packed``, ``onednn``, ``native`` and ``mm``; any other raises
     ``LlmrunError``. ``auto`` (the default) means the kernel measured for the model
     (``llmrun.profiler.tuning`` passes it as ``choice``); without a measurement it is ``mm``: no
     kernel is assumed to win on a CPU it was not timed on. ``conv`` is oneDNN's 1x1 convolution on
     reordered weights, which adds into the residual in place; ``packed`` is oneDNN's linear on
     weights reordered for the batch size; both hold a second, reordered copy of the weights.
-    ``onednn`` is the linear on plain weights (no copy); ``mm`` is ``torch.mm``. A oneDNN choice
-    becomes ``mm`` where oneDNN cannot run ``dtype`` (fp16; bf16 without CPU support). Only ``mm``
-    lets a step allocate nothing: oneDNN's linear returns fresh outputs, and its convolution takes
-    a fresh scratchpad per call.
+    ``onednn`` is the linear on plain weights (no copy); ``native`` is llmrun's float32 kernel on
+    plain weights, the residual add in the same kernel; ``mm`` is ``torch.mm``. A choice becomes
+    ``mm`` where its kernel cannot run ``dtype`` here (``available``). Only ``mm`` and ``native``
+    let a step allocate nothing: oneDNN's linear returns fresh outputs, and its convolution takes a
+    fresh scratchpad per call.
     """
     choice = choice or os.environ.get("LLMRUN_CPU_GEMV", "auto")
     if choice not in PRODUCTS and choice != "auto":
-        raise LlmrunError(f"LLMRUN_CPU_GEMV={choice!r} is not a kernel: set it to auto, conv, packed, onednn or mm")
-    if choice in ("auto", "mm"):
-        return "mm"
-    return choice if onednn_supported(dtype) else "mm"
+        raise LlmrunError(
+            f"LLMRUN_CPU_GEMV={choice[:40]!r} is not a kernel: set it to auto, conv, packed, onednn, native or mm"
+        )
+    return choice if choice != "auto" and available(choice, dtype) else "mm"
+
+
+def available(kernel: str, dtype: torch.dtype) -> bool:
+    """Whether the decode kernel ``kernel`` (a ``PRODUCTS`` name) runs ``dtype`` here: oneDNN's where oneDNN
+    does; llmrun's native float32 kernel where a build with its four-row form is bound; ``mm`` always."""
+    if kernel == "native":
+        return dtype == torch.float32 and native.has_tiles()
+    return kernel == "mm" or onednn_supported(dtype)
 
 
 def onednn_supported(dtype: torch.dtype) -> bool:
@@ -166,5 +177,33 @@ class _ConvProducts(_Products):
         return acc
 
 
+class _NativeProducts(_MatmulProducts):
+    """llmrun's native float32 kernel on the weights as they are (no copy), into the given buffers, the
+    residual add in the same kernel; ``torch.mm`` for a weight whose shape it does not take."""
+
+    def pack_dense(self, weight: torch.Tensor) -> torch.Tensor:
+        # the weight itself (N, K) where the kernel takes it, else torch.mm's transposed view
+        return weight if native.takes_float(*weight.shape) and weight.is_contiguous() else weight.t()
+
+    def dense_product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if not (w.is_contiguous() and out.is_contiguous() and x.is_contiguous()):
+            super().dense_product(out, x, w, bias)
+            return
+        native.gemv_float(out, x, w, accumulate=False)
+        if bias is not None:
+            out.add_(bias)
+
+    def dense_accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
+        if not (w.is_contiguous() and acc.is_contiguous() and x.is_contiguous()):
+            return super().dense_accumulate(acc, x, w, bias)
+        native.gemv_float(acc, x, w, accumulate=True)
+        if bias is not None:
+            acc.add_(bias)
+        return acc
+
+
 # LLMRUN_CPU_GEMV's kernel names -> their products
-PRODUCTS = {"mm": _MatmulProducts, "onednn": _LinearProducts, "packed": _PackedLinearProducts, "conv": _ConvProducts}
+PRODUCTS = {
+    "mm": _MatmulProducts, "onednn": _LinearProducts, "packed": _PackedLinearProducts, "conv": _ConvProducts,
+    "native": _NativeProducts,
+}  # fmt: skip

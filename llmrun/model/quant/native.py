@@ -29,6 +29,8 @@ _SIGNATURES = {
     "llmrun_gemv": [_P, _P, _INT, _P, _P, _INT, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT],
     # codes, bits, scales, offsets, half, out, first row, rows, K, group, threads
     "llmrun_dequant": [_P, _INT, _P, _P, _INT, _P, _I64, _I64, _I64, _I64, _INT],
+    # x, w, y; rows M, N, K; accumulate, threads
+    "llmrun_gemv_f32": [_P, _P, _P, _I64, _I64, _I64, _INT, _INT],
     "llmrun_has_tiles": [],
 }
 
@@ -117,6 +119,20 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: Scales, *, tiled: bool = 
         m, n, k, group, tiled, torch.get_num_threads(),
     )  # fmt: skip
     return y
+
+
+def takes_float(n: int, k: int) -> bool:
+    """Whether the bound build multiplies a float32 weight (N, K) (``gemv_float``): AVX2 builds, N a multiple
+    of 4 and K of 16."""
+    return has_tiles() and n % 4 == 0 and k % 16 == 0
+
+
+def gemv_float(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, *, accumulate: bool) -> None:
+    """out (M, N) = x (M, K) W^T, or out += x W^T, for float32 contiguous tensors and W (N, K) (``takes_float``)."""
+    m, k = x.shape
+    _library.llmrun_gemv_f32(
+        x.data_ptr(), w.data_ptr(), out.data_ptr(), m, w.shape[0], k, accumulate, torch.get_num_threads()
+    )
 
 
 def dequantize(codes: torch.Tensor, scales: Scales, first: int, rows: int, out: torch.Tensor) -> torch.Tensor:
