@@ -18,6 +18,7 @@ from llmrun.loading import native_kernels as build
 from llmrun.loading.loader import load_model
 from llmrun.model.executor import forward
 from llmrun.model.quant import KERNELS, QuantWeight, native, parse_quant, product_weights, quantize_int4
+from llmrun.model.quant.kernels import NATIVE_GEMV_ROWS
 from llmrun.profiler.quant_tuning import ROUNDING_MARGIN, pick
 
 needs_native = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the native kernels")
@@ -37,7 +38,7 @@ def _summation_bound(x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
 
 @needs_native
 @pytest.mark.parametrize("kernel", ["native", "native-tiled"])
-@pytest.mark.parametrize("rows", [1, 3, 9])  # 9 > NATIVE_GEMV_ROWS: blocks dequantized, then torch.mm
+@pytest.mark.parametrize("rows", [1, 3, NATIVE_GEMV_ROWS + 1])  # the last: blocks dequantized, then torch.mm
 @pytest.mark.parametrize("fmt", ["int4:32", "int4:128", "int8", "int8:32"])
 def test_native_products_are_float32_exact(kernel, rows, fmt):
     """Within the float32 summation bound of the float64 product of the dequantized weight: no bf16 step."""
@@ -227,3 +228,18 @@ def test_a_compiler_without_openmp_builds_them_single_threaded(tmp_path, monkeyp
     x = torch.randn(1, 64)
     reference = x.double() @ weight.dequantize(torch.float64).t()
     assert ((KERNELS["native"].run(x, weight).double() - reference).abs() <= _summation_bound(x, weight)).all()
+
+
+@needs_native
+def test_the_fused_float32_ops_equal_pytorchs():
+    """The decode step's RMSNorm and SiLU·mul as one native call each: PyTorch's result up to float32 rounding."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(4)
+    x, weight, out = torch.randn(3, 64), torch.randn(64), torch.empty(3, 64)
+    native.rms_norm(out, x, weight, 1e-5)
+    torch.testing.assert_close(out, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight)
+    gate_up, act = torch.randn(3, 80), torch.empty(3, 40)
+    gate, up = gate_up[:, :40], gate_up[:, 40:]  # row views, as the decode buffers hold them
+    native.silu_mul(act, gate, up)
+    torch.testing.assert_close(act, F.silu(gate) * up)

@@ -77,7 +77,7 @@ def _built() -> Path:
     for flags, path in paths.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: builders never share one
-        command = [compiler, *flags, str(native.SOURCE), "-o", str(partial)]
+        command = [compiler, *flags, str(native.SOURCE), "-o", str(partial), "-lm"]
         build = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if build.returncode == 0:
             os.replace(partial, path)
@@ -89,7 +89,8 @@ def _built() -> Path:
 
 def _library_path(flags: tuple[str, ...], compiler_version: str) -> Path:
     """Where the build with ``flags`` lives: named by a hash of the source, flags, compiler and CPU."""
-    what = [native.SOURCE.read_bytes(), " ".join(flags).encode(), compiler_version.encode(), _cpu_identity().encode()]
+    what = [native.SOURCE.read_bytes(), " ".join([*flags, "-lm"]).encode(), compiler_version.encode()]
+    what.append(_cpu_identity().encode())
     key = hashlib.sha256(b"\0".join(what)).hexdigest()[:16]
     return llmrun_home() / "kernels" / f"native-{key}.so"
 

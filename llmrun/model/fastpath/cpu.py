@@ -11,6 +11,7 @@ from llmrun.model.fastpath.gemv import PRODUCTS, cpu_gemv
 from llmrun.model.fastpath.step import FastDecoder
 from llmrun.model.kvcache import KVCache
 from llmrun.model.probe import NULL_PROBE, Probe
+from llmrun.model.quant import native
 from llmrun.model.transformer import Transformer
 
 # Keys from which float32 decode attention runs on all threads: over shorter spans a parallel region
@@ -74,8 +75,10 @@ class CpuDecoder(FastDecoder):
     ``gemv`` picks the kernel (``cpu_gemv``; default: the model's measured ``decode_gemv``). Attention is bmm,
     softmax in place, bmm over the positions filled so far (a sliding window's last ones), cheaper at
     one query than SDPA's kernel; in bf16/fp16 it runs on float32 copies of K, V and q: a bf16 bmm
-    copies K^T and rounds its scores to bf16. ``step(token, probe)`` marks every op group on ``probe``
-    (``llmrun.profiler.timers.OpTimer`` times them); without a probe the step is unchanged.
+    copies K^T and rounds its scores to bf16. In float32, with the native library bound, each RMSNorm
+    and the SiLU·mul are one native call each (``fused_ops``). ``step(token, probe)`` marks every op
+    group on ``probe`` (``llmrun.profiler.timers.OpTimer`` times them); without a probe the step is
+    unchanged.
     """
 
     def __init__(self, model: Transformer, cache: KVCache, *, gemv: str | None = None) -> None:
@@ -86,6 +89,10 @@ class CpuDecoder(FastDecoder):
         self.scratch = _AttentionScratch(self.buffers, cache.max_seq_len, float32=dtype != torch.float32)
         self.windows = tuple(dict.fromkeys(plan.window for plan in self.buffers.layers))
         self._spans: dict[int | None, _Span] = {}
+        # float32 norms and SiLU·mul as single native calls where the native library is bound: a
+        # decode step's small ops cost their dispatch more than their arithmetic
+        self.fused_ops = dtype == torch.float32 and native.bound() and self.buffers.x.is_contiguous()
+        self.eps = model.args.rms_norm_eps
 
     def _step(self, token: torch.Tensor, pos: int, probe: Probe = NULL_PROBE) -> None:
         b = self.buffers
@@ -95,6 +102,19 @@ class CpuDecoder(FastDecoder):
             self._layers(probe)
 
     _probed_step = _step
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        if self.fused_ops and x.is_contiguous():  # one native call for the five ops of the float32 formula
+            native.rms_norm(self.buffers.h, x, weight, self.eps)
+        else:
+            super()._norm(x, weight)
+
+    def _act(self) -> None:
+        b = self.buffers
+        if self.fused_ops:
+            native.silu_mul(b.act, b.gate, b.up)
+        else:
+            super()._act()
 
     def _attend(self, plan: LayerPlan) -> None:
         b = self.buffers

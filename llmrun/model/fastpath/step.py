@@ -104,8 +104,7 @@ class FastDecoder:
             mark("mlp_norm", i)
             product(b.gate_up, b.h, plan.wgate_up, plan.bgate_up)
             mark("gate_up_proj", i)
-            F.silu(b.gate, inplace=True)
-            torch.mul(b.gate, b.up, out=b.act)
+            self._act()
             mark("act", i)
             x = accumulate(x, b.act, plan.wdown, plan.bdown)
             mark(down_mark, i)
@@ -115,6 +114,12 @@ class FastDecoder:
         if b.logits_mm is not b.logits:
             b.logits.copy_(b.logits_mm)
         mark("lm_head")
+
+    def _act(self) -> None:
+        """``act`` = silu(gate) · up (``gate`` is overwritten)."""
+        b = self.buffers
+        F.silu(b.gate, inplace=True)
+        torch.mul(b.gate, b.up, out=b.act)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> None:
         """RMSNorm of x (B, d) into ``h`` as ``llmrun.model.transformer.RMSNorm``: float32 statistics, cast, weight."""

@@ -25,9 +25,10 @@ from llmrun.model.quant.weight import CODE_DTYPES, QuantWeight
 
 DEQUANT_ELEMENTS = 2**20  # weight elements dequantized at once (4 MiB of float32): bounds the scratch memory
 # Rows of x up to which ``native`` reads the codes once per row; from more on it dequantizes blocks of
-# rows and multiplies them (torch.mm). A row costs about as much as dequantizing a third of the weight
-# (2026-12-01, AMD EPYC Zen 3, 2 threads), so more than 4 rows favour dequantizing.
-NATIVE_GEMV_ROWS = 4
+# rows and multiplies them (torch.mm). On a 3072x576 int4 weight a row cost the row path 170 us and
+# dequantizing then multiplying 830 us plus ~60 us a row (2026-12-01, AMD EPYC Zen 3, 2 threads): they
+# meet near 9 rows.
+NATIVE_GEMV_ROWS = 8
 
 
 class Kernel:

@@ -13,6 +13,7 @@
    asked (`tiled`); elsewhere the same loops in plain C, which the compiler vectorizes as it can.
    Rows of W are shared among `threads` OpenMP threads. */
 
+#include <math.h>
 #include <stdint.h>
 #if defined(__F16C__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -230,4 +231,26 @@ void llmrun_dequant(const uint8_t *codes, int bits, const void *scales, const vo
             }
         }
     }
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * weight for M rows of D (RMSNorm in float32), on one thread: the
+   decode step's norms, one call where PyTorch's ops took five. Rows are D apart in x and out. */
+void llmrun_rms_norm(const float *x, const float *weight, float *out, int64_t m_rows, int64_t d, float eps) {
+    for (int64_t m = 0; m < m_rows; m++) {
+        const float *xm = x + m * d;
+        float sum = 0;
+        for (int64_t j = 0; j < d; j++) sum += xm[j] * xm[j];
+        float scale = 1.0f / sqrtf(sum / (float)d + eps);
+        for (int64_t j = 0; j < d; j++) out[m * d + j] = xm[j] * scale * weight[j];
+    }
+}
+
+/* out = silu(gate) * up for M rows of N in float32, on one thread; each tensor's rows `*_row` apart */
+void llmrun_silu_mul(const float *gate, const float *up, float *out, int64_t m_rows, int64_t n, int64_t gate_row,
+                     int64_t up_row, int64_t out_row) {
+    for (int64_t m = 0; m < m_rows; m++)
+        for (int64_t j = 0; j < n; j++) {
+            float g = gate[m * gate_row + j];
+            out[m * out_row + j] = g / (1.0f + expf(-g)) * up[m * up_row + j];
+        }
 }

@@ -31,6 +31,10 @@ _SIGNATURES = {
     "llmrun_dequant": [_P, _INT, _P, _P, _INT, _P, _I64, _I64, _I64, _I64, _INT],
     # x, w, y; rows M, N, K; accumulate, threads
     "llmrun_gemv_f32": [_P, _P, _P, _I64, _I64, _I64, _INT, _INT],
+    # x, weight, out; rows M, D; eps
+    "llmrun_rms_norm": [_P, _P, _P, _I64, _I64, ctypes.c_float],
+    # gate, up, out; rows M, N; row strides of gate, up, out
+    "llmrun_silu_mul": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64],
     "llmrun_has_tiles": [],
 }
 
@@ -132,6 +136,20 @@ def gemv_float(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, *, accumulat
     m, k = x.shape
     _library.llmrun_gemv_f32(
         x.data_ptr(), w.data_ptr(), out.data_ptr(), m, w.shape[0], k, accumulate, torch.get_num_threads()
+    )
+
+
+def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """out (M, D) = x / sqrt(mean(x^2) + eps) * weight, for contiguous float32 x and out (one thread)."""
+    m, d = x.shape
+    _library.llmrun_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), m, d, eps)
+
+
+def silu_mul(out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
+    """out (M, N) = silu(gate) * up, for float32 tensors whose rows are contiguous (one thread)."""
+    m, n = gate.shape
+    _library.llmrun_silu_mul(
+        gate.data_ptr(), up.data_ptr(), out.data_ptr(), m, n, gate.stride(0), up.stride(0), out.stride(0)
     )
 
 
