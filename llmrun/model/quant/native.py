@@ -1,13 +1,15 @@
-"""llmrun's native quantized kernels (``native.c``), called through ctypes once a build of them is bound.
+"""llmrun's native kernels (``native.c``), called through ctypes once a build of them is bound.
 
 The C source ships beside this module (``SOURCE``); ``llmrun.loading.native_kernels`` compiles it on
 the machine that runs it and calls ``bind`` with the shared library. Until then (no compiler, a
-failed build, ``LLMRUN_NATIVE=0``) ``bound()`` is False and the kernels that use it
-(``llmrun.model.quant.kernels``: ``native``, ``native-tiled``) take no weight.
+failed build, ``LLMRUN_NATIVE=0``) ``bound()`` is False and their users fall back to PyTorch: the
+quantized kernels ``native`` and ``native-tiled`` (``llmrun.model.quant.kernels``) take no weight,
+the CPU decode kernel ``native`` (``llmrun.model.fastpath.gemv``) is no candidate, and the decode
+step's norms and SiLU·mul run as PyTorch ops (``llmrun.model.fastpath.cpu``).
 
-They read a ``QuantWeight``'s stored codes as they are (no copy, no packed layout), with float32
-activations, and its scales in their own form (``Scales``): a product equals the dequantized
-float32 one up to float32 rounding.
+The quantized products read a ``QuantWeight``'s stored codes as they are (no copy, no packed
+layout), with float32 activations, and its scales in their own form (``Scales``): a product
+equals the dequantized float32 one up to float32 rounding.
 """
 
 from __future__ import annotations
