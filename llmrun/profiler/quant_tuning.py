@@ -11,7 +11,7 @@ rounds the activations (bf16 for a float32 model) must beat the fastest one that
 ``ROUNDING_MARGIN``.
 
 The choice is cached under ``$LLMRUN_HOME/tuning/quant.json`` keyed by device, threads, torch
-version, dtype, batch, format and shape, and set on every weight of that kind
+version, dtype, batch, format, shape and the candidates, and set on every weight of that kind
 (``QuantWeight.kernel``); ``llmrun peaks --refresh`` forgets it with the rest of the tuning
 directory's choices when it removes the file. The model is then prepared for the choices
 (``llmrun.model.quant.prepare_model``: the stored codes freed where the chosen kernel holds its own

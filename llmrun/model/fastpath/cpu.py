@@ -91,7 +91,7 @@ class CpuDecoder(FastDecoder):
         self._spans: dict[int | None, _Span] = {}
         # float32 norms and SiLU·mul as single native calls where the native library is bound: a
         # decode step's small ops cost their dispatch more than their arithmetic
-        self.fused_ops = dtype == torch.float32 and native.bound() and self.buffers.x.is_contiguous()
+        self.fused_ops = dtype == torch.float32 and native.bound()
         self.eps = model.args.rms_norm_eps
 
     def _step(self, token: torch.Tensor, pos: int, probe: Probe = NULL_PROBE) -> None:

@@ -186,7 +186,7 @@ class _NativeProducts(_MatmulProducts):
         return weight if native.takes_float(*weight.shape) and weight.is_contiguous() else weight.t()
 
     def dense_product(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
-        if not (w.is_contiguous() and out.is_contiguous() and x.is_contiguous()):
+        if not _all_contiguous(w, out, x):  # a weight packed for torch.mm (or an odd buffer)
             super().dense_product(out, x, w, bias)
             return
         native.gemv_float(out, x, w, accumulate=False)
@@ -194,12 +194,16 @@ class _NativeProducts(_MatmulProducts):
             out.add_(bias)
 
     def dense_accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
-        if not (w.is_contiguous() and acc.is_contiguous() and x.is_contiguous()):
+        if not _all_contiguous(w, acc, x):
             return super().dense_accumulate(acc, x, w, bias)
         native.gemv_float(acc, x, w, accumulate=True)
         if bias is not None:
             acc.add_(bias)
         return acc
+
+
+def _all_contiguous(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() for t in tensors)
 
 
 # LLMRUN_CPU_GEMV's kernel names -> their products

@@ -49,7 +49,7 @@ class Kernel:
     def accepts(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
         """Whether this kernel computes ``weight``'s products correctly for activations in ``dtype``."""
         has_codes = weight.codes is not None or (self.codes_key is not None and self.codes_key in weight.prepared)
-        has_scales = weight.scales is not None or f"{self.name}:{self.compute or dtype}" in weight.prepared
+        has_scales = weight.scales is not None or self.form_key(self.compute or dtype) in weight.prepared
         return (
             has_codes and has_scales and weight.device.type == self.device_type
             and self.takes(weight, self.compute or dtype)
@@ -86,9 +86,13 @@ class Kernel:
         kernel's own copy (``serves_rows`` kernels only; the stored codes may be gone)."""
         raise NotImplementedError
 
+    def form_key(self, dtype: torch.dtype) -> str:
+        """The key of this kernel's form for activations in ``dtype`` in ``QuantWeight.prepared``."""
+        return f"{self.name}:{dtype}"
+
     def form(self, weight: QuantWeight, dtype: torch.dtype) -> object:
         """``prepare``'s form for activations in ``dtype``, made once and kept in ``weight.prepared``."""
-        key = f"{self.name}:{dtype}"
+        key = self.form_key(dtype)
         form = weight.prepared.get(key)
         if form is None:
             form = weight.prepared[key] = self.prepare(weight, dtype)
@@ -146,7 +150,7 @@ class Native(Kernel):
 
     def read_bytes(self, weight: QuantWeight, dtype: torch.dtype) -> int:
         """The stored codes and the form's scales (float32 until the form exists: what the weight stores)."""
-        form = weight.prepared.get(f"{self.name}:{self.compute}")
+        form = weight.prepared.get(self.form_key(self.compute))
         scales = form.nbytes if form is not None else weight.nbytes - weight.codes_bytes
         return weight.codes_bytes + scales
 
