@@ -112,6 +112,18 @@ def test_the_build_is_cached_per_machine(tmp_path, monkeypatch):
     assert list((tmp_path / "kernels").iterdir()) == [library] and library.stat().st_mtime_ns == built
 
 
+@needs_native
+def test_a_damaged_cached_build_is_built_again(tmp_path, monkeypatch):
+    """A cached library of the right name but not a library (truncated, overwritten) is replaced, not fatal."""
+    monkeypatch.setenv("LLMRUN_HOME", str(tmp_path))
+    monkeypatch.setattr(build, "_unavailable", None)
+    library = build._built()  # built, not loaded (a loaded library must not be written over)
+    library.write_bytes(b"not a shared library")
+    native.unbind()
+    assert build.native_kernels() is None and native.bound()
+    assert library.stat().st_size > 1000 and list((tmp_path / "kernels").iterdir()) == [library]
+
+
 @pytest.mark.parametrize("compiler", ["missing", "failing"])
 def test_without_a_build_pytorch_kernels_serve(tiny_factory, tmp_path, monkeypatch, compiler):
     """No compiler, or one that fails: a reason, no file left behind, and the model runs on PyTorch's kernels."""

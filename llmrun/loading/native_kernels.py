@@ -24,6 +24,7 @@ from llmrun.paths import llmrun_home
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 SERIAL_FLAGS = tuple(flag for flag in FLAGS if flag != "-fopenmp")
+LIBS = ("-lm",)  # linked after the source (expf, sqrtf)
 BUILD_TIMEOUT_S = 120
 
 _unavailable: str | None = None  # why the kernels could not be built in this process (not tried again)
@@ -33,7 +34,8 @@ def native_kernels() -> str | None:
     """Bind the native kernels, building them first where no build for this machine is cached.
 
     Returns None once they are bound, else one line saying why they are not (no compiler, a failed
-    build, ``LLMRUN_NATIVE=0``); a failure is remembered for the rest of the process.
+    build, ``LLMRUN_NATIVE=0``); a failure is remembered for the rest of the process. A cached build
+    that does not load (a truncated or damaged file) is built again over it.
 
     Raises:
         LlmrunError: ``LLMRUN_NATIVE`` is neither 0 nor 1.
@@ -46,7 +48,7 @@ def native_kernels() -> str | None:
         return None
     if _unavailable is None:
         try:
-            native.bind(_built())
+            _bind_built()
         except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
             _unavailable = f"native kernels not built ({str(exc).strip().splitlines()[0][:200]})"
     return _unavailable
@@ -64,20 +66,30 @@ def native_wanted() -> bool:
     return setting == "1"
 
 
-def _built() -> Path:
-    """The shared library for this source, compiler and CPU: the cached one, else built now. A compiler
-    without OpenMP (Apple's clang) builds the kernels single-threaded instead (``SERIAL_FLAGS``)."""
+def _bind_built() -> None:
+    """Bind the cached build, or one built now; a cached one that does not load is replaced by a new build."""
+    path = _built()
+    try:
+        native.bind(path)
+    except OSError:
+        native.bind(_built(fresh=True))
+
+
+def _built(*, fresh: bool = False) -> Path:
+    """The shared library for this source, compiler and CPU: the cached one (unless ``fresh``), else built
+    now. A compiler without OpenMP (Apple's clang) builds the kernels single-threaded (``SERIAL_FLAGS``)."""
     compiler = os.environ.get("CC") or "cc"
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True)
-    paths = {flags: _library_path(flags, version.stdout) for flags in (FLAGS, SERIAL_FLAGS)}
+    machine = [native.SOURCE.read_bytes(), version.stdout.encode(), _cpu_identity().encode()]
+    paths = {flags: _library_path(flags, machine) for flags in (FLAGS, SERIAL_FLAGS)}
     cached = [path for path in paths.values() if path.is_file()]
-    if cached:
+    if cached and not fresh:
         return cached[0]
     failure = ""
     for flags, path in paths.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: builders never share one
-        command = [compiler, *flags, str(native.SOURCE), "-o", str(partial), "-lm"]
+        command = [compiler, *flags, str(native.SOURCE), "-o", str(partial), *LIBS]
         build = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if build.returncode == 0:
             os.replace(partial, path)
@@ -87,11 +99,10 @@ def _built() -> Path:
     raise RuntimeError(failure)
 
 
-def _library_path(flags: tuple[str, ...], compiler_version: str) -> Path:
-    """Where the build with ``flags`` lives: named by a hash of the source, flags, compiler and CPU."""
-    what = [native.SOURCE.read_bytes(), " ".join([*flags, "-lm"]).encode(), compiler_version.encode()]
-    what.append(_cpu_identity().encode())
-    key = hashlib.sha256(b"\0".join(what)).hexdigest()[:16]
+def _library_path(flags: tuple[str, ...], machine: list[bytes]) -> Path:
+    """Where the build with ``flags`` lives: named by a hash of them and of ``machine`` (the source, the
+    compiler's version, the CPU)."""
+    key = hashlib.sha256(b"\0".join([" ".join([*flags, *LIBS]).encode(), *machine])).hexdigest()[:16]
     return llmrun_home() / "kernels" / f"native-{key}.so"
 
 
