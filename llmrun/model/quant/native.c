@@ -25,7 +25,7 @@
 #define BLOCK 32 /* columns per inner step */
 #define TILE 4   /* weight rows per step of the tiled AVX2 kernels */
 #define PREFETCH_ROWS 8 /* rows ahead whose codes the tiled kernels ask the cache for (else latency-bound) */
-#define F32_PREFETCH_ROWS 32 /* the same for float32 rows (measured: 8 to 32 rows ahead, 32 best) */
+#define F32_PREFETCH_ROWS 32 /* the same for float32 rows (of 8, 16 and 32, the fastest on an AMD EPYC Zen 3) */
 
 /* element i of a float32 (half = 0) or float16 (half = 1) array */
 static inline float value(const void *values, int64_t i, int half) {
