@@ -1,12 +1,14 @@
 """Greedy output of a GGUF run quantized (``--quant auto``) against the same file dequantized (``--quant none``).
 
-Usage: python scripts/quant_agreement.py [--model SPEC] [-n 32] [--dtype auto] [--no-tune] [--json-only]
+Usage: python scripts/quant_agreement.py [--model SPEC] [-n 32] [--dtype auto] [--no-tune] [--kernel NAME]
+                                         [--json-only]
 
 Each prompt shipped below goes through the model's chat template as ``llmrun generate`` applies it
 and decodes ``-n`` new tokens at temperature 0 (stopping at an end-of-sequence id, as ``generate``
 does), once with the quantized weights and once with the dequantized ones. Each model is loaded
 once (one after the other, in this process) and tuned as ``generate`` tunes it (``--no-tune``:
-the default kernels, which compute in the model's dtype; the tuned ones may cast to bf16). Prints a table
+the default kernels, which compute in the model's dtype; the tuned ones may cast to bf16; ``--kernel``:
+that kernel of ``llmrun.model.quant.KERNELS`` on every quantized weight it takes, untuned). Prints a table
 (per prompt: equal or not, the common prefix in tokens, both lengths) and a JSON summary: how many
 prompts give equal token sequences and the mean common prefix.
 """
@@ -23,6 +25,7 @@ from llmrun.generation.generate import generate_tokens
 from llmrun.generation.prompt import PromptSettings, prompt_ids
 from llmrun.generation.sampling import Sampler, SamplingParams
 from llmrun.loading.session import open_session
+from llmrun.model.quant import KERNELS, product_weights
 from llmrun.profiler.tuning import tune_decode
 
 PROMPTS = (
@@ -49,10 +52,17 @@ PROMPTS = (
 )
 
 
-def greedy_outputs(model_spec: str | None, quant: str, dtype: str, new_tokens: int, tune: bool) -> list[list[int]]:
-    """The generated ids of every prompt of ``PROMPTS`` with the weights loaded as ``quant``."""
+def greedy_outputs(
+    model_spec: str | None, quant: str, dtype: str, new_tokens: int, tune: bool, kernel: str | None = None
+) -> list[list[int]]:
+    """The generated ids of every prompt of ``PROMPTS`` with the weights loaded as ``quant`` (and run through
+    ``kernel`` where it takes them, untuned)."""
     session = open_session(model_spec, dtype=dtype, quant=quant)
-    if tune:
+    if kernel is not None:
+        for weight in product_weights(session.model):
+            if KERNELS[kernel].accepts(weight, weight.dtype):
+                weight.kernel = kernel
+    elif tune:
         tune_decode(session.model)
     context = session.model.args.context_length
     outputs = []
@@ -79,10 +89,11 @@ def main() -> None:
     parser.add_argument("-n", "--new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--no-tune", action="store_true", help="keep the default kernels (no measured choice)")
+    parser.add_argument("--kernel", choices=sorted(KERNELS), help="run the quantized weights through this kernel")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON summary")
     args = parser.parse_args()
     with torch.inference_mode():
-        quantized = greedy_outputs(args.model, "auto", args.dtype, args.new_tokens, not args.no_tune)
+        quantized = greedy_outputs(args.model, "auto", args.dtype, args.new_tokens, not args.no_tune, args.kernel)
         dequantized = greedy_outputs(args.model, "none", args.dtype, args.new_tokens, not args.no_tune)
     prefixes = [common_prefix(q, d) for q, d in zip(quantized, dequantized, strict=True)]
     equal = [q == d for q, d in zip(quantized, dequantized, strict=True)]
@@ -95,7 +106,8 @@ def main() -> None:
         "model": args.model or "default",
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
-        "tuned": not args.no_tune,
+        "tuned": not args.no_tune and args.kernel is None,
+        "kernel": args.kernel,
         "prompts": len(PROMPTS),
         "new_tokens": args.new_tokens,
         "equal": sum(equal),

@@ -53,6 +53,6 @@ def form_bytes(weight, dtype) -> int:
     form = kernel.form(weight, kernel.compute or dtype)
     if form is None:
         return weight.nbytes
-    if isinstance(form, native.Scales):
+    if isinstance(form, native.Operand):
         return weight.codes_bytes + form.nbytes
     return sum(t.nbytes for t in form if isinstance(t, torch.Tensor))

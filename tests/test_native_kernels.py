@@ -36,25 +36,80 @@ def _summation_bound(x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
     return 2 * k * 2.0**-24 * (x.double().abs() @ magnitude.view(n, k).t())
 
 
+def _weight(fmt: str, n: int, k: int) -> QuantWeight:
+    """A random (N, K) weight: "int4:GROUP", "int8" (per channel) or "int8:32" (GGUF Q8_0's groups)."""
+    if fmt.startswith("int4"):
+        return quantize_int4(torch.randn(n, k), int(fmt.split(":")[1]))
+    group = k if fmt == "int8" else 32
+    return QuantWeight(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // group) / 50)
+
+
 @needs_native
 @pytest.mark.parametrize("kernel", ["native", "native-tiled"])
 @pytest.mark.parametrize("rows", [1, 3, NATIVE_GEMV_ROWS + 1])  # the last: blocks dequantized, then torch.mm
 @pytest.mark.parametrize("fmt", ["int4:32", "int4:128", "int8", "int8:32"])
 def test_native_products_are_float32_exact(kernel, rows, fmt):
     """Within the float32 summation bound of the float64 product of the dequantized weight: no bf16 step."""
-    if kernel == "native-tiled" and not native.has_tiles():
+    if kernel == "native-tiled" and not native.vectorized():
         pytest.skip("this build has no four-row form")
     torch.manual_seed(1)
     n, k = 45, 256
-    if fmt.startswith("int4"):
-        weight = quantize_int4(torch.randn(n, k), int(fmt.split(":")[1]))
-    else:
-        group = k if fmt == "int8" else 32
-        weight = QuantWeight(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, k // group) / 50)
+    weight = _weight(fmt, n, k)
     x = torch.randn(rows, k)
     reference = x.double() @ weight.dequantize(torch.float64).t()
     y = KERNELS[kernel].run(x, weight)
     assert ((y.double() - reference).abs() <= _summation_bound(x, weight)).all()
+
+
+def _x16_rounding_bound(x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
+    """Per output (M, N): the error of rounding x to the 16-bit form, half a step (max |x| / 32767 over each
+    32 columns) times sum |code scale| over the block, on top of ``_summation_bound`` (the offsets' terms
+    take x unrounded)."""
+    n, k = weight.shape
+    steps = x.double().abs().view(x.shape[0], k // 32, 32).amax(-1) / 32767  # (M, K/32)
+    codes = weight.unpacked_codes().double().view(n, k // weight.group, weight.group)
+    magnitude = (codes * weight.scales.double().unsqueeze(-1)).abs().view(n, k // 32, 32).sum(-1)  # (N, K/32)
+    return steps / 2 @ magnitude.t()
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("fmt", ["int4:32", "int4:128", "int8", "int8:32"])
+def test_the_16_bit_form_errs_by_its_rounding_of_x_only(rows, fmt):
+    """native-x16: within the float32 bound plus half a step of x's 16-bit rounding per element; and it does
+    round x (2^-16 of a block's largest magnitude against float32's 2^-24): its largest error is many
+    times the exact kernel's (which a build ignoring ``x16`` would not show)."""
+    if not native.vectorized():
+        pytest.skip("this build has no 16-bit form")
+    torch.manual_seed(5)
+    n, k = 45, 256  # N not a multiple of 4: the last row takes the one-row form
+    weight = _weight(fmt, n, k)
+    x = torch.randn(rows, k)
+    x[:, :32] *= 100  # a block of outliers: each block has its own step
+    reference = x.double() @ weight.dequantize(torch.float64).t()
+    error = (KERNELS["native-x16"].run(x, weight).double() - reference).abs()
+    assert (error <= _summation_bound(x, weight) + _x16_rounding_bound(x, weight)).all()
+    assert error.max() > 8 * (KERNELS["native-tiled"].run(x, weight).double() - reference).abs().max()
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", ["native", "native-x16"])
+def test_a_product_into_a_row_slice_writes_or_adds_there_only(kernel):
+    """``product_into`` on a slice of a wider buffer (rows N apart, as a fused buffer's q part): written, or
+    added to what is there, and the columns around it untouched."""
+    if kernel == "native-x16" and not native.vectorized():
+        pytest.skip("this build has no 16-bit form")
+    torch.manual_seed(6)
+    weight = quantize_int4(torch.randn(24, 64), 32)
+    x = torch.randn(2, 64)
+    expected = KERNELS[kernel].run(x, weight)
+    buffer = torch.randn(2, 40)
+    before = buffer.clone()
+    KERNELS[kernel].product_into(buffer[:, 8:32], x, weight, accumulate=False)
+    assert torch.equal(buffer[:, 8:32], expected)
+    KERNELS[kernel].product_into(buffer[:, 8:32], x, weight, accumulate=True)
+    torch.testing.assert_close(buffer[:, 8:32], 2 * expected)
+    assert torch.equal(buffer[:, :8], before[:, :8]) and torch.equal(buffer[:, 32:], before[:, 32:])
 
 
 @needs_native
@@ -70,7 +125,7 @@ def test_float16_scales_where_every_scale_is_one():
     x = torch.randn(1, 64)
     reference = x.double() @ weight.dequantize(torch.float64).t()
     kernel = KERNELS["native"]
-    assert kernel.form(weight, torch.float32).half
+    assert kernel.form(weight, torch.float32).scales.half
     assert ((kernel.run(x, weight).double() - reference).abs() <= _summation_bound(x, weight)).all()
     assert not native.Scales.of(torch.full((2, 2), 0.1), None).half  # 0.1 is no float16 number
     before = kernel.run(x, weight)

@@ -14,7 +14,7 @@ import torch
 
 from llmrun.errors import LlmrunError
 from llmrun.model.quant import native
-from llmrun.model.quant.product import Weight, product
+from llmrun.model.quant.product import Weight, product_into
 
 
 def cpu_gemv(dtype: torch.dtype, choice: str | None = None) -> str:
@@ -44,7 +44,7 @@ def available(kernel: str, dtype: torch.dtype) -> bool:
     """Whether the decode kernel ``kernel`` (a ``PRODUCTS`` name) runs ``dtype`` here: oneDNN's where oneDNN
     does; llmrun's native float32 kernel where a build with its four-row form is bound; ``mm`` always."""
     if kernel == "native":
-        return dtype == torch.float32 and native.has_tiles()
+        return dtype == torch.float32 and native.vectorized()
     return kernel == "mm" or onednn_supported(dtype)
 
 
@@ -81,12 +81,13 @@ class _Products:
         if isinstance(w, torch.Tensor):
             self.dense_product(out, x, w, bias)
         else:
-            out.copy_(product(x, w, bias))
+            product_into(out, x, w, bias, accumulate=False)
 
     def accumulate(self, acc: torch.Tensor, x: torch.Tensor, w: Weight, bias: torch.Tensor | None):
         if isinstance(w, torch.Tensor):
             return self.dense_accumulate(acc, x, w, bias)
-        return acc.add_(product(x, w, bias))
+        product_into(acc, x, w, bias, accumulate=True)
+        return acc
 
     def pack_dense(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -4,9 +4,10 @@
   scales and zeros per group) and its dequantization; the checkpoint layout is the same.
 * ``quantize``: ``--quant``'s formats (``QuantSpec``, ``parse_quant``), int8 per channel and int4
   group-wise from float weights.
-* ``kernels``: the products x W^T per device, shape and dtype (PyTorch's int8/int4 weight-only
-  kernels, and ``dequant``, the reference that takes every shape).
-* ``product``: ``product(x, weight, bias)``, the one call every linear layer and the fast path make.
+* ``kernels``: the products x W^T per device, shape and dtype (llmrun's native C kernels in ``native``,
+  PyTorch's int8/int4 weight-only kernels, and ``dequant``, the reference that takes every shape).
+* ``product``: ``product(x, weight, bias)``, the one call every linear layer makes, and ``product_into``,
+  the same into a given buffer, which the decode fast paths call.
 * ``modules``: ``QuantLinear``, ``QuantEmbedding``, quantizing a loaded model in place, fusing
   quantized projections.
 """

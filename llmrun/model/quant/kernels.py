@@ -67,7 +67,8 @@ class Kernel:
         raise NotImplementedError
 
     def rounds(self, dtype: torch.dtype) -> bool:
-        """Whether this kernel rounds activations of ``dtype`` to a narrower type (bf16 for float32) first."""
+        """Whether this kernel rounds activations of ``dtype`` to a narrower float type (bf16 for float32) first:
+        to 2^-9 of each element, which moves greedy output (the tuner's ``ROUNDING_MARGIN``)."""
         return self.compute is not None and self.compute.itemsize < dtype.itemsize
 
     def read_bytes(self, weight: QuantWeight, dtype: torch.dtype) -> int:
@@ -103,6 +104,14 @@ class Kernel:
         dtype = self.compute or x.dtype
         return self.multiply(x.to(dtype), self.form(weight, dtype)).to(x.dtype)
 
+    def product_into(self, out: torch.Tensor, x: torch.Tensor, weight: QuantWeight, *, accumulate: bool) -> None:
+        """out (M, N) = x (M, K) W^T, or out += x W^T (``accumulate``): a decode step's buffers."""
+        y = self.run(x, weight)
+        if accumulate:
+            out.add_(y)
+        else:
+            out.copy_(y)
+
     def multiply(self, x: torch.Tensor, form) -> torch.Tensor:
         raise NotImplementedError
 
@@ -129,15 +138,17 @@ class Dequant(Kernel):
 
 
 class Native(Kernel):
-    """llmrun's C kernels on the stored codes (no other copy) and their own scales (``native.Scales``), in float32.
+    """llmrun's C kernels on the stored codes (no other copy) and their own scales, in float32.
 
-    Few rows of x (``NATIVE_GEMV_ROWS``): each weight row's codes are read once per row of x; more:
-    blocks of rows dequantized by the C code into one float32 scratch, then multiplied by torch.mm.
+    The form is a ``native.Operand``: the stored codes, the scales as ``native.Scales`` and the form of
+    product. Few rows of x (``NATIVE_GEMV_ROWS``): each weight row's codes are read once per row of x;
+    more: blocks of rows dequantized by the C code into one float32 scratch, then multiplied by torch.mm.
     Takes K and groups that are multiples of 32 and contiguous codes, once a build is bound.
     """
 
     name, compute, own_scales = "native", torch.float32, True
     tiled = False  # four weight rows at a time (``NativeTiled``)
+    x16 = False  # x rounded to the 16-bit form (``NativeX16``)
 
     def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
         return native.bound() and native.takes(weight.bits, weight.shape[1], weight.group)
@@ -146,7 +157,8 @@ class Native(Kernel):
         return super().accepts(weight, dtype) and weight.codes.is_contiguous()
 
     def prepare(self, weight: QuantWeight, dtype: torch.dtype) -> object:
-        return native.Scales.of(weight.scales, weight.zeros)
+        scales = native.Scales.of(weight.scales, weight.zeros)
+        return native.Operand(weight.codes, scales, tiled=self.tiled, x16=self.x16)
 
     def read_bytes(self, weight: QuantWeight, dtype: torch.dtype) -> int:
         """The stored codes and the form's scales (float32 until the form exists: what the weight stores)."""
@@ -156,15 +168,28 @@ class Native(Kernel):
 
     def run(self, x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
         x32 = x.to(torch.float32).contiguous()
-        codes, scales = weight.codes, self.form(weight, torch.float32)
+        operand = self.form(weight, torch.float32)
         if x.shape[0] <= NATIVE_GEMV_ROWS:
-            return native.gemv(x32, codes, scales, tiled=self.tiled).to(x.dtype)
+            out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+            native.gemv(out, x32, operand)
+            return out.to(x.dtype)
         scratch = torch.empty(min(weight.shape[0], max(1, DEQUANT_ELEMENTS // weight.shape[1])), weight.shape[1])
 
         def dequantized(start: int, stop: int) -> torch.Tensor:
-            return native.dequantize(codes, scales, start, stop - start, scratch)
+            return native.dequantize(operand, start, stop - start, scratch)
 
         return _by_row_blocks(x32, weight, dequantized).to(x.dtype)
+
+    def product_into(self, out: torch.Tensor, x: torch.Tensor, weight: QuantWeight, *, accumulate: bool) -> None:
+        """The C product straight into ``out`` where x and out are float32 decode rows; else ``Kernel``'s."""
+        direct = (
+            x.dtype == out.dtype == torch.float32 and x.shape[0] <= NATIVE_GEMV_ROWS
+            and x.is_contiguous() and out.stride(-1) == 1
+        )  # fmt: skip
+        if direct:
+            native.gemv(out, x, self.form(weight, torch.float32), accumulate=accumulate)
+        else:
+            super().product_into(out, x, weight, accumulate=accumulate)
 
 
 class NativeTiled(Native):
@@ -173,7 +198,17 @@ class NativeTiled(Native):
     name, tiled = "native-tiled", True
 
     def takes(self, weight: QuantWeight, dtype: torch.dtype) -> bool:
-        return native.has_tiles() and super().takes(weight, dtype)
+        return native.vectorized() and super().takes(weight, dtype)
+
+
+class NativeX16(NativeTiled):
+    """``NativeTiled`` on x rounded to 16-bit integer codes times a float32 step per 32 columns, summed by
+    integer multiply-adds: about half the instructions per weight. The rounding, to 2^-16 of each
+    block's largest magnitude, is far finer than bf16's, and no ``rounds`` kernel: on the default
+    model it changed none of ``scripts/quant_agreement.py``'s 20 greedy outputs. Many rows of x are
+    multiplied as ``Native`` does, exactly."""
+
+    name, x16 = "native-x16", True
 
 
 def _by_row_blocks(x: torch.Tensor, weight: QuantWeight, rows) -> torch.Tensor:
@@ -321,7 +356,7 @@ def _scales_and_zeros(weight: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
 KERNELS: dict[str, Kernel] = {
     kernel.name: kernel
     for kernel in (
-        Native(), NativeTiled(), CpuInt8(), CpuInt8Groups(), CpuInt4(),
+        Native(), NativeTiled(), NativeX16(), CpuInt8(), CpuInt8Groups(), CpuInt4(),
         CpuInt8Bf16(), CpuInt8GroupsBf16(), CpuInt4Bf16(), CudaInt4(), CudaInt8(), Dequant(),
     )
 }  # fmt: skip

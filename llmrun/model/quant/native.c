@@ -11,6 +11,11 @@
    dequantized float32 one up to float32 rounding: no step rounds the activations.
    With AVX2 and FMA the inner loops are written with intrinsics, four weight rows at a time where
    asked (`tiled`); elsewhere the same loops in plain C, which the compiler vectorizes as it can.
+   AVX2 builds also have a 16-bit form (`x16`): each 32-column block of x is rounded to int16 codes
+   times a float32 step (its largest magnitude / 32767), and each block's sums are integer
+   multiply-adds of codes by codes (vpmaddwd), converted to float32 once per block: about half the
+   instructions per weight of the float32 form, at an error per element of x of at most half a step
+   (2^-16 of its block's largest magnitude; bf16 rounds to 2^-9 of each element).
    Rows of W are shared among `threads` OpenMP threads. */
 
 #include <math.h>
@@ -77,19 +82,84 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *codes,
     int64_t groups = k / group, blocks = group / BLOCK, block_bytes = BLOCK * bits / 8;
     __m256 acc[TILE][2];
     for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < k / BLOCK; b++) {
-        const float *xb = x + b * BLOCK;
-        __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
-        __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
-        int64_t g = b / blocks;
-        for (int r = 0; r < rows; r++) {
-            const uint8_t *c = codes + r * code_row + b * block_bytes;
-            if (rows > 1) _mm_prefetch((const char *)(c + PREFETCH_ROWS * code_row), _MM_HINT_T0);
-            __m256 scale = _mm256_set1_ps(value(scales, r * groups + g, half));
-            block_product(c, bits, scale, x0, x1, x2, x3, &acc[r][0], &acc[r][1]);
+    for (int64_t g = 0, b = 0; g < groups; g++) {
+        __m256 scale[TILE];
+        for (int r = 0; r < rows; r++) scale[r] = _mm256_set1_ps(value(scales, r * groups + g, half));
+        for (int64_t end = b + blocks; b < end; b++) {
+            const float *xb = x + b * BLOCK;
+            __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
+            __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
+            for (int r = 0; r < rows; r++) {
+                const uint8_t *c = codes + r * code_row + b * block_bytes;
+                if (rows > 1) _mm_prefetch((const char *)(c + PREFETCH_ROWS * code_row), _MM_HINT_T0);
+                block_product(c, bits, scale[r], x0, x1, x2, x3, &acc[r][0], &acc[r][1]);
+            }
         }
     }
     for (int r = 0; r < rows; r++) out[r] = sum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+/* dot_rows for x in the 16-bit form: xq int16 codes laid out as x is (see llmrun_gemv), xstep the step of
+   each 32-column block. A block's 32 products are summed in int32 (at most 2^24 in magnitude: exact),
+   then added in float32 times scale(r, group) * step. */
+static inline __attribute__((always_inline)) void dot_rows_x16(const uint8_t *codes, int64_t code_row, int bits,
+                                                              const void *scales, int half, const int16_t *xq,
+                                                              const float *xstep, int64_t k, int64_t group, int rows,
+                                                              float *out) {
+    int64_t groups = k / group, blocks = group / BLOCK, block_bytes = BLOCK * bits / 8;
+    __m256 acc[TILE];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+    const __m256i mask = _mm256_set1_epi16(15);
+    for (int64_t g = 0, b = 0; g < groups; g++) {
+        __m256 scale[TILE];
+        for (int r = 0; r < rows; r++) scale[r] = _mm256_set1_ps(value(scales, r * groups + g, half));
+        for (int64_t end = b + blocks; b < end; b++) {
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + b * BLOCK));
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + b * BLOCK + 16));
+            __m256 step = _mm256_broadcast_ss(xstep + b);
+            for (int r = 0; r < rows; r++) {
+                const uint8_t *c = codes + r * code_row + b * block_bytes;
+                if (rows > 1) _mm_prefetch((const char *)(c + PREFETCH_ROWS * code_row), _MM_HINT_T0);
+                __m256i sums;
+                if (bits == 4) {
+                    __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)c));
+                    sums = _mm256_add_epi32(_mm256_madd_epi16(_mm256_srli_epi16(v, 4), x0),
+                                            _mm256_madd_epi16(_mm256_and_si256(v, mask), x1));
+                } else {
+                    __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)c));
+                    __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 16)));
+                    sums = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(scale[r], step), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r] = sum8(acc[r]);
+}
+
+/* xq (K) int16 and xstep (K / BLOCK) = x (K) in the 16-bit form: per block, step = max |x| / 32767 and
+   code = round(x / step) (0 for a block of zeros) */
+static void round_to_x16(const float *x, int16_t *xq, float *xstep, int64_t k) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t b = 0; b < k / BLOCK; b++) {
+        __m256 v[4], top = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + b * BLOCK + 8 * i);
+            top = _mm256_max_ps(top, _mm256_and_ps(v[i], magnitude));
+        }
+        __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+        t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+        float largest = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+        __m256 inverse = _mm256_set1_ps(largest > 0 ? 32767.0f / largest : 0);
+        for (int i = 0; i < 4; i += 2) {
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));
+            __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], inverse));
+            /* packs interleaves the 128-bit lanes of a and c; the permute puts them back in order */
+            __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8);
+            _mm256_storeu_si256((__m256i *)(xq + b * BLOCK + 8 * i), packed);
+        }
+        xstep[b] = largest / 32767.0f;
+    }
 }
 #else
 static inline void dot_rows(const uint8_t *codes, int64_t code_row, int bits, const void *scales, int half,
@@ -116,8 +186,8 @@ static inline void dot_rows(const uint8_t *codes, int64_t code_row, int bits, co
 }
 #endif
 
-/* whether the gemv kernel has a TILE-row form (its `tiled` argument does something) */
-int llmrun_has_tiles(void) {
+/* whether the build has the AVX2 forms: llmrun_gemv's `tiled` and `x16`, and llmrun_gemv_f32 */
+int llmrun_vectorized(void) {
 #ifdef LLMRUN_AVX2
     return 1;
 #else
@@ -125,17 +195,33 @@ int llmrun_has_tiles(void) {
 #endif
 }
 
-/* y (M, N) = x (M, K) W^T. 4-bit: each row's product is its codes' scaled sum plus, per group, the
-   offset times the sum of x over the group; x is first laid out block by block as even columns then
-   odd ones (the codes' nibble order). scratch: M * (K + K / group) floats (4-bit only). */
-void llmrun_gemv(const float *x, const uint8_t *codes, int bits, const void *scales, const void *offsets, int half,
-                 float *y, float *scratch, int64_t m_rows, int64_t n, int64_t k, int64_t group, int tiled, int threads) {
+/* A quantized weight (N, K) as the products take it: its codes, scales and offsets (see the top of this
+   file; `half`: float16 scales and offsets), and the form of product to run on it (`tiled`, `x16`).
+   Made once per weight (llmrun.model.quant.native.Operand): a call then passes one pointer. */
+typedef struct {
+    const uint8_t *codes;
+    const void *scales, *offsets;
+    int64_t n, k, group;
+    int32_t bits, half, tiled, x16;
+} llmrun_operand;
+
+/* y (M, N) = x (M, K) W^T, or y += x W^T (`accumulate`), rows of y `y_row` apart. 4-bit: each row's
+   product is its codes' scaled sum plus, per group, the offset times the sum of x over the group; x is
+   first laid out block by block as even columns then odd ones (the codes' nibble order). `x16` (AVX2
+   builds): x in the 16-bit form. scratch: M * (3K / 2 + K / BLOCK + K / group) floats: x laid out,
+   its int16 codes, the blocks' steps, the group sums. */
+void llmrun_gemv(const float *x, const llmrun_operand *w, float *y, int64_t y_row, float *scratch, int64_t m_rows,
+                 int accumulate, int threads) {
+    const uint8_t *codes = w->codes;
+    const void *scales = w->scales, *offsets = w->offsets;
+    int64_t n = w->n, k = w->k, group = w->group;
+    int bits = w->bits, half = w->half, x16 = w->x16;
     int64_t groups = k / group, code_row = k * bits / 8;
+    float *laid_out = scratch, *xsteps = scratch + m_rows * k * 3 / 2, *group_sums = xsteps + m_rows * (k / BLOCK);
     const float *xs = x;
-    if (bits == 4) {
-        float *laid_out = scratch, *group_sums = scratch + m_rows * k;
-        for (int64_t m = 0; m < m_rows; m++) {
-            const float *xm = x + m * k;
+    for (int64_t m = 0; m < m_rows; m++) {
+        const float *xm = x + m * k;
+        if (bits == 4) {
             for (int64_t at = 0; at < k; at += BLOCK)
                 for (int j = 0; j < BLOCK / 2; j++) {
                     laid_out[m * k + at + j] = xm[at + 2 * j];
@@ -146,39 +232,51 @@ void llmrun_gemv(const float *x, const uint8_t *codes, int bits, const void *sca
                 for (int64_t j = g * group; j < (g + 1) * group; j++) sum += xm[j];
                 group_sums[m * groups + g] = sum;
             }
+            xs = laid_out;
         }
-        xs = laid_out;
     }
     int64_t step = 1;
 #ifdef LLMRUN_AVX2
-    if (tiled && n % TILE == 0) step = TILE;
+    int16_t *xq = (int16_t *)(scratch + m_rows * k);
+    if (x16)
+        for (int64_t m = 0; m < m_rows; m++) round_to_x16(xs + m * k, xq + m * k, xsteps + m * (k / BLOCK), k);
+    if (w->tiled && n % TILE == 0) step = TILE;
 #else
-    (void)tiled;
+    (void)x16, (void)xsteps;
 #endif
-    const float *group_sums = scratch + m_rows * k;
     int64_t scale_bytes = half ? 2 : 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t row = 0; row < n; row += step)
         for (int64_t m = 0; m < m_rows; m++) {
-            float *out = y + m * n + row;
+            float out[TILE];
             const uint8_t *c = codes + row * code_row;
             const void *s = (const char *)scales + row * groups * scale_bytes;
+#ifdef LLMRUN_AVX2
+            if (x16) {
+                const int16_t *xm = xq + m * k;
+                const float *sm = xsteps + m * (k / BLOCK);
+                if (bits == 4 && step == TILE) dot_rows_x16(c, code_row, 4, s, half, xm, sm, k, group, TILE, out);
+                else if (bits == 4) dot_rows_x16(c, code_row, 4, s, half, xm, sm, k, group, 1, out);
+                else if (step == TILE) dot_rows_x16(c, code_row, 8, s, half, xm, sm, k, group, TILE, out);
+                else dot_rows_x16(c, code_row, 8, s, half, xm, sm, k, group, 1, out);
+            } else
+#endif
             if (bits == 4 && step == TILE) dot_rows(c, code_row, 4, s, half, xs + m * k, k, group, TILE, out);
             else if (bits == 4) dot_rows(c, code_row, 4, s, half, xs + m * k, k, group, 1, out);
             else if (step == TILE) dot_rows(c, code_row, 8, s, half, xs + m * k, k, group, TILE, out);
             else dot_rows(c, code_row, 8, s, half, xs + m * k, k, group, 1, out);
-            if (bits == 4)
-                for (int64_t r = 0; r < step; r++) {
-                    float offset = 0;
+            for (int64_t r = 0; r < step; r++) {
+                if (bits == 4)
                     for (int64_t g = 0; g < groups; g++)
-                        offset += value(offsets, (row + r) * groups + g, half) * group_sums[m * groups + g];
-                    out[r] += offset;
-                }
+                        out[r] += value(offsets, (row + r) * groups + g, half) * group_sums[m * groups + g];
+                float *target = y + m * y_row + row + r;
+                *target = accumulate ? *target + out[r] : out[r];
+            }
         }
 }
 
 /* y (M, N) = x (M, K) W^T, or y += x W^T (`accumulate`), for a float32 W (N, K), N a multiple of TILE and K
-   of 16 (AVX2 builds only: see llmrun_has_tiles): four rows at a time, the next rows prefetched. */
+   of 16 (AVX2 builds only: see llmrun_vectorized): four rows at a time, the next rows prefetched. */
 void llmrun_gemv_f32(const float *x, const float *w, float *y, int64_t m_rows, int64_t n, int64_t k, int accumulate,
                      int threads) {
 #ifdef LLMRUN_AVX2
@@ -209,24 +307,24 @@ void llmrun_gemv_f32(const float *x, const float *w, float *y, int64_t m_rows, i
 }
 
 /* out (R, K) float32 = rows first .. first + R - 1 of the weight, dequantized */
-void llmrun_dequant(const uint8_t *codes, int bits, const void *scales, const void *offsets, int half, float *out,
-                    int64_t first, int64_t rows, int64_t k, int64_t group, int threads) {
-    int64_t groups = k / group;
+void llmrun_dequant(const llmrun_operand *w, float *out, int64_t first, int64_t rows, int threads) {
+    int64_t k = w->k, group = w->group, groups = k / group;
+    int half = w->half;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         int64_t row = first + r;
         float *o = out + r * k;
         for (int64_t g = 0; g < groups; g++) {
-            float s = value(scales, row * groups + g, half);
-            if (bits == 4) {
-                const uint8_t *c = codes + row * (k / 2);
-                float z = value(offsets, row * groups + g, half);
+            float s = value(w->scales, row * groups + g, half);
+            if (w->bits == 4) {
+                const uint8_t *c = w->codes + row * (k / 2);
+                float z = value(w->offsets, row * groups + g, half);
                 for (int64_t j = g * group / 2; j < (g + 1) * group / 2; j++) {
                     o[2 * j] = (float)(c[j] >> 4) * s + z;
                     o[2 * j + 1] = (float)(c[j] & 15) * s + z;
                 }
             } else {
-                const int8_t *c = (const int8_t *)codes + row * k;
+                const int8_t *c = (const int8_t *)w->codes + row * k;
                 for (int64_t j = g * group; j < (g + 1) * group; j++) o[j] = (float)c[j] * s;
             }
         }

@@ -8,13 +8,15 @@ the CPU decode kernel ``native`` (``llmrun.model.fastpath.gemv``) is no candidat
 step's norms and SiLU·mul run as PyTorch ops (``llmrun.model.fastpath.cpu``).
 
 The quantized products read a ``QuantWeight``'s stored codes as they are (no copy, no packed
-layout), with float32 activations, and its scales in their own form (``Scales``): a product
-equals the dequantized float32 one up to float32 rounding.
+layout), with float32 activations, and its scales in their own form (``Scales``), both held by an
+``Operand``: a product equals the dequantized float32 one up to float32 rounding, or, in the
+16-bit form (``x16``), up to the rounding of x to 2^-16 of each 32 columns' largest magnitude.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,21 +28,33 @@ SOURCE = Path(__file__).with_name("native.c")
 BLOCK = 32  # columns per inner step of the C kernels: K and the group must be multiples of it
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+class _OperandArgs(ctypes.Structure):
+    """``native.c``'s ``llmrun_operand``: one weight's pointers, shape and form of product."""
+
+    _fields_ = [
+        ("codes", _P), ("scales", _P), ("offsets", _P), ("n", _I64), ("k", _I64), ("group", _I64),
+        ("bits", ctypes.c_int32), ("half", ctypes.c_int32), ("tiled", ctypes.c_int32), ("x16", ctypes.c_int32),
+    ]  # fmt: skip
+
+
 _SIGNATURES = {
-    # x, codes, bits, scales, offsets, half, y, scratch, rows M, N, K, group, tiled, threads
-    "llmrun_gemv": [_P, _P, _INT, _P, _P, _INT, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT],
-    # codes, bits, scales, offsets, half, out, first row, rows, K, group, threads
-    "llmrun_dequant": [_P, _INT, _P, _P, _INT, _P, _I64, _I64, _I64, _I64, _INT],
+    # x, operand, y, row stride of y, scratch, rows M, accumulate, threads
+    "llmrun_gemv": [_P, _P, _P, _I64, _P, _I64, _INT, _INT],
+    # operand, out, first row, rows, threads
+    "llmrun_dequant": [_P, _P, _I64, _I64, _INT],
     # x, w, y; rows M, N, K; accumulate, threads
     "llmrun_gemv_f32": [_P, _P, _P, _I64, _I64, _I64, _INT, _INT],
     # x, weight, out; rows M, D; eps
     "llmrun_rms_norm": [_P, _P, _P, _I64, _I64, ctypes.c_float],
     # gate, up, out; rows M, N; row strides of gate, up, out
     "llmrun_silu_mul": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64],
-    "llmrun_has_tiles": [],
+    "llmrun_vectorized": [],
 }
 
 _library: ctypes.CDLL | None = None
+_scratch = threading.local()  # each thread's float32 scratch for ``gemv`` (the C code writes it unlocked)
 
 
 @dataclass
@@ -71,8 +85,31 @@ class Scales:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.scales, self.offsets) if t is not None)
 
-    def pointers(self) -> tuple[int, int | None, bool]:
-        return self.scales.data_ptr(), None if self.offsets is None else self.offsets.data_ptr(), self.half
+
+class Operand:
+    """A quantized weight (N, K) as the C kernels multiply it: its contiguous stored ``codes`` (uint8 (N, K/2)
+    4-bit, int8 (N, K) 8-bit), its ``scales`` and the form of product (``tiled``, ``x16``: see ``gemv``).
+
+    Holds the tensors it points at (they live as long as it does) and their pointers, shape and form in
+    one C struct, so that a product passes a single pointer for all of them.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: Scales, *, tiled: bool = False, x16: bool = False) -> None:
+        self.codes, self.scales = codes, scales
+        n, groups = codes.shape[0], scales.scales.shape[1]
+        self.bits = 8 if codes.dtype == torch.int8 else 4
+        self.shape = (n, codes.shape[1] * 8 // self.bits)
+        offsets = scales.offsets.data_ptr() if scales.offsets is not None else None
+        self.args = _OperandArgs(
+            codes.data_ptr(), scales.scales.data_ptr(), offsets, n, self.shape[1], self.shape[1] // groups,
+            self.bits, scales.half, tiled, x16,
+        )  # fmt: skip
+        self.pointer = ctypes.addressof(self.args)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its scales and offsets (the codes are the weight's own)."""
+        return self.scales.nbytes
 
 
 def bind(path: Path) -> None:
@@ -82,7 +119,7 @@ def bind(path: Path) -> None:
     for name, arguments in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = arguments, None
-    library.llmrun_has_tiles.restype = _INT
+    library.llmrun_vectorized.restype = _INT
     _library = library
 
 
@@ -98,9 +135,9 @@ def bound() -> bool:
     return _library is not None
 
 
-def has_tiles() -> bool:
-    """Whether the bound build multiplies four weight rows at a time where asked (``gemv(tiled=True)``)."""
-    return _library is not None and bool(_library.llmrun_has_tiles())
+def vectorized() -> bool:
+    """Whether the bound build has the AVX2 forms: ``gemv``'s ``tiled`` and ``x16``, and ``gemv_float``."""
+    return _library is not None and bool(_library.llmrun_vectorized())
 
 
 def takes(bits: int, k: int, group: int) -> bool:
@@ -108,29 +145,29 @@ def takes(bits: int, k: int, group: int) -> bool:
     return bits in (4, 8) and k % BLOCK == 0 and group % BLOCK == 0
 
 
-def gemv(x: torch.Tensor, codes: torch.Tensor, scales: Scales, *, tiled: bool = False) -> torch.Tensor:
-    """x (M, K) float32 contiguous times the weight (N, K) of contiguous ``codes`` and ``scales`` -> (M, N) float32.
+def gemv(out: torch.Tensor, x: torch.Tensor, operand: Operand, *, accumulate: bool = False) -> None:
+    """out (M, N) = x (M, K) W^T, or out += x W^T, for x float32 contiguous and out float32 with contiguous rows.
 
     Each weight row is read once per row of x: for few rows (decode); ``dequantize`` then a matrix
-    product is the way for many. ``tiled``: four weight rows at a time, each block of x loaded once
-    for them (``has_tiles``); which of the two is faster depends on the shape and the CPU.
+    product is the way for many. The operand's form: ``tiled``, four weight rows at a time, each block
+    of x loaded once for them; ``x16``, x rounded to the 16-bit form (``native.c``: int16 codes times a
+    step per 32 columns, an error of at most 2^-16 of the block's largest magnitude) and summed by
+    integer multiply-adds. Both need ``vectorized``; which form is fastest depends on the shape and the CPU.
     """
     m, k = x.shape
-    n, bits = codes.shape[0], 8 if codes.dtype == torch.int8 else 4
-    y = torch.empty(m, n, dtype=torch.float32)
-    scratch = torch.empty(m * (k + scales.scales.shape[1]) if bits == 4 else 1, dtype=torch.float32)
-    group = k // scales.scales.shape[1]
-    _library.llmrun_gemv(
-        x.data_ptr(), codes.data_ptr(), bits, *scales.pointers(), y.data_ptr(), scratch.data_ptr(),
-        m, n, k, group, tiled, torch.get_num_threads(),
-    )  # fmt: skip
-    return y
+    size = m * (3 * k // 2 + k // BLOCK + k // operand.args.group)
+    scratch = getattr(_scratch, "tensor", None)
+    if scratch is None or scratch.numel() < size:
+        scratch = _scratch.tensor = torch.empty(size, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    y, y_row = out.data_ptr(), out.stride(0)
+    _library.llmrun_gemv(x.data_ptr(), operand.pointer, y, y_row, scratch.data_ptr(), m, accumulate, threads)
 
 
 def takes_float(n: int, k: int) -> bool:
     """Whether the bound build multiplies a float32 weight (N, K) (``gemv_float``): AVX2 builds, N a multiple
     of 4 and K of 16."""
-    return has_tiles() and n % 4 == 0 and k % 16 == 0
+    return vectorized() and n % 4 == 0 and k % 16 == 0
 
 
 def gemv_float(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, *, accumulate: bool) -> None:
@@ -155,11 +192,8 @@ def silu_mul(out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
     )
 
 
-def dequantize(codes: torch.Tensor, scales: Scales, first: int, rows: int, out: torch.Tensor) -> torch.Tensor:
+def dequantize(operand: Operand, first: int, rows: int, out: torch.Tensor) -> torch.Tensor:
     """Rows first .. first + rows - 1 of the weight, dequantized into ``out`` (at least rows x K float32)."""
-    k = out.shape[-1]
-    bits, group, view = 8 if codes.dtype == torch.int8 else 4, k // scales.scales.shape[1], out[:rows]
-    _library.llmrun_dequant(
-        codes.data_ptr(), bits, *scales.pointers(), view.data_ptr(), first, rows, k, group, torch.get_num_threads()
-    )
+    view = out[:rows]
+    _library.llmrun_dequant(operand.pointer, view.data_ptr(), first, rows, torch.get_num_threads())
     return view

@@ -1,5 +1,7 @@
 """``product(x, weight, bias)``: x W^T + b for a float, quantized or stacked weight; what every linear layer calls.
 
+``product_into`` is the same written into (or added to) a given buffer: what the decode fast paths call.
+
 A ``QuantWeight`` runs through the kernel named by its ``kernel`` (set by whoever measured the
 candidates on the model's shapes: ``llmrun.profiler.quant_tuning``), else the first kernel of
 ``kernels.KERNELS`` that takes it: one in the activations' own dtype where there is one, else
@@ -45,6 +47,20 @@ def product(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -
         name = weight.kernel or default_kernel(weight, x.dtype)
         y = KERNELS[name].run(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y.add_(bias)
+
+
+def product_into(out: torch.Tensor, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, *, accumulate: bool):
+    """out (B, N) = x (B, K) W^T + b, or out += x W^T + b (``accumulate``): ``product`` into a decode step's
+    buffer, without the intermediate tensors where the weight's kernel writes into ``out`` itself."""
+    if isinstance(weight, QuantWeight):
+        kernel = KERNELS[weight.kernel or default_kernel(weight, x.dtype)]
+        kernel.product_into(out, x, weight, accumulate=accumulate)
+    elif accumulate:
+        out.add_(product(x, weight))
+    else:
+        out.copy_(product(x, weight))
+    if bias is not None:
+        out.add_(bias)
 
 
 def default_kernel(weight: QuantWeight, dtype: torch.dtype) -> str:
