@@ -310,3 +310,49 @@ def test_the_fused_float32_ops_equal_pytorchs():
     gate, up = gate_up[:, :40], gate_up[:, 40:]  # row views, as the decode buffers hold them
     native.silu_mul(act, gate, up)
     torch.testing.assert_close(act, F.silu(gate) * up)
+
+
+@needs_native
+@pytest.mark.parametrize(("start", "threads"), [(0, 1), (37, 2)], ids=["all-keys", "window-on-threads"])
+def test_native_rope_and_attention_equal_pytorchs(start, threads):
+    """A layer's RoPE, cache write and attention (two native calls) against PyTorch's formulas, for batch 2,
+    grouped-query heads (H = 3 Hkv), a window's later first key and the query heads on two threads."""
+    torch.manual_seed(7)
+    batch, heads, kv_heads, d, s_max, pos = 2, 6, 2, 64, 300, 280
+    qkv_wide = torch.randn(batch, (heads + 2 * kv_heads) * d + 16)  # rows further apart than their length
+    qkv = qkv_wide[:, : (heads + 2 * kv_heads) * d]
+    cos, sin = torch.randn(heads + kv_heads, d), torch.randn(heads + kv_heads, d)
+    k_cache, v_cache = torch.randn(batch, kv_heads, s_max, d), torch.randn(batch, kv_heads, s_max, d)
+    qk, o = torch.empty(batch, heads + kv_heads, d), torch.empty(batch, heads * d)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    attention = native.Attention(qkv, cos, sin, qk, k_cache, v_cache, o, threads=2)
+    attention.rope()
+    attention.attend(pos, start, pos + 1, threads)
+
+    x = qkv[:, : (heads + kv_heads) * d].reshape(batch, heads + kv_heads, d)
+    rotated = x * cos + torch.cat((-x[..., d // 2 :], x[..., : d // 2]), -1) * sin * torch.cat(
+        (-torch.ones(d // 2), torch.ones(d // 2))
+    )  # rotate_half(x) · sin, with the sine's sign as the decode tables hold it
+    torch.testing.assert_close(qk, rotated)
+    expected_k[:, :, pos] = qk[:, heads:]  # stored as rotated, exactly
+    expected_v[:, :, pos] = qkv[:, (heads + kv_heads) * d :].view(batch, kv_heads, d)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    q = qk[:, :heads].unsqueeze(2)  # (B, H, 1, D)
+    keys = expected_k[:, :, start : pos + 1].repeat_interleave(heads // kv_heads, 1)
+    values = expected_v[:, :, start : pos + 1].repeat_interleave(heads // kv_heads, 1)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, keys, values, scale=1.0)
+    torch.testing.assert_close(o.view(batch, heads, 1, d), reference)
+
+
+@needs_native
+def test_a_float32_cpu_decoder_uses_the_native_attention(tiny_factory):
+    """Where the kernels are bound, a float32 CPU decoder runs RoPE and attention natively (so the fast path
+    tests against eager decode test them), and a bf16 one keeps PyTorch's ops."""
+    from llmrun.model.executor import make_cache
+    from llmrun.model.fastpath import fast_decoder
+
+    path = tiny_factory("llama", num_key_value_heads=2)
+    for dtype, native_attention in ((torch.float32, True), (torch.bfloat16, False)):
+        model = load_model(path, torch.device("cpu"), dtype, progress=False)
+        decoder = fast_decoder(model, make_cache(model, 1, 8))
+        assert bool(decoder.native_attention) == native_attention

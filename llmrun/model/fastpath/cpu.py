@@ -75,8 +75,9 @@ class CpuDecoder(FastDecoder):
     ``gemv`` picks the kernel (``cpu_gemv``; default: the model's measured ``decode_gemv``). Attention is bmm,
     softmax in place, bmm over the positions filled so far (a sliding window's last ones), cheaper at
     one query than SDPA's kernel; in bf16/fp16 it runs on float32 copies of K, V and q: a bf16 bmm
-    copies K^T and rounds its scores to bf16. In float32, with the native library bound, each RMSNorm
-    and the SiLU·mul are one native call each (``fused_ops``). ``step(token, probe)`` marks every op
+    copies K^T and rounds its scores to bf16. In float32, with the native library bound, each RMSNorm,
+    the SiLU·mul, RoPE and attention (the cache written, then softmax(q K^T) V) are one native call
+    each (``fused_ops``, ``native_attention``). ``step(token, probe)`` marks every op
     group on ``probe`` (``llmrun.profiler.timers.OpTimer`` times them); without a probe the step is
     unchanged.
     """
@@ -89,13 +90,22 @@ class CpuDecoder(FastDecoder):
         self.scratch = _AttentionScratch(self.buffers, cache.max_seq_len, float32=dtype != torch.float32)
         self.windows = tuple(dict.fromkeys(plan.window for plan in self.buffers.layers))
         self._spans: dict[int | None, _Span] = {}
-        # float32 norms and SiLU·mul as single native calls where the native library is bound: a
-        # decode step's small ops cost their dispatch more than their arithmetic
+        # float32 norms, SiLU·mul, RoPE and attention as native calls where the native library is bound:
+        # a decode step's small ops cost their dispatch more than their arithmetic
         self.fused_ops = dtype == torch.float32 and native.bound()
         self.eps = model.args.rms_norm_eps
+        self.native_attention = {}
+        if self.fused_ops:
+            b = self.buffers
+            self.native_attention = {
+                plan: native.Attention(b.qkv, b.cos, b.sin, b.qk, plan.k, plan.v, b.o, threads=torch.get_num_threads())
+                for plan in b.layers
+            }
+        self.pos = 0
 
     def _step(self, token: torch.Tensor, pos: int, probe: Probe = NULL_PROBE) -> None:
         b = self.buffers
+        self.pos = pos
         with self.threads:
             self._spans = {window: self.scratch.span(pos + 1, window) for window in self.windows}
             self._begin(token, b.cos_table[pos], b.sin_table[pos], probe)
@@ -116,9 +126,20 @@ class CpuDecoder(FastDecoder):
         else:
             super()._act()
 
+    def _rope(self, plan: LayerPlan) -> None:
+        if self.native_attention:
+            self.native_attention[plan].rope()
+        else:
+            super()._rope(plan)
+
     def _attend(self, plan: LayerPlan) -> None:
         b = self.buffers
         start, end, scores, k32, v32 = self._spans[plan.window]
+        if self.native_attention:  # the cache written and attention in one native call
+            threads = self.threads.count if end - start >= WIDE_ATTENTION_KEYS else 1
+            self.native_attention[plan].attend(self.pos, start, end, threads)
+            return
+        self._store(plan)
         if k32 is None:
             wide = end - start >= WIDE_ATTENTION_KEYS
             if wide:

@@ -108,6 +108,7 @@ class StaticDecoder(FastDecoder):
 
     def _attend(self, plan: LayerPlan) -> None:
         # The G query heads of a K/V head as G queries: grouped-query attention without repeating K/V.
+        self._store(plan)
         b = self.buffers
         n = self._keys.shape[0]
         k, v, bias = plan.k[:, :, :n], plan.v[:, :, :n], self.bias[plan.window][:, :n]

@@ -59,8 +59,22 @@ class FastDecoder:
     def _probed_step(self, token: torch.Tensor, pos: int, probe: Probe) -> None:
         raise ValueError(f"{type(self).__name__} takes no probe: time its steps as a whole")
 
+    def _rope(self, plan: LayerPlan) -> None:
+        """RoPE on the q and k rows of ``buffers.qkv`` together into ``buffers.qk``: x · cos + rotate_half(x) · sin."""
+        b = self.buffers
+        torch.index_select(b.qk_in, -1, b.perm, out=b.rotated)
+        b.rotated.mul_(b.sin)
+        torch.addcmul(b.rotated, b.qk_in, b.cos, out=b.qk)
+
+    def _store(self, plan: LayerPlan) -> None:
+        """This step's rotated k and its v into ``plan``'s cache, at the step's position."""
+        b = self.buffers
+        plan.k.index_copy_(2, b.pos, b.k_new)
+        plan.v.index_copy_(2, b.pos, b.v_new)
+
     def _attend(self, plan: LayerPlan) -> None:
-        """Attention of ``buffers.q`` over ``plan``'s cache (this step's k and v written) into ``buffers.o``."""
+        """This step's k and v into ``plan``'s cache (``_store``), then attention of ``buffers.q`` over it into
+        ``buffers.o``."""
         raise NotImplementedError
 
     def _begin(self, token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, probe: Probe = NULL_PROBE) -> None:
@@ -89,13 +103,8 @@ class FastDecoder:
             mark("attn_norm", i)
             product(b.qkv, b.h, plan.wqkv, plan.bqkv)
             mark("qkv_proj", i)
-            # RoPE on q and k together: x · cos + rotate_half(x) · sin
-            torch.index_select(b.qk_in, -1, b.perm, out=b.rotated)
-            b.rotated.mul_(b.sin)
-            torch.addcmul(b.rotated, b.qk_in, b.cos, out=b.qk)
+            self._rope(plan)
             mark("rope", i)
-            plan.k.index_copy_(2, b.pos, b.k_new)
-            plan.v.index_copy_(2, b.pos, b.v_new)
             self._attend(plan)
             mark("attention", i)
             x = accumulate(x, b.o, plan.wo, plan.bo)  # the residual add rides on the o projection

@@ -20,6 +20,9 @@
 
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__F16C__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -351,4 +354,104 @@ void llmrun_silu_mul(const float *gate, const float *up, float *out, int64_t m_r
             float g = gate[m * gate_row + j];
             out[m * out_row + j] = g / (1.0f + expf(-g)) * up[m * up_row + j];
         }
+}
+
+/* One layer's attention in a float32 decode step (llmrun.model.fastpath.cpu), for B rows at position
+   `pos` of the cache, H query heads and Hkv key/value heads of D (query head j reads key/value head
+   j / (H / Hkv)). Made once per layer (llmrun.model.quant.native.Attention). */
+typedef struct {
+    const float *qkv;         /* (B, (H + 2 Hkv) D), rows qkv_row apart: q heads, k heads, v heads */
+    int64_t qkv_row;
+    const float *cos, *sin;   /* (H + Hkv, D): this step's RoPE angles, q's rows times 1/sqrt(D) */
+    float *qk;                /* (B, H + Hkv, D): q and k rotated */
+    float *k, *v;             /* the cache, (B, Hkv, S_max, D) each */
+    float *o;                 /* (B, H D): attention's output */
+    float *scores;            /* scratch: S_max floats per thread */
+    int64_t batch, heads, kv_heads, d, s_max;
+} llmrun_attention;
+
+/* qk = RoPE of qkv's q and k heads: x cos + x[(j + D/2) mod D] sin, sin signed for rotate_half */
+void llmrun_rope(const llmrun_attention *a) {
+    int64_t rows = a->heads + a->kv_heads, d = a->d, half = d / 2;
+    for (int64_t b = 0; b < a->batch; b++)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *x = a->qkv + b * a->qkv_row + r * d, *c = a->cos + r * d, *s = a->sin + r * d;
+            float *out = a->qk + (b * rows + r) * d;
+            for (int64_t j = 0; j < half; j++) out[j] = x[j] * c[j] + x[j + half] * s[j];
+            for (int64_t j = half; j < d; j++) out[j] = x[j] * c[j] + x[j - half] * s[j];
+        }
+}
+
+/* scores[t] = q . k[t] (rows of D) for t < n; returns the largest */
+static float key_scores(const float *q, const float *k, int64_t n, int64_t d, float *scores) {
+    float top = -INFINITY;
+    int64_t t = 0;
+#ifdef LLMRUN_AVX2
+    if (d % 8 == 0)
+        for (; t + 4 <= n; t += 4) { /* four keys at a time: four independent chains of FMAs */
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t j = 0; j < d; j += 8) {
+                __m256 qj = _mm256_loadu_ps(q + j);
+                for (int i = 0; i < 4; i++) acc[i] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(k + (t + i) * d + j), acc[i]);
+            }
+            for (int i = 0; i < 4; i++) top = fmaxf(top, scores[t + i] = sum8(acc[i]));
+        }
+#endif
+    for (; t < n; t++) {
+        float total = 0;
+        for (int64_t j = 0; j < d; j++) total += q[j] * k[t * d + j];
+        top = fmaxf(top, scores[t] = total);
+    }
+    return top;
+}
+
+/* o (D) = sum over t < n of p[t] * v[t] (rows of D) */
+static void weighted_values(const float *p, const float *v, int64_t n, int64_t d, float *o) {
+    int64_t j = 0;
+#ifdef LLMRUN_AVX2
+    for (; j + 16 <= d; j += 16) { /* one 64-byte line of every value row per pass */
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            __m256 pt = _mm256_broadcast_ss(p + t);
+            a0 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + t * d + j), a0);
+            a1 = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + t * d + j + 8), a1);
+        }
+        _mm256_storeu_ps(o + j, a0), _mm256_storeu_ps(o + j + 8, a1);
+    }
+#endif
+    for (; j < d; j++) {
+        float total = 0;
+        for (int64_t t = 0; t < n; t++) total += p[t] * v[t * d + j];
+        o[j] = total;
+    }
+}
+
+/* The rotated k and the v of position `pos` into the cache, then o = softmax(q K^T) V over the keys
+   start .. end - 1 for every query head (q carries the 1/sqrt(D) scale), query heads shared among
+   `threads` OpenMP threads. */
+void llmrun_attend(const llmrun_attention *a, int64_t pos, int64_t start, int64_t end, int threads) {
+    int64_t h = a->heads, hkv = a->kv_heads, d = a->d, group = h / hkv, n = end - start;
+    for (int64_t b = 0; b < a->batch; b++)
+        for (int64_t kv = 0; kv < hkv; kv++) {
+            int64_t at = ((b * hkv + kv) * a->s_max + pos) * d;
+            const float *k_new = a->qk + (b * (h + hkv) + h + kv) * d;
+            const float *v_new = a->qkv + b * a->qkv_row + (h + hkv + kv) * d;
+            for (int64_t j = 0; j < d; j++) a->k[at + j] = k_new[j], a->v[at + j] = v_new[j];
+        }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t item = 0; item < a->batch * h; item++) {
+        int64_t b = item / h, head = item % h;
+#ifdef _OPENMP
+        float *scores = a->scores + omp_get_thread_num() * a->s_max;
+#else
+        float *scores = a->scores;
+#endif
+        const float *q = a->qk + (b * (h + hkv) + head) * d;
+        int64_t cache = (b * hkv + head / group) * a->s_max * d;
+        const float *k = a->k + cache + start * d, *v = a->v + cache + start * d;
+        float top = key_scores(q, k, n, d, scores), total = 0;
+        for (int64_t t = 0; t < n; t++) total += scores[t] = expf(scores[t] - top);
+        for (int64_t t = 0; t < n; t++) scores[t] /= total;
+        weighted_values(scores, v, n, d, a->o + b * h * d + head * d);
+    }
 }

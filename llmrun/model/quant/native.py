@@ -50,6 +50,10 @@ _SIGNATURES = {
     "llmrun_rms_norm": [_P, _P, _P, _I64, _I64, ctypes.c_float],
     # gate, up, out; rows M, N; row strides of gate, up, out
     "llmrun_silu_mul": [_P, _P, _P, _I64, _I64, _I64, _I64, _I64],
+    # attention (``Attention``)
+    "llmrun_rope": [_P],
+    # attention, position, first and end key, threads
+    "llmrun_attend": [_P, _I64, _I64, _I64, _INT],
     "llmrun_vectorized": [],
 }
 
@@ -110,6 +114,43 @@ class Operand:
     def nbytes(self) -> int:
         """Bytes of its scales and offsets (the codes are the weight's own)."""
         return self.scales.nbytes
+
+
+class _AttentionArgs(ctypes.Structure):
+    """``native.c``'s ``llmrun_attention``: one layer's decode attention buffers and shapes."""
+
+    _fields_ = [
+        ("qkv", _P), ("qkv_row", _I64), ("cos", _P), ("sin", _P), ("qk", _P), ("k", _P), ("v", _P), ("o", _P),
+        ("scores", _P), ("batch", _I64), ("heads", _I64), ("kv_heads", _I64), ("d", _I64), ("s_max", _I64),
+    ]  # fmt: skip
+
+
+class Attention:
+    """One layer of a float32 decode step from its q/k/v product to attention's output, in two native calls.
+
+    ``rope()``: ``qk`` (B, H+Hkv, D) = RoPE of ``qkv``'s q and k heads with this step's ``cos``, ``sin``
+    (H+Hkv, D; q's rows carry 1/sqrt(D), the sine is signed for rotate_half). ``attend(pos, start, end,
+    threads)``: the rotated k and the v at position ``pos`` of the cache ``k``, ``v`` (B, Hkv, S_max, D),
+    then ``o`` (B, H·D) = softmax(q K^T) V over keys start..end-1. All float32 and contiguous but
+    ``qkv`` (B, (H+2Hkv)·D), whose rows may be further apart; the tensors live as long as this does.
+    """
+
+    def __init__(self, qkv, cos, sin, qk, k, v, o, *, threads: int) -> None:
+        self.tensors = (qkv, cos, sin, qk, k, v, o)
+        batch, kv_heads, s_max, d = k.shape
+        self.threads = max(1, threads)
+        self.scores = torch.empty(self.threads * s_max, dtype=torch.float32)
+        self.args = _AttentionArgs(
+            qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), qk.data_ptr(), k.data_ptr(), v.data_ptr(),
+            o.data_ptr(), self.scores.data_ptr(), batch, qk.shape[1] - kv_heads, kv_heads, d, s_max,
+        )  # fmt: skip
+        self.pointer = ctypes.addressof(self.args)
+
+    def rope(self) -> None:
+        _library.llmrun_rope(self.pointer)
+
+    def attend(self, pos: int, start: int, end: int, threads: int) -> None:
+        _library.llmrun_attend(self.pointer, pos, start, end, min(threads, self.threads))
 
 
 def bind(path: Path) -> None:
