@@ -52,6 +52,25 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* e^x for eight floats (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n), within 2 ulp
+   of expf; x is clamped to [-87.3, 88.3], where e^x is a normal float */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln2 in two parts: r exact */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
 static inline __m256 bytes_to_floats(__m128i eight_in_low_half, int is_signed) {
     __m256i wide = is_signed ? _mm256_cvtepi8_epi32(eight_in_low_half) : _mm256_cvtepu8_epi32(eight_in_low_half);
     return _mm256_cvtepi32_ps(wide);
@@ -349,11 +368,19 @@ void llmrun_rms_norm(const float *x, const float *weight, float *out, int64_t m_
 /* out = silu(gate) * up for M rows of N in float32, on one thread; each tensor's rows `*_row` apart */
 void llmrun_silu_mul(const float *gate, const float *up, float *out, int64_t m_rows, int64_t n, int64_t gate_row,
                      int64_t up_row, int64_t out_row) {
-    for (int64_t m = 0; m < m_rows; m++)
-        for (int64_t j = 0; j < n; j++) {
-            float g = gate[m * gate_row + j];
-            out[m * out_row + j] = g / (1.0f + expf(-g)) * up[m * up_row + j];
+    for (int64_t m = 0; m < m_rows; m++) {
+        const float *g = gate + m * gate_row, *u = up + m * up_row;
+        float *o = out + m * out_row;
+        int64_t j = 0;
+#ifdef LLMRUN_AVX2
+        for (; j + 8 <= n; j += 8) {
+            __m256 gj = _mm256_loadu_ps(g + j), one = _mm256_set1_ps(1.0f);
+            __m256 silu = _mm256_div_ps(gj, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gj))));
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(silu, _mm256_loadu_ps(u + j)));
         }
+#endif
+        for (; j < n; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    }
 }
 
 /* One layer's attention in a float32 decode step (llmrun.model.fastpath.cpu), for B rows at position
@@ -394,13 +421,17 @@ static float key_scores(const float *q, const float *k, int64_t n, int64_t d, fl
                 __m256 qj = _mm256_loadu_ps(q + j);
                 for (int i = 0; i < 4; i++) acc[i] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(k + (t + i) * d + j), acc[i]);
             }
-            for (int i = 0; i < 4; i++) top = fmaxf(top, scores[t + i] = sum8(acc[i]));
+            for (int i = 0; i < 4; i++) {
+                scores[t + i] = sum8(acc[i]);
+                top = scores[t + i] > top ? scores[t + i] : top;
+            }
         }
 #endif
     for (; t < n; t++) {
         float total = 0;
         for (int64_t j = 0; j < d; j++) total += q[j] * k[t * d + j];
-        top = fmaxf(top, scores[t] = total);
+        scores[t] = total;
+        top = total > top ? total : top;
     }
     return top;
 }
@@ -409,7 +440,16 @@ static float key_scores(const float *q, const float *k, int64_t n, int64_t d, fl
 static void weighted_values(const float *p, const float *v, int64_t n, int64_t d, float *o) {
     int64_t j = 0;
 #ifdef LLMRUN_AVX2
-    for (; j + 16 <= d; j += 16) { /* one 64-byte line of every value row per pass */
+    for (; j + 64 <= d; j += 64) { /* 64 columns per pass: eight independent chains of FMAs */
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            __m256 pt = _mm256_broadcast_ss(p + t);
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + t * d + j + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + j + 8 * i, acc[i]);
+    }
+    for (; j + 16 <= d; j += 16) { /* what is left, 16 columns (a 64-byte line of each row) per pass */
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         for (int64_t t = 0; t < n; t++) {
             __m256 pt = _mm256_broadcast_ss(p + t);
@@ -450,8 +490,18 @@ void llmrun_attend(const llmrun_attention *a, int64_t pos, int64_t start, int64_
         int64_t cache = (b * hkv + head / group) * a->s_max * d;
         const float *k = a->k + cache + start * d, *v = a->v + cache + start * d;
         float top = key_scores(q, k, n, d, scores), total = 0;
-        for (int64_t t = 0; t < n; t++) total += scores[t] = expf(scores[t] - top);
-        for (int64_t t = 0; t < n; t++) scores[t] /= total;
+        int64_t t = 0;
+#ifdef LLMRUN_AVX2
+        __m256 sums = _mm256_setzero_ps(), shift = _mm256_set1_ps(top);
+        for (; t + 8 <= n; t += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), shift));
+            _mm256_storeu_ps(scores + t, e);
+            sums = _mm256_add_ps(sums, e);
+        }
+        total = sum8(sums);
+#endif
+        for (; t < n; t++) total += scores[t] = expf(scores[t] - top);
+        for (t = 0; t < n; t++) scores[t] /= total;
         weighted_values(scores, v, n, d, a->o + b * h * d + head * d);
     }
 }
