@@ -26,7 +26,7 @@
 #if defined(__F16C__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define LLMRUN_AVX2 1
 #endif
 
@@ -208,6 +208,24 @@ static inline void dot_rows(const uint8_t *codes, int64_t code_row, int bits, co
 }
 #endif
 
+/* sum over g < groups of offsets[g] sums[g]: a 4-bit row's offset terms, eight groups at a time where
+   the build has AVX2 (a scalar chain of them cost as much as the row's codes) */
+static inline float offset_terms(const void *offsets, int half, const float *sums, int64_t groups) {
+    int64_t g = 0;
+    float total = 0;
+#ifdef LLMRUN_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; g + 8 <= groups; g += 8) {
+        __m256 o = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)offsets + g)))
+                        : _mm256_loadu_ps((const float *)offsets + g);
+        acc = _mm256_fmadd_ps(o, _mm256_loadu_ps(sums + g), acc);
+    }
+    total = sum8(acc);
+#endif
+    for (; g < groups; g++) total += value(offsets, g, half) * sums[g];
+    return total;
+}
+
 /* whether the build has the AVX2 forms: llmrun_gemv's `tiled` and `x16`, and llmrun_gemv_f32 */
 int llmrun_vectorized(void) {
 #ifdef LLMRUN_AVX2
@@ -289,8 +307,8 @@ void llmrun_gemv(const float *x, const llmrun_operand *w, float *y, int64_t y_ro
             else dot_rows(c, code_row, 8, s, half, xs + m * k, k, group, 1, out);
             for (int64_t r = 0; r < step; r++) {
                 if (bits == 4)
-                    for (int64_t g = 0; g < groups; g++)
-                        out[r] += value(offsets, (row + r) * groups + g, half) * group_sums[m * groups + g];
+                    out[r] += offset_terms((const char *)offsets + (row + r) * groups * scale_bytes, half,
+                                           group_sums + m * groups, groups);
                 float *target = y + m * y_row + row + r;
                 *target = accumulate ? *target + out[r] : out[r];
             }
