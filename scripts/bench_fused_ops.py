@@ -1,10 +1,11 @@
-"""The float32 CPU decode step with its norms and SiLU·mul as native calls against the same step on PyTorch ops.
+"""The float32 CPU decode step with its small ops as native calls against the same step on PyTorch ops.
 
 Usage: python scripts/bench_fused_ops.py [--quant auto|none] [--rounds 7] [--steps 24] [--threads 2]
 
 Loads the default model once (``--quant auto``: the Q4_1 GGUF run quantized; ``none``: float32),
 tunes it as ``generate`` does, and builds two CPU decoders over two caches prefilled with the same
-64 random tokens: one with ``fused_ops`` (``llmrun.model.fastpath.cpu.CpuDecoder``), one without.
+64 random tokens: one with ``fused_ops`` and ``native_attention`` (``llmrun.model.fastpath.cpu.CpuDecoder``:
+RMSNorm, SiLU·mul, RoPE and attention as native calls), one without (PyTorch's ops for all of them).
 Each round times ``--steps`` decode steps of each, the order alternating by round; the figures are
 the medians over rounds of the seconds per step, and the median of the rounds' ratios.
 """
@@ -43,7 +44,8 @@ def main() -> None:
         cache = make_cache(model, 1, 64 + args.rounds * args.steps + 1)
         prefill(model, prompt, cache)
         decoder = CpuDecoder(model, cache)
-        decoder.fused_ops = decoder.fused_ops and fused
+        if not fused:
+            decoder.fused_ops, decoder.native_attention = False, {}
         decoders["fused" if fused else "pytorch ops"] = decoder
     if not decoders["fused"].fused_ops:
         raise SystemExit("the native kernels are not built here: nothing to compare")
