@@ -356,3 +356,39 @@ def test_a_float32_cpu_decoder_uses_the_native_attention(tiny_factory):
         model = load_model(path, torch.device("cpu"), dtype, progress=False)
         decoder = fast_decoder(model, make_cache(model, 1, 8))
         assert bool(decoder.native_attention) == native_attention
+
+
+@needs_native
+@pytest.mark.parametrize("quant", ["none", "int4:32", "int8"])
+def test_a_block_as_one_native_call_equals_the_block_op_by_op(tiny_factory, monkeypatch, quant):
+    """With every product native (float32 ``native`` decode kernel, or quantized weights on native kernels),
+    the CPU decoder runs each block as one native call; its logits equal the same decoder's op by op
+    (``native_layers`` emptied) up to float32 rounding, and the op-by-op step equals the eager one."""
+    from llmrun.model.executor import decode_step, make_cache, prefill
+    from llmrun.model.fastpath import CpuDecoder
+    from llmrun.model.quant import quantize_model
+
+    if not native.vectorized():
+        pytest.skip("this build has no float32 form")
+    monkeypatch.setenv("LLMRUN_CPU_GEMV", "native")
+    model = load_model(tiny_factory("llama", num_key_value_heads=2), torch.device("cpu"), torch.float32, progress=False)
+    if quant != "none":
+        quantize_model(model, parse_quant(quant))
+    tokens = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(8))
+    logits = {}
+    for name in ("one call", "op by op", "eager"):
+        cache = make_cache(model, 2, 12)
+        prefill(model, tokens[:, :4], cache)
+        decoder = CpuDecoder(model, cache)
+        assert len(decoder.native_layers) == len(model.model.layers)
+        if name == "op by op":
+            decoder.native_layers = []
+        steps = []
+        for pos in range(4, 12):
+            if name == "eager":
+                steps.append(decode_step(model, tokens[:, pos], cache, fast=False))
+            else:
+                steps.append(decoder.step(tokens[:, pos]).clone())
+        logits[name] = torch.stack(steps)
+    torch.testing.assert_close(logits["one call"], logits["op by op"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits["op by op"], logits["eager"], atol=1e-5, rtol=0)

@@ -11,7 +11,8 @@ from llmrun.model.fastpath.gemv import PRODUCTS, cpu_gemv
 from llmrun.model.fastpath.step import FastDecoder
 from llmrun.model.kvcache import KVCache
 from llmrun.model.probe import NULL_PROBE, Probe
-from llmrun.model.quant import native
+from llmrun.model.quant import QuantWeight, native
+from llmrun.model.quant.kernels import native_operand
 from llmrun.model.transformer import Transformer
 
 # Keys from which float32 decode attention runs on all threads: over shorter spans a parallel region
@@ -101,7 +102,34 @@ class CpuDecoder(FastDecoder):
                 plan: native.Attention(b.qkv, b.cos, b.sin, b.qk, plan.k, plan.v, b.o, threads=torch.get_num_threads())
                 for plan in b.layers
             }
+        self.native_layers = self._native_layers()
         self.pos = 0
+
+    def _native_layers(self) -> list[native.Layer]:
+        """Every block as one native call (``native.Layer``), where each block's four products run through
+        llmrun's native kernels (the quantized ones chosen now, or the float32 ``native`` decode kernel),
+        without biases, on one device (no tensor parallelism); else none, and the blocks run op by op."""
+        b = self.buffers
+        if not self.native_attention or self.parallel is not None:
+            return []
+        layers = []
+        for plan in b.layers:
+            if any(bias is not None for bias in (plan.bqkv, plan.bo, plan.bgate_up, plan.bdown)):
+                return []
+            products = [self._native_product(w) for w in (plan.wqkv, plan.wo, plan.wgate_up, plan.wdown)]
+            if any(p is None for p in products):
+                return []
+            norms = plan.attn_norm, plan.mlp_norm
+            attention = self.native_attention[plan]
+            layers.append(native.Layer(b.x, b.h, b.gate_up, b.act, *norms, self.eps, products, attention))
+        return layers
+
+    def _native_product(self, weight) -> native.Product | None:
+        """What ``native.Layer`` multiplies by for a block's (packed) weight, or None where no native kernel does."""
+        if isinstance(weight, torch.Tensor):
+            native_dense = self.gemv == "native" and weight.is_contiguous() and native.takes_float(*weight.shape)
+            return weight if native_dense else None
+        return native_operand(weight) if isinstance(weight, QuantWeight) else None
 
     def _step(self, token: torch.Tensor, pos: int, probe: Probe = NULL_PROBE) -> None:
         b = self.buffers
@@ -112,6 +140,15 @@ class CpuDecoder(FastDecoder):
             self._layers(probe)
 
     _probed_step = _step
+
+    def _blocks(self, probe: Probe = NULL_PROBE) -> torch.Tensor:
+        if probe is not NULL_PROBE or not self.native_layers:  # op by op, each op group marked
+            return super()._blocks(probe)
+        count = self.threads.count
+        for plan, layer in zip(self.buffers.layers, self.native_layers, strict=True):
+            start, end = self._spans[plan.window][:2]
+            layer.run(self.pos, start, end, count if end - start >= WIDE_ATTENTION_KEYS else 1, count)
+        return self.buffers.x
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> None:
         if self.fused_ops and x.is_contiguous():  # one native call for the five ops of the float32 formula

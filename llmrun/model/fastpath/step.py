@@ -92,6 +92,18 @@ class FastDecoder:
     def _layers(self, probe: Probe = NULL_PROBE) -> None:
         """Every block from ``x``, then the final norm and the lm_head into ``logits``; ``probe`` marks op groups."""
         b = self.buffers
+        x = self._blocks(probe)
+        self._norm(x, b.final_norm)
+        probe.mark("final_norm")
+        self.products.product(b.logits_mm, b.h, b.lm_head, None)
+        if b.logits_mm is not b.logits:
+            b.logits.copy_(b.logits_mm)
+        probe.mark("lm_head")
+
+    def _blocks(self, probe: Probe = NULL_PROBE) -> torch.Tensor:
+        """Every block from ``x``; returns the tensor holding the residual stream after the last (``x`` itself
+        unless a kernel has no in-place residual add)."""
+        b = self.buffers
         product, accumulate = self.products.product, self.products.accumulate
         mark = probe.mark
         o_mark, down_mark = "o_proj+attn_residual", "down_proj+mlp_residual"
@@ -117,12 +129,7 @@ class FastDecoder:
             mark("act", i)
             x = accumulate(x, b.act, plan.wdown, plan.bdown)
             mark(down_mark, i)
-        self._norm(x, b.final_norm)
-        mark("final_norm")
-        product(b.logits_mm, b.h, b.lm_head, None)
-        if b.logits_mm is not b.logits:
-            b.logits.copy_(b.logits_mm)
-        mark("lm_head")
+        return x
 
     def _act(self) -> None:
         """``act`` = silu(gate) · up (``gate`` is overwritten)."""

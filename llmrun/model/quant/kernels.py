@@ -211,6 +211,15 @@ class NativeX16(NativeTiled):
     name, x16 = "native-x16", True
 
 
+def native_operand(weight: QuantWeight) -> native.Operand | None:
+    """The ``native.Operand`` that ``weight``'s kernel (its measured choice, else the default for float32
+    activations) multiplies by, where that kernel is one of llmrun's native ones; else None."""
+    kernel = KERNELS[weight.kernel or default_kernel(weight, torch.float32)]
+    if not isinstance(kernel, Native) or not kernel.accepts(weight, torch.float32):
+        return None
+    return kernel.form(weight, torch.float32)
+
+
 def _by_row_blocks(x: torch.Tensor, weight: QuantWeight, rows) -> torch.Tensor:
     """x (M, K) W^T with W's rows dequantized ``DEQUANT_ELEMENTS`` at a time: ``rows(start, stop)`` gives them."""
     n, k = weight.shape
@@ -365,6 +374,11 @@ KERNELS: dict[str, Kernel] = {
 def candidates(weight: QuantWeight, dtype: torch.dtype) -> list[str]:
     """The kernels that compute ``weight``'s products correctly for activations in ``dtype``, in ``KERNELS`` order."""
     return [name for name, kernel in KERNELS.items() if kernel.accepts(weight, dtype)]
+
+
+def default_kernel(weight: QuantWeight, dtype: torch.dtype) -> str:
+    """The kernel used for ``weight`` without a measured choice: the first candidate (``candidates``)."""
+    return candidates(weight, dtype)[0]
 
 
 def predicted_read_bytes(bits: int, group: int, n: int, k: int, dtype: torch.dtype, device_type: str) -> int:

@@ -523,3 +523,44 @@ void llmrun_attend(const llmrun_attention *a, int64_t pos, int64_t start, int64_
         weighted_values(scores, v, n, d, a->o + b * h * d + head * d);
     }
 }
+
+/* One product of a decode layer: a quantized operand, or (quant NULL) a float32 weight (N, K) */
+typedef struct {
+    const llmrun_operand *quant;
+    const float *dense;
+    int64_t n, k;
+} llmrun_product;
+
+/* One block of a float32 decode step, every product native (llmrun.model.quant.native.Layer): x (B, d) the
+   residual stream, h (B, d) its normalised copy, qkv and gate_up (B, 2f) the products' outputs, act (B, f). */
+typedef struct {
+    float *x, *h, *qkv, *gate_up, *act, *scratch; /* scratch: the quantized products' (see llmrun_gemv) */
+    const float *attn_norm, *mlp_norm;
+    float eps;
+    int64_t batch, d, f;
+    llmrun_product qkv_proj, o_proj, gate_up_proj, down_proj;
+    const llmrun_attention *attention;
+} llmrun_layer;
+
+static void run_product(const llmrun_product *p, const float *x, float *y, float *scratch, int64_t m_rows,
+                        int accumulate, int threads) {
+    if (p->quant) llmrun_gemv(x, p->quant, y, p->n, scratch, m_rows, accumulate, threads);
+    else llmrun_gemv_f32(x, p->dense, y, m_rows, p->n, p->k, accumulate, threads);
+}
+
+/* The block's ops in the order of llmrun.model.fastpath.step.FastDecoder._layers: norm, q/k/v, RoPE,
+   attention over keys start .. end - 1 (on `attention_threads`), o_proj added to x, norm, gate/up,
+   SiLU·mul, down_proj added to x; the products on `threads` */
+void llmrun_decode_layer(const llmrun_layer *l, int64_t pos, int64_t start, int64_t end, int attention_threads,
+                         int threads) {
+    int64_t b = l->batch;
+    llmrun_rms_norm(l->x, l->attn_norm, l->h, b, l->d, l->eps);
+    run_product(&l->qkv_proj, l->h, l->qkv, l->scratch, b, 0, threads);
+    llmrun_rope(l->attention);
+    llmrun_attend(l->attention, pos, start, end, attention_threads);
+    run_product(&l->o_proj, l->attention->o, l->x, l->scratch, b, 1, threads);
+    llmrun_rms_norm(l->x, l->mlp_norm, l->h, b, l->d, l->eps);
+    run_product(&l->gate_up_proj, l->h, l->gate_up, l->scratch, b, 0, threads);
+    llmrun_silu_mul(l->gate_up, l->gate_up + l->f, l->act, b, l->f, 2 * l->f, 2 * l->f, l->f);
+    run_product(&l->down_proj, l->act, l->x, l->scratch, b, 1, threads);
+}

@@ -54,6 +54,8 @@ _SIGNATURES = {
     "llmrun_rope": [_P],
     # attention, position, first and end key, threads
     "llmrun_attend": [_P, _I64, _I64, _I64, _INT],
+    # layer, position, first and end key, attention threads, threads
+    "llmrun_decode_layer": [_P, _I64, _I64, _I64, _INT, _INT],
     "llmrun_vectorized": [],
 }
 
@@ -151,6 +153,59 @@ class Attention:
 
     def attend(self, pos: int, start: int, end: int, threads: int) -> None:
         _library.llmrun_attend(self.pointer, pos, start, end, min(threads, self.threads))
+
+
+class _ProductArgs(ctypes.Structure):
+    """``native.c``'s ``llmrun_product``: a quantized operand, or a float32 weight (N, K)."""
+
+    _fields_ = [("quant", _P), ("dense", _P), ("n", _I64), ("k", _I64)]
+
+
+class _LayerArgs(ctypes.Structure):
+    """``native.c``'s ``llmrun_layer``: one block of a float32 decode step, every product native."""
+
+    _fields_ = [
+        ("x", _P), ("h", _P), ("qkv", _P), ("gate_up", _P), ("act", _P), ("scratch", _P),
+        ("attn_norm", _P), ("mlp_norm", _P), ("eps", ctypes.c_float), ("batch", _I64), ("d", _I64), ("f", _I64),
+        ("qkv_proj", _ProductArgs), ("o_proj", _ProductArgs), ("gate_up_proj", _ProductArgs),
+        ("down_proj", _ProductArgs), ("attention", _P),
+    ]  # fmt: skip
+
+
+Product = Operand | torch.Tensor  # a quantized operand, or a float32 weight (N, K) that ``takes_float``
+
+
+class Layer:
+    """One block of a float32 decode step in one native call (``run``): the ops of
+    ``llmrun.model.fastpath.step.FastDecoder._layers`` in their order, from ``x`` (B, d) back into it.
+
+    ``products`` are q/k/v, o, gate/up and down, each an ``Operand`` or a float32 weight (N, K)
+    contiguous (``takes_float``); ``attention`` the block's ``Attention``, whose ``qkv`` and ``o`` the
+    q/k/v product writes and the o product reads; ``gate_up`` (B, 2f) and ``act`` (B, f) float32
+    contiguous. The tensors live as long as this does.
+    """
+
+    def __init__(self, x, h, gate_up, act, attn_norm, mlp_norm, eps: float, products, attention: Attention) -> None:
+        batch, d = x.shape
+        f = act.shape[1]
+        widest = max(d, f)
+        self.scratch = torch.empty(batch * (3 * widest // 2 + 2 * widest // BLOCK), dtype=torch.float32)
+        self.tensors = (x, h, gate_up, act, attn_norm, mlp_norm, products, attention)
+        self.args = _LayerArgs(
+            x.data_ptr(), h.data_ptr(), attention.tensors[0].data_ptr(), gate_up.data_ptr(), act.data_ptr(),
+            self.scratch.data_ptr(), attn_norm.data_ptr(), mlp_norm.data_ptr(), eps, batch, d, f,
+            *(_product_args(p) for p in products), attention.pointer,
+        )  # fmt: skip
+        self.pointer = ctypes.addressof(self.args)
+
+    def run(self, pos: int, start: int, end: int, attention_threads: int, threads: int) -> None:
+        _library.llmrun_decode_layer(self.pointer, pos, start, end, attention_threads, threads)
+
+
+def _product_args(product: Product) -> _ProductArgs:
+    if isinstance(product, Operand):
+        return _ProductArgs(product.pointer, None, *product.shape)
+    return _ProductArgs(None, product.data_ptr(), *product.shape)
 
 
 def bind(path: Path) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmrun.model.quant.kernels import KERNELS, candidates
+from llmrun.model.quant.kernels import KERNELS, default_kernel
 from llmrun.model.quant.weight import QuantWeight
 
 
@@ -61,11 +61,6 @@ def product_into(out: torch.Tensor, x: torch.Tensor, weight: Weight, bias: torch
         out.copy_(product(x, weight))
     if bias is not None:
         out.add_(bias)
-
-
-def default_kernel(weight: QuantWeight, dtype: torch.dtype) -> str:
-    """The kernel used for ``weight`` without a measured choice: the first candidate (``kernels.candidates``)."""
-    return candidates(weight, dtype)[0]
 
 
 def read_bytes(weight: Weight) -> int:
