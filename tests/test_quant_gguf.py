@@ -191,6 +191,29 @@ def test_smollm2_q4_1_native_perplexity_matches_the_dequantized_run(tmp_path):
     assert abs(results[0] / results[1] - 1) < 0.005, results
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("spec", "within"), [("int8", 0.01), ("int4:32", 0.05)])
+def test_smollm2_quantized_at_load_keeps_the_float_perplexity(tmp_path, spec, within):
+    """int8 per channel within 1%, int4 group 32 within 5% of the float checkpoint's perplexity (the GGUF's
+    float import, quantized at load), on the same text and windows."""
+    value = os.environ.get("LLMRUN_SMOLLM2_GGUF")
+    if not value or not Path(value).is_file():
+        pytest.skip("set LLMRUN_SMOLLM2_GGUF to the SmolLM2-135M-Instruct .gguf")
+    from llmrun.generation.perplexity import perplexity
+    from llmrun.generation.tokenizer import Tokenizer
+    from llmrun.model.quant import parse_quant, quantize_model
+
+    float_dir = import_gguf(Path(value), tmp_path / "float", progress=False)
+    ids = Tokenizer.from_dir(float_dir).encode(TEXT)
+    results = []
+    for quant in (None, spec):
+        model = load_model(float_dir, torch.device("cpu"), torch.float32, progress=False)
+        if quant is not None:
+            quantize_model(model, parse_quant(quant))
+        results.append(perplexity(model, ids, 128).perplexity)
+    assert abs(results[1] / results[0] - 1) < within, results
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_info_predicts_the_bytes_the_loaded_quantized_model_reads(imports, dtype, monkeypatch):
     """From the headers alone, ``info`` (``--quant auto``) counts each matrix as the loaded model's kernels read it.
