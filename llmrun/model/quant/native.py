@@ -190,7 +190,8 @@ class Layer:
         f = act.shape[1]
         widest = max(d, f)
         self.scratch = torch.empty(batch * (3 * widest // 2 + 2 * widest // BLOCK), dtype=torch.float32)
-        self.tensors = (x, h, gate_up, act, attn_norm, mlp_norm, products, attention)
+        self.tensors = (x, h, gate_up, act, attn_norm, mlp_norm, products)
+        self.attention = attention
         self.args = _LayerArgs(
             x.data_ptr(), h.data_ptr(), attention.tensors[0].data_ptr(), gate_up.data_ptr(), act.data_ptr(),
             self.scratch.data_ptr(), attn_norm.data_ptr(), mlp_norm.data_ptr(), eps, batch, d, f,
@@ -199,6 +200,9 @@ class Layer:
         self.pointer = ctypes.addressof(self.args)
 
     def run(self, pos: int, start: int, end: int, attention_threads: int, threads: int) -> None:
+        """The block at position ``pos``, attending to keys start..end-1 on ``attention_threads`` (at most the
+        ``Attention``'s scratch allows), its products on ``threads``."""
+        attention_threads = min(attention_threads, self.attention.threads)
         _library.llmrun_decode_layer(self.pointer, pos, start, end, attention_threads, threads)
 
 
