@@ -1,4 +1,5 @@
-/* llmrun's native kernels: products of float32 activations with quantized (and float32) weights.
+/* llmrun's native kernels: a float32 CPU decode step's products with quantized (and float32) weights, its
+   small ops (RMSNorm, SiLU·mul, RoPE), its attention, and whole blocks of it in one call.
 
    Compiled on the machine that runs them (by llmrun.loading.native_kernels, with -O3 -march=native
    -fopenmp) and called through ctypes (llmrun.model.quant.native). The codes are read as they are
@@ -7,8 +8,8 @@
      w = code * scale + offset, with a scale and an offset (the stored zero - 8 scale) per group;
    * 8-bit: codes int8 (N, K); w = code * scale, a scale per group (a group of K: per channel).
    Scales and offsets are (N, K/group), contiguous, float32 or (`half`) _Float16. Groups are a whole
-   number of 32-column blocks. Sums are in float32 with float32 activations, so a product equals the
-   dequantized float32 one up to float32 rounding: no step rounds the activations.
+   number of 32-column blocks. In the float32 forms sums are in float32 with float32 activations, so a
+   product equals the dequantized float32 one up to float32 rounding: no step rounds the activations.
    With AVX2 and FMA the inner loops are written with intrinsics, four weight rows at a time where
    asked (`tiled`); elsewhere the same loops in plain C, which the compiler vectorizes as it can.
    AVX2 builds also have a 16-bit form (`x16`): each 32-column block of x is rounded to int16 codes
