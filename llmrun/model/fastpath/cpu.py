@@ -144,11 +144,14 @@ class CpuDecoder(FastDecoder):
     def _blocks(self, probe: Probe = NULL_PROBE) -> torch.Tensor:
         if probe is not NULL_PROBE or not self.native_layers:  # op by op, each op group marked
             return super()._blocks(probe)
-        count = self.threads.count
         for plan, layer in zip(self.buffers.layers, self.native_layers, strict=True):
             start, end = self._spans[plan.window][:2]
-            layer.run(self.pos, start, end, count if end - start >= WIDE_ATTENTION_KEYS else 1, count)
+            layer.run(self.pos, start, end, self._attention_threads(start, end), self.threads.count)
         return self.buffers.x
+
+    def _attention_threads(self, start: int, end: int) -> int:
+        """Threads of float32 attention over keys start..end-1: all of the step's from ``WIDE_ATTENTION_KEYS`` on."""
+        return self.threads.count if end - start >= WIDE_ATTENTION_KEYS else 1
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> None:
         if self.fused_ops and x.is_contiguous():  # one native call for the five ops of the float32 formula
@@ -173,12 +176,11 @@ class CpuDecoder(FastDecoder):
         b = self.buffers
         start, end, scores, k32, v32 = self._spans[plan.window]
         if self.native_attention:  # the cache written and attention in one native call
-            threads = self.threads.count if end - start >= WIDE_ATTENTION_KEYS else 1
-            self.native_attention[plan].attend(self.pos, start, end, threads)
+            self.native_attention[plan].attend(self.pos, start, end, self._attention_threads(start, end))
             return
         self._store(plan)
         if k32 is None:
-            wide = end - start >= WIDE_ATTENTION_KEYS
+            wide = self._attention_threads(start, end) > 1
             if wide:
                 self.threads.wide()
             _attention(

@@ -152,7 +152,11 @@ class Attention:
         _library.llmrun_rope(self.pointer)
 
     def attend(self, pos: int, start: int, end: int, threads: int) -> None:
-        _library.llmrun_attend(self.pointer, pos, start, end, min(threads, self.threads))
+        _library.llmrun_attend(self.pointer, pos, start, end, self.usable_threads(threads))
+
+    def usable_threads(self, threads: int) -> int:
+        """At most the threads the scores scratch was made for (a count raised later gets no more)."""
+        return min(threads, self.threads)
 
 
 class _ProductArgs(ctypes.Structure):
@@ -202,7 +206,7 @@ class Layer:
     def run(self, pos: int, start: int, end: int, attention_threads: int, threads: int) -> None:
         """The block at position ``pos``, attending to keys start..end-1 on ``attention_threads`` (at most the
         ``Attention``'s scratch allows), its products on ``threads``."""
-        attention_threads = min(attention_threads, self.attention.threads)
+        attention_threads = self.attention.usable_threads(attention_threads)
         _library.llmrun_decode_layer(self.pointer, pos, start, end, attention_threads, threads)
 
 
